@@ -1,0 +1,40 @@
+# `make up` sets up .venv on first use and runs the stack; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+CONFIG ?= configs/default.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup up test bench clean status
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to a CPU build in pyproject.toml; install it first so nothing pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/supervisor up --config $(CONFIG) $(ARGS)
+
+status: $(STAMP)
+	$(VENV)/bin/supervisor status
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

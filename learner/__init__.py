@@ -1,0 +1,1 @@
+"""learner: replay, TD3 updates, weight broadcasts, metrics and checkpoints."""

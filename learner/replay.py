@@ -1,0 +1,223 @@
+"""Replay that stores each frame once, in memory-mapped files, and survives the learner's death.
+
+The buffer is one ring of *entries*. An entry is either an episode start (its
+first frame) or a transition (action, reward, terminated, truncated, and the
+frame after the step). Entries of one worker incarnation form a *stream*, linked
+by ``prev``/``next`` serial numbers (a serial counts entries ever written; the
+slot is ``serial % capacity``; an entry is alive while ``serial >= total -
+capacity``). Frame stacks and n-step returns are rebuilt at sample time by
+walking those links, so they never cross an episode start (``prev`` is -1
+there) or the write cursor (``next`` only points at entries already written).
+
+The arrays live in ``replay/*.npy`` memory maps; ``replay/index.json`` (written
+atomically) records how many entries are valid and the stream table. A learner
+killed with SIGKILL reopens the maps and the index and loses only what arrived
+after the index was last written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FIRST, TERMINATED, TRUNCATED, ORPHAN = 1, 2, 4, 8
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Batch:
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray  # n-step discounted sum
+    discount: np.ndarray  # gamma^m, 0 where the chain hit a terminal
+    next_obs: np.ndarray
+    age: np.ndarray  # entries written since each sampled transition
+
+
+class Stream:
+    __slots__ = ("last", "seq", "transitions", "lost")
+
+    def __init__(self, last: int = -1, seq: int = -1, transitions: int = 0, lost: int = 0):
+        self.last, self.seq, self.transitions, self.lost = last, seq, transitions, lost
+
+
+class ReplayBuffer:
+    """A memory-mapped ring of single frames with per-stream links."""
+
+    def __init__(self, directory: Path, capacity: int, frame_shape: tuple, frame_dtype, action_dim: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = int(capacity)
+        self.frame_shape = tuple(frame_shape)
+        self.frame_dtype = np.dtype(frame_dtype)
+        self.action_dim = int(action_dim)
+        meta = {"capacity": self.capacity, "frame_shape": list(self.frame_shape),
+                "frame_dtype": self.frame_dtype.str, "action_dim": self.action_dim}
+        meta_path = self.dir / "meta.json"
+        fresh = not meta_path.exists()
+        if not fresh:
+            found = json.loads(meta_path.read_text())
+            if found != meta:
+                raise RuntimeError(f"replay in {self.dir} was made for {found}, but the run now needs {meta}; "
+                                   "move it away to start with an empty replay")
+        mode = "w+" if fresh else "r+"
+        n = self.capacity
+        self.frames = self._map("frames", mode, (n,) + self.frame_shape, self.frame_dtype)
+        self.actions = self._map("actions", mode, (n, self.action_dim), np.float32)
+        self.rewards = self._map("rewards", mode, (n,), np.float32)
+        self.flags = self._map("flags", mode, (n,), np.uint8)
+        self.prev = self._map("prev", mode, (n,), np.int64)
+        self.next = self._map("next", mode, (n,), np.int64)
+        self.total = 0
+        self.streams: dict[str, Stream] = {}
+        self.transitions_total = 0
+        if fresh:
+            atomic_write_text(meta_path, json.dumps(meta))
+        else:
+            self._load_index()
+
+    def _map(self, name: str, mode: str, shape: tuple, dtype) -> np.memmap:
+        return np.lib.format.open_memmap(self.dir / f"{name}.npy", mode=mode, dtype=dtype, shape=shape)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return min(self.total, self.capacity)
+
+    def alive(self, serial: np.ndarray | int):
+        return (serial >= 0) & (serial >= self.total - self.capacity) & (serial < self.total)
+
+    def bytes_per_entry(self) -> int:
+        return int(self.frames.itemsize * np.prod(self.frame_shape) + 4 * self.action_dim + 4 + 1 + 8 + 8)
+
+    def index(self) -> dict:
+        return {"total": self.total, "transitions_total": self.transitions_total,
+                "streams": {k: [s.last, s.seq, s.transitions, s.lost] for k, s in self.streams.items()}}
+
+    def save_index(self) -> None:
+        atomic_write_text(self.dir / "index.json", json.dumps(self.index()))
+
+    def flush(self) -> None:
+        for arr in (self.frames, self.actions, self.rewards, self.flags, self.prev, self.next):
+            arr.flush()
+        self.save_index()
+
+    def _load_index(self) -> None:
+        path = self.dir / "index.json"
+        if not path.exists():
+            return
+        idx = json.loads(path.read_text())
+        self.total = int(idx["total"])
+        self.transitions_total = int(idx.get("transitions_total", 0))
+        self.streams = {k: Stream(*v) for k, v in idx["streams"].items()}
+        # entries written after the index are lost: unlink anything that points at them
+        self.next[self.next >= self.total] = -1
+
+    # -- writing -------------------------------------------------------------
+
+    def add_batch(self, stream_key: str, seq: int, first, frames, actions, rewards, terminated, truncated,
+                  worker_env_steps: int | None = None) -> int:
+        """Append one batch of a stream; returns how many of the stream's transitions were lost before it."""
+        st = self.streams.get(stream_key)
+        if st is None:
+            st = self.streams[stream_key] = Stream()
+        lost = 0
+        if seq <= st.seq:
+            return 0  # a duplicate (resent after a learner restart): already stored
+        gap = seq != st.seq + 1
+        n = len(first)
+        transitions = int(n - np.count_nonzero(first))
+        if gap and worker_env_steps is not None:
+            lost = max(0, worker_env_steps - transitions - st.transitions)
+        for i in range(n):
+            serial = self.total
+            slot = serial % self.capacity
+            flag = (FIRST if first[i] else 0) | (TERMINATED if terminated[i] else 0) | (TRUNCATED if truncated[i] else 0)
+            prev = st.last if (not first[i] and not gap and st.last >= 0) else -1
+            if prev >= 0 and not self.alive(prev):
+                prev = -1
+            if not first[i] and prev < 0:
+                flag |= ORPHAN  # its predecessor is lost: a state to start from, not a transition
+            self.frames[slot] = frames[i]
+            self.actions[slot] = actions[i]
+            self.rewards[slot] = rewards[i]
+            self.flags[slot] = flag
+            self.prev[slot] = prev
+            self.next[slot] = -1
+            if prev >= 0:
+                self.next[prev % self.capacity] = serial
+            st.last = serial
+            gap = False
+            self.total += 1
+        st.seq = seq
+        st.transitions += transitions + lost
+        st.lost += lost
+        self.transitions_total += transitions
+        return lost
+
+    # -- reading -------------------------------------------------------------
+
+    def stack(self, slots: np.ndarray, k: int) -> np.ndarray:
+        """Frame stacks ending at ``slots``: earlier frames of the same episode, the first one repeated."""
+        parts = [self.frames[slots]]
+        cur = slots
+        for _ in range(k - 1):
+            p = self.prev[cur]
+            ok = self.alive(p)
+            cur = np.where(ok, p % self.capacity, cur)
+            parts.append(self.frames[cur])
+        parts.reverse()
+        return np.concatenate(parts, axis=1)
+
+    def sampleable(self) -> int:
+        return self.transitions_total
+
+    def sample(self, batch_size: int, k: int, n_step: int, gamma: float, rng: np.random.Generator) -> Batch:
+        """Uniform over stored transitions; n-step targets stop at terminals and stream ends."""
+        if self.total < 2:
+            raise RuntimeError("replay holds no transition yet")
+        lo = max(0, self.total - self.capacity)
+        chosen = np.empty(0, np.int64)
+        for _ in range(100):
+            cand = rng.integers(lo, self.total, size=2 * batch_size)
+            cand = cand[self.next[cand % self.capacity] >= 0]  # has a successor: a transition starts here
+            chosen = np.concatenate([chosen, cand])[:batch_size]
+            if len(chosen) == batch_size:
+                break
+        else:
+            raise RuntimeError("replay has too few transitions to sample from")
+        start = chosen % self.capacity
+        step = self.next[start] % self.capacity
+        action = self.actions[step]
+        reward = np.zeros(batch_size, np.float32)
+        discount = np.ones(batch_size, np.float32)
+        running = np.ones(batch_size, bool)
+        last = step.copy()
+        for m in range(n_step):
+            reward += np.where(running, discount * self.rewards[step], 0.0).astype(np.float32)
+            discount = np.where(running, discount * gamma, discount)
+            last = np.where(running, step, last)
+            terminal = (self.flags[step] & TERMINATED) != 0
+            discount = np.where(running & terminal, 0.0, discount)
+            running &= ~terminal
+            if m + 1 < n_step:
+                nxt = self.next[step]
+                running &= nxt >= 0
+                step = np.where(running, nxt % self.capacity, step)
+        return Batch(obs=self.stack(start, k), action=action, reward=reward,
+                     discount=discount.astype(np.float32), next_obs=self.stack(last, k),
+                     age=(self.total - chosen).astype(np.int64))

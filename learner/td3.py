@@ -1,0 +1,245 @@
+"""TD3 from pixels or vectors: twin critics, target policy smoothing, delayed actor updates.
+
+Encoder modes:
+- ``shared`` (default; SAC-AE, DrQ, DrQ-v2): one encoder trained only through the
+  critic loss; the actor reads detached features.
+- ``separate``: the actor has its own encoder trained by the actor loss at
+  ``actor_cnn_lr`` (the older design, kept for comparison).
+
+``update`` returns a dict of metrics named as TensorBoard tags.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protocol.models import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init
+
+
+class Critic(nn.Module):
+    """Twin Q heads on encoder features (through a LayerNorm+tanh trunk for images)."""
+
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, image: bool):
+        super().__init__()
+        self.trunk = make_trunk(repr_dim, feature_dim, image)
+        in_dim = (feature_dim if image else repr_dim) + action_dim
+
+        def head():
+            return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+        self.q1, self.q2 = head(), head()
+        self.apply(orthogonal_init)
+
+    def forward(self, h: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.trunk(h), action], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """DrQ's augmentation: pad by replication, then shift each image by up to ``pad`` pixels."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    eps = 1.0 / (h + 2 * pad)
+    arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=x.device, dtype=x.dtype)[:h]
+    arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
+    base_grid = torch.cat([arange, arange.transpose(1, 0)], dim=2).unsqueeze(0).repeat(n, 1, 1, 1)
+    shift = torch.randint(0, 2 * pad + 1, size=(n, 1, 1, 2), device=x.device, dtype=x.dtype)
+    shift *= 2.0 / (h + 2 * pad)
+    return F.grid_sample(padded, base_grid + shift, padding_mode="zeros", align_corners=False)
+
+
+def grad_norm(params) -> float:
+    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.cat(grads)))
+
+
+class TD3Agent:
+    def __init__(self, obs_shape: tuple, action_dim: int, cfg, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.obs_shape = tuple(obs_shape)
+        self.action_dim = action_dim
+        self.image = is_image(self.obs_shape)
+        self.augment = self.image and cfg.augment_pad > 0
+        self.critic_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device)
+        repr_dim = self.critic_encoder.repr_dim
+        self.critic = Critic(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image).to(device)
+        self.separate = cfg.encoder_mode == "separate" and self.image
+        actor_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device) if self.separate else self.critic_encoder
+        actor = Actor(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image).to(device)
+        self.policy = Policy(actor_encoder, actor)
+        if self.image:
+            self.critic_encoder.to(memory_format=torch.channels_last)
+            actor_encoder.to(memory_format=torch.channels_last)
+        # targets
+        self.critic_encoder_target = copy.deepcopy(self.critic_encoder)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.actor_target = copy.deepcopy(actor)
+        self.actor_encoder_target = copy.deepcopy(actor_encoder) if self.separate else None
+        for m in self._targets():
+            m.requires_grad_(False)
+        # optimizers
+        self.critic_opt = torch.optim.Adam(
+            list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr)
+        groups = [{"params": list(actor.parameters()), "lr": cfg.actor_lr}]
+        if self.separate:
+            groups.append({"params": list(actor_encoder.parameters()), "lr": cfg.actor_cnn_lr})
+        self.actor_opt = torch.optim.Adam(groups)
+        self.updates = 0
+
+    def _targets(self):
+        return [m for m in (self.critic_encoder_target, self.critic_target, self.actor_target,
+                            self.actor_encoder_target) if m is not None]
+
+    def state_dict(self) -> dict:
+        return {
+            "critic_encoder": self.critic_encoder.state_dict(), "critic": self.critic.state_dict(),
+            "policy": self.policy.state_dict(),
+            "critic_encoder_target": self.critic_encoder_target.state_dict(),
+            "critic_target": self.critic_target.state_dict(), "actor_target": self.actor_target.state_dict(),
+            "actor_encoder_target": self.actor_encoder_target.state_dict() if self.separate else None,
+            "critic_opt": self.critic_opt.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic_encoder.load_state_dict(state["critic_encoder"])
+        self.critic.load_state_dict(state["critic"])
+        self.policy.load_state_dict(state["policy"])
+        self.critic_encoder_target.load_state_dict(state["critic_encoder_target"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.actor_target.load_state_dict(state["actor_target"])
+        if self.separate:
+            self.actor_encoder_target.load_state_dict(state["actor_encoder_target"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.updates = int(state["updates"])
+
+    # -- data ----------------------------------------------------------------
+
+    def to_device(self, batch) -> dict[str, torch.Tensor]:
+        """Host arrays to the device; frames stay uint8 until there (a quarter of the bytes)."""
+        pin = self.device.type == "cuda"
+
+        def move(a, dtype=None):
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            if pin:
+                t = t.pin_memory()
+            t = t.to(self.device, non_blocking=pin)
+            return t if dtype is None else t.to(dtype)
+
+        return {"obs": move(batch.obs), "next_obs": move(batch.next_obs), "action": move(batch.action),
+                "reward": move(batch.reward), "discount": move(batch.discount)}
+
+    def _prep(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self.image:
+            return obs.float()
+        obs = obs.float()
+        if self.augment:
+            obs = random_shift(obs, self.cfg.augment_pad)
+        return obs.contiguous(memory_format=torch.channels_last)
+
+    # -- update --------------------------------------------------------------
+
+    def update(self, batch) -> dict[str, float]:
+        """One TD3 step: the critic always, the actor and targets every ``policy_delay`` updates."""
+        cfg = self.cfg
+        b = self.to_device(batch)
+        obs, next_obs = self._prep(b["obs"]), self._prep(b["next_obs"])
+        metrics = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs)
+        self.updates += 1
+        if self.updates % cfg.policy_delay == 0:
+            metrics.update(self.update_actor(obs))
+            self.soft_update()
+        return metrics
+
+    def update_critic(self, obs, action, reward, discount, next_obs) -> dict[str, float]:
+        cfg = self.cfg
+        with torch.no_grad():
+            # target policy smoothing: clipped noise on the target actor's action
+            next_h_actor = self.actor_encoder_target(next_obs) if self.separate else None
+            next_h = self.critic_encoder_target(next_obs)
+            next_action = self.actor_target(next_h_actor if self.separate else next_h)
+            noise = (torch.randn_like(next_action) * cfg.target_noise).clamp(-cfg.target_noise_clip,
+                                                                              cfg.target_noise_clip)
+            next_action = (next_action + noise).clamp(-1.0, 1.0)
+            tq1, tq2 = self.critic_target(next_h, next_action)
+            target_q = reward + discount * torch.min(tq1, tq2)
+        # encode
+        h = self.critic_encoder(obs)
+        q1, q2 = self.critic(h, action)
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        # optimize encoder and critic
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        cnn_params = list(self.critic_encoder.parameters())
+        mlp_params = list(self.critic.parameters())
+        cnn_pre, mlp_pre = grad_norm(cnn_params), grad_norm(mlp_params)
+        total_pre = float(torch.nn.utils.clip_grad_norm_(cnn_params + mlp_params, cfg.max_grad_norm_critic))
+        self.critic_opt.step()
+        metrics = {
+            "train/critic_loss": critic_loss.item(), "train/q1_value": q1.mean().item(),
+            "train/q2_value": q2.mean().item(), "train/target_q": target_q.mean().item(),
+            "train/q_abs_diff": (q1 - q2).abs().mean().item(), "train/batch_reward": reward.mean().item(),
+            "gradients/critic_mlp_norm": mlp_pre,
+            "gradients/critic_norm_before_clip": total_pre,
+            "gradients/critic_norm_after_clip": min(total_pre, cfg.max_grad_norm_critic),
+        }
+        if self.image:
+            metrics["gradients/critic_cnn_norm"] = cnn_pre
+        return metrics
+
+    def update_actor(self, obs) -> dict[str, float]:
+        cfg = self.cfg
+        actor = self.policy.actor
+        if self.separate:
+            h_actor = self.policy.encoder(obs)
+        else:
+            h_actor = self.critic_encoder(obs).detach()  # the encoder learns from the critic only
+        action = actor(h_actor)
+        h_critic = h_actor if not self.separate else self.critic_encoder(obs).detach()
+        q1, _ = self.critic(h_critic, action)
+        actor_loss = -q1.mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        mlp_params = list(actor.parameters())
+        cnn_params = list(self.policy.encoder.parameters()) if self.separate else []
+        mlp_pre, cnn_pre = grad_norm(mlp_params), grad_norm(cnn_params)
+        total_pre = float(torch.nn.utils.clip_grad_norm_(mlp_params + cnn_params, cfg.max_grad_norm_actor))
+        self.actor_opt.step()
+        # the critic's parameters got gradients from the actor loss; they are cleared before its next step
+        metrics = {
+            "train/actor_loss": actor_loss.item(),
+            "gradients/actor_mlp_norm": mlp_pre,
+            "gradients/actor_norm_before_clip": total_pre,
+            "gradients/actor_norm_after_clip": min(total_pre, cfg.max_grad_norm_actor),
+            "train/action_saturation": float((action.detach().abs() > 0.99).float().mean()),
+        }
+        if self.separate:
+            metrics["gradients/actor_cnn_norm"] = cnn_pre
+            metrics["agent/actor_cnn_lr"] = self.actor_opt.param_groups[1]["lr"]
+        return metrics
+
+    @torch.no_grad()
+    def soft_update(self) -> None:
+        tau = self.cfg.tau
+        pairs = [(self.critic_encoder, self.critic_encoder_target), (self.critic, self.critic_target),
+                 (self.policy.actor, self.actor_target)]
+        if self.separate:
+            pairs.append((self.policy.encoder, self.actor_encoder_target))
+        for online, target in pairs:
+            for p, tp in zip(online.parameters(), target.parameters()):
+                tp.lerp_(p, tau)
+
+
+def q_max(reward_max: float, gamma: float) -> float:
+    return reward_max / (1.0 - gamma) if gamma < 1 else math.inf

@@ -1,0 +1,89 @@
+"""Progress heartbeats, sent by every child process to the supervisor from a thread.
+
+A heartbeat thread keeps beating while the main loop is stuck (in C++ or in a
+Python wait), so a heartbeat reports *progress*: the phase, how long the process
+has been in it, and its counters. The supervisor judges stalls from those.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+
+import psutil
+import zmq
+
+from protocol.messages import HEARTBEAT
+from protocol.sockets import make_socket, send
+
+
+class Progress:
+    """What the main loop did last; written by the main thread, read by the heartbeat thread."""
+
+    def __init__(self):
+        self.phase = "starting"
+        self.phase_since = time.monotonic()
+        self.env_steps = 0
+        self.episodes = 0
+        self.updates = 0
+        self.frame: int | None = None
+        self.alerts: list[str] = []
+
+    def set_phase(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.phase_since = time.monotonic()
+
+
+class HeartbeatSender(threading.Thread):
+    """Beats every ``interval_s``; ends the process when its parent (the supervisor) is gone."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, name: str, role: str, incarnation: int,
+                 progress: Progress, interval_s: float, watch_parent: bool = True):
+        super().__init__(name=f"heartbeat-{name}", daemon=True)
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.fields = {"name": name, "role": role, "pid": os.getpid(), "incarnation": incarnation}
+        self.progress = progress
+        self.interval_s = interval_s
+        self.parent_pid = os.getppid() if watch_parent else None
+        self._stop_event = threading.Event()
+        self._proc = psutil.Process()
+        self._rate_window: deque[tuple[float, int]] = deque(maxlen=20)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def steps_per_s(self, now: float, steps: int) -> float:
+        self._rate_window.append((now, steps))
+        t0, s0 = self._rate_window[0]
+        return (steps - s0) / (now - t0) if now > t0 else 0.0
+
+    def beat(self, sock: zmq.Socket) -> None:
+        p = self.progress
+        now = time.monotonic()
+        count = p.updates if self.fields["role"] == "learner" else p.env_steps
+        fields = dict(self.fields, phase=p.phase, phase_age_s=round(now - p.phase_since, 3),
+                      env_steps=p.env_steps, episodes=p.episodes, updates=p.updates,
+                      steps_per_s=round(self.steps_per_s(now, count), 2),
+                      rss_bytes=self._proc.memory_info().rss, sent_at=time.time(), alerts=list(p.alerts))
+        if p.frame is not None:
+            fields["frame"] = p.frame
+        try:
+            send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # supervisor not reading; the next beat carries the same news
+
+    def run(self) -> None:
+        sock = make_socket(self.ctx, zmq.PUSH, hwm=10)
+        sock.connect(self.endpoint)
+        try:
+            while not self._stop_event.is_set():
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    os._exit(70)  # orphaned: the supervisor died, so must we
+                self.beat(sock)
+                self._stop_event.wait(self.interval_s)
+        finally:
+            sock.close(0)

@@ -1,0 +1,165 @@
+"""Message types shared by supervisor, workers and learner, and their schemas.
+
+Each schema lists the header fields (with their types) and the arrays (with their
+allowed dtypes) a message must carry, plus an optional cross-field check. The codec
+in :mod:`protocol.codec` enforces them on both ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Bump on any incompatible change; a peer speaking another version is dropped.
+PROTOCOL_VERSION = 1
+
+HELLO = "hello"
+STEPS = "steps"
+EPISODE = "episode"
+WEIGHTS = "weights"
+PROGRESS = "progress"
+HEARTBEAT = "heartbeat"
+CONTROL_REQUEST = "control_request"
+CONTROL_REPLY = "control_reply"
+
+# Phases a process reports in its heartbeat. The supervisor expects progress
+# (a growing step counter) only in the phases listed in PROGRESSING_PHASES.
+PHASES = ("starting", "connecting", "resetting", "stepping", "waiting_learner", "training", "waiting_data",
+          "closing")
+PROGRESSING_PHASES = frozenset({"resetting", "stepping"})
+LEARNER_PROGRESSING_PHASES = frozenset({"training"})
+STARTUP_PHASES = frozenset({"starting", "connecting"})
+
+CONTROL_COMMANDS = ("status", "restart", "stop")
+
+# Frames are at most 4 x 512 x 512 x 3 bytes per step; batches hold at most MAX_BATCH steps.
+MAX_BATCH = 1024
+MAX_STEPS_BYTES = 256 * 1024 * 1024
+MAX_WEIGHTS_BYTES = 512 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_WEIGHTS_BYTES + 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    types: tuple
+    required: bool = True
+    choices: tuple | None = None
+    nonnegative: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return not self.required
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        if not isinstance(value, self.types):
+            return False
+        if self.choices is not None and value not in self.choices:
+            return False
+        if self.nonnegative and isinstance(value, (int, float)) and value < 0:
+            return False
+        return True
+
+    def describe(self) -> str:
+        names = "/".join(t.__name__ for t in self.types)
+        if self.choices:
+            return f"one of {list(self.choices)}"
+        return f"a {'non-negative ' if self.nonnegative else ''}{names}"
+
+
+ARRAYS_ANY = object()
+
+
+@dataclass(frozen=True)
+class MessageSchema:
+    name: str
+    fields: dict[str, FieldSpec]
+    arrays: Any = field(default_factory=dict)  # name -> allowed dtype strings, or ARRAYS_ANY
+    any_dtypes: frozenset = frozenset({"<f4"})
+    max_bytes: int = 0
+    check: Callable | None = None
+
+    def array_dtypes(self, name: str) -> frozenset:
+        if self.arrays is ARRAYS_ANY:
+            return self.any_dtypes
+        return self.arrays.get(name, frozenset())
+
+
+def _f(*types, **kw) -> FieldSpec:
+    return FieldSpec(types, **kw)
+
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+
+
+def _check_steps(msg) -> None:
+    from protocol.codec import ProtocolError
+
+    a = msg.arrays
+    n = a["first"].shape[0] if a["first"].ndim == 1 else -1
+    if not 1 <= n <= MAX_BATCH:
+        raise ProtocolError("bad_shape", f"steps: batch of {n} steps, expected 1..{MAX_BATCH}")
+    for name in ("rewards", "terminated", "truncated"):
+        if a[name].shape != (n,):
+            raise ProtocolError("bad_shape", f"steps.{name}: shape {a[name].shape}, expected ({n},)")
+    if a["actions"].ndim != 2 or a["actions"].shape[0] != n:
+        raise ProtocolError("bad_shape", f"steps.actions: shape {a['actions'].shape}, expected ({n}, action_dim)")
+    if a["frames"].ndim < 2 or a["frames"].shape[0] != n:
+        raise ProtocolError("bad_shape", f"steps.frames: shape {a['frames'].shape}, expected ({n}, *frame_shape)")
+
+
+def _check_weights(msg) -> None:
+    from protocol.codec import ProtocolError
+
+    if not msg.arrays:
+        raise ProtocolError("bad_arrays", "weights: no tensors")
+
+
+SCHEMAS: dict[str, MessageSchema] = {
+    s.name: s
+    for s in [
+        MessageSchema(HELLO, {
+            "worker": _f(*_STR), "slot": _f(*_INT, nonnegative=True),
+            "incarnation": _f(*_INT, nonnegative=True),
+            "frame_shape": _f(list), "frame_dtype": _f(*_STR, choices=("|u1", "<f4")),
+            "action_dim": _f(*_INT, nonnegative=True),
+        }),
+        MessageSchema(STEPS, {
+            "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
+            "seq": _f(*_INT, nonnegative=True), "env_steps": _f(*_INT, nonnegative=True),
+        }, arrays={
+            "first": frozenset({"|u1"}), "frames": frozenset({"|u1", "<f4"}),
+            "actions": frozenset({"<f4"}), "rewards": frozenset({"<f4"}),
+            "terminated": frozenset({"|u1"}), "truncated": frozenset({"|u1"}),
+        }, max_bytes=MAX_STEPS_BYTES, check=_check_steps),
+        MessageSchema(EPISODE, {
+            "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
+            "reward": _f(*_NUM), "length": _f(*_INT, nonnegative=True),
+            "eval": _f(bool), "env_steps": _f(*_INT, nonnegative=True),
+        }),
+        MessageSchema(WEIGHTS, {
+            "version": _f(*_INT, nonnegative=True), "updates": _f(*_INT, nonnegative=True),
+        }, arrays=ARRAYS_ANY, max_bytes=MAX_WEIGHTS_BYTES, check=_check_weights),
+        MessageSchema(PROGRESS, {
+            "updates": _f(*_INT, nonnegative=True), "received": _f(*_INT, nonnegative=True),
+            "allowed": _f(*_INT, nonnegative=True), "done": _f(bool),
+            "streams": _f(dict),
+        }),
+        MessageSchema(HEARTBEAT, {
+            "name": _f(*_STR), "role": _f(*_STR, choices=("learner", "worker")),
+            "pid": _f(*_INT, nonnegative=True), "incarnation": _f(*_INT, nonnegative=True),
+            "phase": _f(*_STR, choices=PHASES), "phase_age_s": _f(*_NUM, nonnegative=True),
+            "env_steps": _f(*_INT, nonnegative=True), "episodes": _f(*_INT, nonnegative=True),
+            "updates": _f(*_INT, nonnegative=True), "frame": _f(*_INT, required=False),
+            "steps_per_s": _f(*_NUM, nonnegative=True), "rss_bytes": _f(*_INT, nonnegative=True),
+            "sent_at": _f(*_NUM), "alerts": _f(list, required=False),
+        }),
+        MessageSchema(CONTROL_REQUEST, {
+            "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),
+        }),
+        MessageSchema(CONTROL_REPLY, {
+            "ok": _f(bool), "error": _f(*_STR, required=False), "data": _f(dict, required=False),
+        }),
+    ]
+}

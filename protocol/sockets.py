@@ -1,0 +1,133 @@
+"""Endpoints of a run, socket options, and a receive loop that never raises on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from protocol.codec import Message, ProtocolError, decode, encode
+from protocol.messages import MAX_MESSAGE_BYTES
+
+# Unix socket paths are limited to 108 bytes (sun_path); longer run dirs put their
+# sockets in a private 0700 directory under the temp dir instead.
+_MAX_IPC_PATH = 100
+
+ENDPOINT_NAMES = ("steps", "weights", "heartbeat", "control")
+
+
+def endpoints_for(run_dir: Path) -> dict[str, str]:
+    """The ipc endpoints of a run: inside the run directory when the path fits."""
+    run_dir = Path(run_dir).resolve()
+    sock_dir = run_dir
+    if len(str(run_dir / "heartbeat.sock")) > _MAX_IPC_PATH:
+        digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+        sock_dir = Path(tempfile.gettempdir()) / f"rlstack-{digest}"
+    return {name: f"ipc://{sock_dir / (name + '.sock')}" for name in ENDPOINT_NAMES}
+
+
+def prepare_endpoints(run_dir: Path) -> dict[str, str]:
+    """Create the socket directory (mode 0700) and record the endpoints in the run dir."""
+    eps = endpoints_for(run_dir)
+    sock_dir = Path(eps["control"][len("ipc://"):]).parent
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(sock_dir, 0o700)
+    (Path(run_dir) / "endpoints.json").write_text(json.dumps(eps, indent=2))
+    return eps
+
+
+def load_endpoints(run_dir: Path) -> dict[str, str]:
+    path = Path(run_dir) / "endpoints.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return endpoints_for(run_dir)
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, hwm: int = 1000, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:
+    """A socket with the options every socket of the stack carries."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)  # never hang a shutdown on undelivered messages
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)  # peers sending more are disconnected
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+class Receiver:
+    """Receives and decodes messages; malformed ones are dropped, counted and logged (rate-limited)."""
+
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, sock: zmq.Socket, log: Callable[..., None] | None = None):
+        self.sock = sock
+        self.log = log
+        self.dropped: Counter[str] = Counter()
+        self.received = 0
+        self._last_log: dict[str, float] = {}
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def recv(self, timeout_ms: int = 0) -> Message | None:
+        """One valid message, or None when none arrived in time (bad ones are skipped)."""
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._poller.poll(remaining):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            msg = self._decode(frames)
+            if msg is not None:
+                self.received += 1
+                return msg
+            if time.monotonic() >= deadline:
+                return None
+
+    def drain(self, limit: int = 1000) -> list[Message]:
+        """All messages already waiting, up to ``limit``."""
+        out = []
+        while len(out) < limit:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            msg = self._decode(frames)
+            if msg is not None:
+                self.received += 1
+                out.append(msg)
+        return out
+
+    def _decode(self, frames) -> Message | None:
+        try:
+            return decode([f.buffer for f in frames])
+        except ProtocolError as exc:
+            self._drop(exc.reason, exc.detail)
+        except Exception as exc:  # a decoder bug must not take the loop down either
+            self._drop("decode_error", repr(exc))
+        return None
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.dropped[reason] += 1
+        now = time.monotonic()
+        if self.log is not None and now - self._last_log.get(reason, -1e9) >= self.LOG_EVERY_S:
+            self._last_log[reason] = now
+            self.log("malformed message dropped", reason=reason, detail=detail, count=self.dropped[reason])
+
+
+def send(sock: zmq.Socket, msg_type: str, fields: dict | None = None, arrays: dict | None = None,
+         flags: int = 0) -> None:
+    sock.send_multipart(encode(msg_type, fields, arrays), flags=flags, copy=False)

@@ -1,0 +1,182 @@
+"""``supervisor``: start a run, show its health, restart or stop its processes.
+
+Exit status of ``supervisor status``: 0 when every process is running, 3 when
+some are not, 4 when no supervisor answers. Nothing here imports torch or
+gymnasium, so ``status`` answers fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_NO_SUPERVISOR = 0, 1, 2, 3, 4
+CONTROL_TIMEOUT_MS = 1500
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supervisor", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the stack in the foreground")
+    up.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    up.add_argument("--max-timesteps", type=int)
+    up.add_argument("--workers", type=int)
+    up.add_argument("--seed", type=int)
+    up.add_argument("--eval-freq", type=int)
+    up.add_argument("--debug", action="store_true", default=None)
+    up.add_argument("--run-id", help="run id (an existing run is resumed)")
+    up.add_argument("--runs-dir", help="where run directories go (default: runs)")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set learner.batch_size=128")
+    up.add_argument("--live", dest="live", action="store_true", default=None, help="live table (default on a tty)")
+    up.add_argument("--no-live", dest="live", action="store_false")
+
+    for name, helptext in (("status", "show every process's health"), ("restart", "restart one process"),
+                           ("stop", "stop the run")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "restart":
+            p.add_argument("name", help="process name: learner, worker-0, worker-1, ...")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--run-dir", type=Path, help="the run (default: RUNS_DIR/latest)")
+        p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    rep = sub.add_parser("report", help="summarize a run directory: incidents, restarts, evaluation")
+    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("--json", action="store_true")
+    return parser
+
+
+def overrides_from(args) -> list[tuple[str, object]]:
+    from protocol.config import ConfigError, parse_value
+
+    out: list[tuple[str, object]] = []
+    for key, value in (("run.max_timesteps", args.max_timesteps), ("workers.count", args.workers),
+                       ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
+                       ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir)):
+        if value is not None:
+            out.append((key, value))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. learner.batch_size=128")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def cmd_up(args) -> int:
+    from protocol.config import ConfigError, load_config
+    from supervisor.run import Supervisor, create_run_dir
+
+    try:
+        cfg = load_config(args.config, overrides_from(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = create_run_dir(cfg)
+    live = sys.stdout.isatty() if args.live is None else args.live
+    print(f"run {run_dir.name}: {cfg.workers.count} workers on {cfg.env.id}, learner on {cfg.learner.device}; "
+          f"run dir {run_dir}", flush=True)
+    try:
+        code = Supervisor(cfg, run_dir, live=live).run()
+    except RuntimeError as exc:
+        print(f"supervisor: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"run {run_dir.name} ended (exit {code}); events in {run_dir / 'events.jsonl'}", flush=True)
+    return code
+
+
+def resolve_run_dir(args) -> Path:
+    return args.run_dir if args.run_dir is not None else args.runs_dir / "latest"
+
+
+def request(run_dir: Path, cmd: str, name: str | None = None, timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict | None:
+    """One control request; None when no supervisor answers in time."""
+    import zmq
+
+    from protocol.codec import decode
+    from protocol.messages import CONTROL_REQUEST
+    from protocol.sockets import ipc_path, load_endpoints, make_socket, send
+
+    if not run_dir.exists():
+        return None
+    endpoint = load_endpoints(run_dir)["control"]
+    path = ipc_path(endpoint)
+    if path is not None and not path.exists():
+        return None
+    ctx = zmq.Context.instance()
+    sock = make_socket(ctx, zmq.REQ, hwm=1)
+    try:
+        sock.connect(endpoint)
+        send(sock, CONTROL_REQUEST, {"cmd": cmd, **({"name": name} if name else {})})
+        if not sock.poll(timeout_ms):
+            return None
+        return decode(sock.recv_multipart()).fields
+    finally:
+        sock.close(0)
+
+
+def no_supervisor(run_dir: Path) -> int:
+    print(f"no supervisor answers for {run_dir} (is a run up? start one with `make up`)", file=sys.stderr)
+    return EXIT_NO_SUPERVISOR
+
+
+def cmd_status(args) -> int:
+    run_dir = resolve_run_dir(args)
+    reply = request(run_dir, "status")
+    if reply is None or not reply.get("ok"):
+        return no_supervisor(run_dir)
+    status = reply["data"]
+    if args.json:
+        keys = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
+                "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason")
+        out = {"run_id": status["run_id"], "run_dir": status["run_dir"],
+               "processes": [{k: p.get(k) for k in keys} for p in status["processes"]],
+               "env_steps": status["env_steps"], "max_timesteps": status["max_timesteps"],
+               "incidents": status["incidents"], "dropped_messages": status["dropped_messages"]}
+        print(json.dumps(out, indent=2))
+    else:
+        from supervisor.display import plain_table
+
+        print(plain_table(status), end="")
+        print(f"env steps {status['env_steps']}/{status['max_timesteps']}   incidents {status['incidents']}   "
+              f"dropped messages {status['dropped_messages']}")
+        for p in status["processes"]:
+            for alert in p.get("alerts") or []:
+                print(f"alert from {p['name']}: {alert}")
+    all_running = all(p["state"] == "running" for p in status["processes"])
+    return EXIT_OK if all_running else EXIT_DEGRADED
+
+
+def cmd_simple(args, cmd: str) -> int:
+    run_dir = resolve_run_dir(args)
+    reply = request(run_dir, cmd, getattr(args, "name", None))
+    if reply is None:
+        return no_supervisor(run_dir)
+    if not reply.get("ok"):
+        print(f"supervisor: {reply.get('error')}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{cmd}: {json.dumps(reply.get('data'))}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return cmd_up(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command in ("restart", "stop"):
+        return cmd_simple(args, args.command)
+    if args.command == "report":
+        from supervisor.report import report
+
+        return report(args.run_dir, as_json=args.json)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

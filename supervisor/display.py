@@ -1,0 +1,76 @@
+"""Tables of a run's processes: the live view of ``supervisor up`` and ``supervisor status``."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+STATE_STYLE = {"running": "green", "starting": "cyan", "stalled": "bold red", "stopping": "yellow",
+               "backoff": "yellow", "failed": "bold red", "stopped": "dim"}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def process_table(status: dict) -> Table:
+    table = Table(title=f"run {status['run_id']}", title_justify="left", expand=False)
+    for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "PHASE"):
+        table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS") else "left")
+    for p in status["processes"]:
+        steps = p["updates"] if p["role"] == "learner" else p["env_steps"]
+        hb = "-" if p["heartbeat_age_s"] is None else f"{p['heartbeat_age_s']:.1f}s ago"
+        state = p["state"]
+        table.add_row(p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
+                      fmt_duration(p["uptime_s"] if p["pid"] else None),
+                      f"{steps}{' upd' if p['role'] == 'learner' else ''}", f"{p['steps_per_s']:.1f}", hb,
+                      str(p["restarts"]), p["phase"] or (p["reason"] or "-"))
+    return table
+
+
+def plain_table(status: dict) -> str:
+    """The status table as plain text (for pipes and logs)."""
+    console = Console(width=140, file=None, record=True, force_terminal=False, color_system=None)
+    with console.capture() as cap:
+        console.print(process_table(status))
+    return cap.get()
+
+
+class LiveDisplay:
+    """The foreground view of ``supervisor up``: process table, progress toward max_timesteps, events."""
+
+    def __init__(self, supervisor):
+        self.sup = supervisor
+        self.progress = Progress(TextColumn("env steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = self.progress.add_task("steps", total=supervisor.cfg.run.max_timesteps)
+        self.live = Live(refresh_per_second=4, transient=False)
+        self._last = 0.0
+
+    def start(self) -> None:
+        self.live.start()
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.25:
+            return
+        self._last = now
+        status = self.sup.status()
+        self.progress.update(self.task, completed=min(status["env_steps"], status["max_timesteps"]))
+        footer = (f"incidents: {status['incidents']}   dropped messages: {status['dropped_messages']}   "
+                  f"run dir: {status['run_dir']}   (Ctrl-C stops)")
+        self.live.update(Group(process_table(status), self.progress, footer))
+
+    def stop(self) -> None:
+        self.refresh()
+        self.live.stop()

@@ -1,0 +1,61 @@
+"""Evidence captured before a stalled child is killed: where it hung and what it was doing.
+
+Writes ``incidents/<time>-<name>/`` with ``incident.json`` (reason, last heartbeat),
+``stack.txt`` (a ``py-spy dump``; ``--nonblocking`` reads a SIGSTOPped process)
+and ``log_tail.txt``. Each step is bounded so evidence never holds a kill back
+for more than a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LOG_TAIL_LINES = 200
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 256 * 1024) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - max_bytes))
+        data = f.read().decode("utf-8", "replace")
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def py_spy_path() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def capture(run_dir: Path, name: str, pid: int, reason: str, heartbeat: dict | None, timeout_s: float,
+            native: bool = False) -> Path:
+    """Write one incident directory and return it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
+    out = Path(run_dir) / "incidents" / f"{stamp}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "incident.json").write_text(json.dumps(
+        {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat}, indent=2))
+    spy = py_spy_path()
+    if spy is None:
+        stack = "py-spy is not installed; no stack captured\n"
+    else:
+        cmd = [spy, "dump", "--nonblocking", "--pid", str(pid)] + (["--native"] if native else [])
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            stack = res.stdout + (f"\n[py-spy exit {res.returncode}]\n{res.stderr}" if res.returncode else "")
+        except subprocess.TimeoutExpired:
+            stack = f"py-spy dump timed out after {timeout_s}s\n"
+        except OSError as exc:
+            stack = f"py-spy could not run: {exc}\n"
+    (out / "stack.txt").write_text(stack)
+    logs = Path(run_dir) / "logs"
+    (out / "log_tail.txt").write_text(
+        f"== logs/{name}.jsonl ==\n{tail(logs / f'{name}.jsonl')}\n\n== logs/{name}.out ==\n{tail(logs / f'{name}.out')}\n")
+    return out
