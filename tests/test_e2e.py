@@ -1,0 +1,211 @@
+"""The whole stack with real processes: it trains, and each failure is found and repaired."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from protocol.codec import encode
+from protocol.sockets import load_endpoints, make_socket
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+
+def row(status, name):
+    return next(p for p in status["processes"] if p["name"] == name)
+
+
+def test_stack_collects_steps_and_learner_updates(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 100 and
+                       all(row(s, f"worker-{i}")["env_steps"] > 100 for i in range(2)), 120, "steps and updates")
+    before = row(s, "worker-0")["env_steps"]
+    # the real CLI, as a user runs it
+    res = stack.cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["run_id"] == "test" and out["run_dir"] == str(stack.run_dir.resolve())
+    assert [p["name"] for p in out["processes"]] == ["learner", "worker-0", "worker-1"]
+    for p in out["processes"]:
+        assert {"name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase",
+                "env_steps", "updates"} <= set(p)
+        assert p["state"] == "running" and p["restarts"] == 0 and p["heartbeat_age_s"] < 2
+    table = stack.cli("status")
+    assert table.returncode == 0
+    header = table.stdout.splitlines()
+    assert any(all(col in line for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT",
+                                           "RESTARTS")) for line in header)
+    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > before, 30, "worker-0 keeps stepping")
+    # an orderly stop: checkpoint written, everything gone, sockets removed
+    assert stack.cli("stop").returncode == 0
+    assert stack.proc.wait(timeout=40) == 0
+    assert (stack.run_dir / "checkpoints" / "latest.pt").exists()
+    assert not list(stack.run_dir.glob("*.sock"))
+    assert stack.events()[-1]["event"] == "run_ended"
+    assert (stack.run_dir / "tb").is_dir() and list((stack.run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_hang_inside_step_is_killed_and_respawned_within_deadline(stack_factory):
+    stack = stack_factory({"workers": {"faults": [
+        {"kind": "hang", "where": "step", "at_step": 150, "slots": [0], "incarnations": [0]}]}})
+    stack.wait_for(lambda s: row(s, "worker-0")["incarnation"] >= 1 and row(s, "worker-0")["state"] == "running"
+                   and row(s, "worker-0")["env_steps"] > 0, 120, "worker-0 respawned and stepping")
+    events = stack.events()
+    stalled = next(e for e in events if e["event"] == "stalled" and e["name"] == "worker-0")
+    assert "no progress" in stalled["reason"] and "stepping" in stalled["reason"]
+    hb = stalled["heartbeat"]
+    assert hb["env_steps"] == 150 and hb["phase"] == "stepping"
+    # evidence came before the kill
+    incidents = list((stack.run_dir / "incidents").glob("*-worker-0"))
+    assert len(incidents) == 1
+    stack_txt = (incidents[0] / "stack.txt").read_text()
+    assert "_fire" in stack_txt and "step" in stack_txt, stack_txt
+    assert json.loads((incidents[0] / "incident.json").read_text())["last_heartbeat"]["env_steps"] == 150
+    assert (incidents[0] / "log_tail.txt").read_text().count("fault injected") >= 1
+    order = [e["event"] for e in events if e["name"] == "worker-0"]
+    assert order.index("stalled") < order.index("terminating") < order.index("exited") < order.index("backoff")
+    s = stack.status()
+    assert row(s, "worker-0")["restarts"] == 1 and row(s, "worker-1")["restarts"] == 0
+    assert s["incidents"] == 1
+
+
+def test_sigstopped_and_sigkilled_workers_are_replaced(stack_factory):
+    stack = stack_factory()
+    s = stack.wait_running()
+    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > 20 and row(s, "worker-1")["env_steps"] > 20, 60,
+                   "workers stepping")
+    s = stack.status()
+    stopped_pid, killed_pid = row(s, "worker-0")["pid"], row(s, "worker-1")["pid"]
+    os.kill(stopped_pid, signal.SIGSTOP)
+    os.kill(killed_pid, signal.SIGKILL)
+    s = stack.wait_for(lambda s: all(row(s, f"worker-{i}")["incarnation"] == 1 and
+                                     row(s, f"worker-{i}")["state"] == "running" for i in range(2)),
+                       90, "both workers replaced")
+    assert row(s, "worker-0")["pid"] != stopped_pid and row(s, "worker-1")["pid"] != killed_pid
+    events = stack.events()
+    stalled = [e for e in events if e["event"] == "stalled"]
+    assert [e["name"] for e in stalled] == ["worker-0"] and "no heartbeat" in stalled[0]["reason"]
+    killed = [e for e in events if e["event"] == "exited" and e["name"] == "worker-1"]
+    assert killed[0]["code"] == -signal.SIGKILL
+    # the stopped one was really killed and reaped
+    assert not os.path.exists(f"/proc/{stopped_pid}")
+    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > 20 and row(s, "worker-1")["env_steps"] > 20, 60,
+                   "replacements stepping")
+
+
+def test_crash_looping_worker_ends_failed_while_the_other_keeps_stepping(stack_factory):
+    stack = stack_factory({"workers": {"faults": [{"kind": "crash", "where": "step", "at_step": 5, "slots": [1]}]},
+                           "supervisor": {"max_restarts": 2}})
+    s = stack.wait_for(lambda s: row(s, "worker-1")["state"] == "failed", 120, "worker-1 failed")
+    assert row(s, "worker-1")["restarts"] == 2
+    steps = row(s, "worker-0")["env_steps"]
+    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 20 and row(s, "worker-0")["state"] == "running",
+                   60, "worker-0 still stepping")
+    res = stack.cli("status", "--json")
+    assert res.returncode == 3, "some process is not running"
+    assert row(json.loads(res.stdout), "worker-1")["state"] == "failed"
+    failed = [e for e in stack.events() if e["event"] == "failed"]
+    assert [e["name"] for e in failed] == ["worker-1"]
+    # a user can bring a failed slot back by hand
+    assert stack.cli("restart", "worker-1").returncode == 0
+    stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 3, 30, "worker-1 respawned by hand")
+
+
+def test_sigkilled_learner_resumes_from_checkpoint_and_workers_go_on(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 250, 150, "learner past two checkpoints")
+    learner_pid = row(s, "learner")["pid"]
+    os.kill(learner_pid, signal.SIGKILL)
+    s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == "running"
+                       and row(s, "learner")["updates"] >= 300, 120, "learner back and updating")
+    log = [json.loads(line) for line in stack.log("learner").splitlines()]
+    resumed = [e for e in log if e["event"] == "resumed from checkpoint"]
+    assert resumed and resumed[0]["updates"] >= 200 and resumed[0]["replay_entries"] > 0
+    steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
+    stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
+                   "workers go on")
+    assert all(row(stack.status(), f"worker-{i}")["restarts"] == 0 for i in range(2)), "workers were not restarted"
+
+
+def test_garbage_on_learner_and_supervisor_sockets_is_counted_and_ignored(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    eps = load_endpoints(stack.run_dir)
+    ctx = zmq.Context()
+    try:
+        steps = make_socket(ctx, zmq.PUSH)
+        steps.connect(eps["steps"])
+        hb = make_socket(ctx, zmq.PUSH)
+        hb.connect(eps["heartbeat"])
+        for sock in (steps, hb):
+            sock.send(b"\xc1\xc1 not msgpack")
+            sock.send_multipart([b"\x81\xa1v\x63"])  # {"v": 99}
+            sock.send_multipart(encode("control_request", {"cmd": "stop"}))  # valid, but wrong socket
+        # steps with a frame of the wrong shape for this run
+        steps.send_multipart(encode("steps", {"worker": "intruder", "incarnation": 0, "seq": 0, "env_steps": 1},
+                                    {"first": np.array([1], np.uint8), "frames": np.zeros((1, 7), np.float32),
+                                     "actions": np.zeros((1, 1), np.float32), "rewards": np.zeros(1, np.float32),
+                                     "terminated": np.zeros(1, np.uint8), "truncated": np.zeros(1, np.uint8)}))
+        ctl = make_socket(ctx, zmq.REQ)
+        ctl.connect(eps["control"])
+        ctl.send(b"garbage")
+        assert ctl.poll(5000)
+        from protocol.codec import decode
+
+        reply = decode(ctl.recv_multipart())
+        assert reply.fields["ok"] is False and "malformed" in reply.fields["error"]
+        time.sleep(1.0)
+    finally:
+        ctx.destroy(linger=0)
+    s = stack.wait_for(lambda s: s["dropped_messages"] >= 4, 20, "supervisor counted garbage")
+    assert all(p["state"] == "running" for p in s["processes"]) and not s["stopping"]
+    learner_log = stack.log("learner")
+    for reason in ("bad_msgpack", "bad_version", "spec_mismatch"):
+        assert reason in learner_log, reason
+    before = row(s, "learner")["updates"]
+    stack.wait_for(lambda s: row(s, "learner")["updates"] > before, 60, "learner keeps updating")
+
+
+def test_status_without_a_supervisor_exits_4(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "supervisor", "status", "--run-dir", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 4 and "no supervisor answers" in res.stderr
+
+
+def test_restart_command_and_unknown_name(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    res = stack.cli("restart", "worker-7")
+    assert res.returncode == 1 and "no process named 'worker-7'" in res.stderr
+    assert stack.cli("restart", "worker-1").returncode == 0
+    s = stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 1 and row(s, "worker-1")["state"] == "running",
+                       60, "worker-1 restarted")
+    assert row(s, "worker-1")["restarts"] == 0 and not list((stack.run_dir / "incidents").iterdir())
+
+
+def test_default_image_config_runs_to_completion(stack_factory):
+    """The embedded default (racetrack camera frames, stacked by the workers) end to end, tiny."""
+    stack = stack_factory({"run": {"max_timesteps": 300},
+                           "workers": {"start_steps": 100},
+                           "learner": {"batch_size": 16, "learning_starts": 100, "replay_capacity": 2000,
+                                       "updates_per_step": 0.1, "hidden_dim": 32, "feature_dim": 16,
+                                       "checkpoint_every": 10, "publish_every": 5, "log_every": 5}},
+                          base="configs/default.yaml")
+    assert stack.proc.wait(timeout=200) == 0, stack.diagnostics()
+    events = stack.events()
+    assert any(e["event"] == "run_complete" for e in events)
+    meta = json.loads((stack.run_dir / "replay" / "meta.json").read_text())
+    assert meta["frame_shape"] == [1, 84, 84] and meta["frame_dtype"] == "|u1" and meta["action_dim"] == 2
+    index = json.loads((stack.run_dir / "replay" / "index.json").read_text())
+    assert index["transitions_total"] >= 300
+    frames = np.load(stack.run_dir / "replay" / "frames.npy", mmap_mode="r")
+    assert frames[: index["total"]].max() > 0, "camera frames are rendered, not blank"
