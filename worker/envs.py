@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import deque
 
+import gymnasium as gym
 import numpy as np
 
 from protocol.config import Config
@@ -16,8 +17,6 @@ def make_env(cfg: Config, render_mode: str | None = None):
     # driver switches rendering off entirely, so ask SDL for its off-screen driver.
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    import gymnasium as gym
-
     try:
         import highway_env  # noqa: F401  (registers highway-v0, racetrack-v1, ...)
     except ImportError:
@@ -40,28 +39,18 @@ def make_env(cfg: Config, render_mode: str | None = None):
     return env
 
 
-def _reorder_wrapper():
-    import gymnasium as gym
+class ReorderActions(gym.ActionWrapper):
+    """The actor's action i drives the env's action ``order[i]``."""
 
-    class ReorderActions(gym.ActionWrapper):
-        """The actor's action i drives the env's action ``order[i]``."""
+    def __init__(self, env, order):
+        super().__init__(env)
+        self.order = np.asarray(order)
+        self._inverse = np.argsort(self.order)
+        self.action_space = gym.spaces.Box(env.action_space.low[self.order], env.action_space.high[self.order],
+                                           dtype=env.action_space.dtype)
 
-        def __init__(self, env, order):
-            super().__init__(env)
-            self.order = np.asarray(order)
-            inv = np.argsort(self.order)
-            self.action_space = gym.spaces.Box(env.action_space.low[self.order], env.action_space.high[self.order],
-                                               dtype=env.action_space.dtype)
-            self._inverse = inv
-
-        def action(self, action):
-            return np.asarray(action)[self._inverse]
-
-    return ReorderActions
-
-
-def ReorderActions(env, order):
-    return _reorder_wrapper()(env, order)
+    def action(self, action):
+        return np.asarray(action)[self._inverse]
 
 
 def _tuples_for_shapes(node):

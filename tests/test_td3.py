@@ -1,0 +1,148 @@
+"""TD3 updates on tiny inputs: smoothing, policy delay, where the encoder's gradients come from."""
+
+import numpy as np
+import pytest
+import torch
+
+from learner.alerts import AlertMonitor
+from learner.replay import Batch
+from learner.td3 import TD3Agent, random_shift
+from protocol.config import LearnerConfig
+from protocol.models import build_policy, load_policy_arrays, policy_arrays
+
+pytestmark = pytest.mark.timeout(60)
+
+IMG = (4, 84, 84)
+
+
+def cfg(**kw):
+    base = dict(batch_size=8, hidden_dim=32, feature_dim=16, encoder="nature", policy_delay=2)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+def batch(obs_shape, n=8, dtype=np.uint8, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype == np.uint8:
+        obs = rng.integers(0, 255, (n,) + obs_shape, dtype=np.uint8)
+        nxt = rng.integers(0, 255, (n,) + obs_shape, dtype=np.uint8)
+    else:
+        obs = rng.normal(size=(n,) + obs_shape).astype(np.float32)
+        nxt = rng.normal(size=(n,) + obs_shape).astype(np.float32)
+    return Batch(obs=obs, action=rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+                 reward=rng.normal(size=n).astype(np.float32), discount=np.full(n, 0.99, np.float32),
+                 next_obs=nxt, age=np.ones(n, np.int64))
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
+def test_actor_updates_only_every_policy_delay():
+    torch.manual_seed(0)
+    agent = TD3Agent((3,), 2, cfg(policy_delay=3), torch.device("cpu"))
+    b = batch((3,), dtype=np.float32)
+    for i in range(1, 7):
+        before = params(agent.policy.actor)
+        metrics = agent.update(b)
+        assert changed(before, agent.policy.actor) == (i % 3 == 0)
+        assert ("train/actor_loss" in metrics) == (i % 3 == 0)
+
+
+def test_target_policy_smoothing_noise_is_clipped(monkeypatch):
+    torch.manual_seed(0)
+    agent = TD3Agent((3,), 2, cfg(target_noise=5.0, target_noise_clip=0.1), torch.device("cpu"))
+    seen = []
+    real = agent.critic_target.forward
+
+    def spy(h, action):
+        seen.append(action.detach().clone())
+        return real(h, action)
+
+    monkeypatch.setattr(agent.critic_target, "forward", spy)
+    b = batch((3,), dtype=np.float32)
+    agent.update(b)
+    with torch.no_grad():
+        clean = agent.actor_target(torch.from_numpy(b.next_obs))
+    noise = seen[0] - clean.clamp(-1, 1)
+    assert noise.abs().max() <= 0.1 + 1e-6
+    assert noise.abs().max() > 0.05, "noise is applied (and large before clipping)"
+
+
+def test_shared_encoder_gets_no_gradient_from_the_actor_loss():
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, cfg(encoder_mode="shared"), torch.device("cpu"))
+    assert agent.policy.encoder is agent.critic_encoder
+    obs = agent._prep(torch.from_numpy(batch(IMG).obs))
+    agent.critic_encoder.zero_grad(set_to_none=True)
+    metrics = agent.update_actor(obs)
+    assert all(p.grad is None for p in agent.critic_encoder.parameters())
+    assert "gradients/actor_cnn_norm" not in metrics
+
+
+def test_separate_encoder_is_trained_by_the_actor_loss():
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, cfg(encoder_mode="separate", actor_cnn_lr=1e-3), torch.device("cpu"))
+    assert agent.policy.encoder is not agent.critic_encoder
+    obs = agent._prep(torch.from_numpy(batch(IMG).obs))
+    before_actor_cnn, before_critic_cnn = params(agent.policy.encoder), params(agent.critic_encoder)
+    metrics = agent.update_actor(obs)
+    assert changed(before_actor_cnn, agent.policy.encoder)
+    assert not changed(before_critic_cnn, agent.critic_encoder)
+    assert metrics["gradients/actor_cnn_norm"] > 0 and metrics["agent/actor_cnn_lr"] == 1e-3
+
+
+def test_critic_update_trains_the_shared_encoder_and_logs_norms_before_and_after_clip():
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, cfg(max_grad_norm_critic=1e-3), torch.device("cpu"))
+    before = params(agent.critic_encoder)
+    m = agent.update(batch(IMG))
+    assert changed(before, agent.critic_encoder)
+    for tag in ("train/critic_loss", "train/q1_value", "train/q2_value", "gradients/critic_cnn_norm",
+                "gradients/critic_mlp_norm"):
+        assert np.isfinite(m[tag]), tag
+    assert m["gradients/critic_norm_before_clip"] > 1e-3
+    assert m["gradients/critic_norm_after_clip"] == pytest.approx(1e-3)
+
+
+def test_random_shift_moves_images_by_at_most_pad():
+    x = torch.zeros(16, 1, 20, 20)
+    x[:, :, 10, 10] = 1.0
+    y = random_shift(x, 4)
+    for img in y:
+        r, c = divmod(int(img[0].argmax()), 20)
+        assert abs(r - 10) <= 4 and abs(c - 10) <= 4
+        assert img.sum() == pytest.approx(1.0, abs=1e-4), "integer shifts: no blurring"
+
+
+def test_weights_message_roundtrip_into_a_worker_policy():
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, cfg(), torch.device("cpu"))
+    worker_policy = build_policy(IMG, 2, cfg())
+    load_policy_arrays(worker_policy, policy_arrays(agent.policy))
+    obs = torch.from_numpy(batch(IMG).obs)
+    with torch.no_grad():
+        assert torch.allclose(worker_policy(obs), agent.policy(obs))
+    bad = policy_arrays(agent.policy)
+    bad.pop(next(iter(bad)))
+    with pytest.raises(ValueError, match="missing"):
+        load_policy_arrays(worker_policy, bad)
+
+
+def test_alert_fires_on_divergence_and_stays_silent_when_healthy():
+    mon = AlertMonitor(q_max=100.0, lcfg=cfg())
+    healthy = {"train/q1_value": 20.0, "train/q2_value": 20.0, "train/actor_loss": -20.0,
+               "gradients/critic_norm_before_clip": 5.0, "gradients/actor_norm_before_clip": 0.5}
+    assert all(not mon.observe(i, healthy) for i in range(100))
+    assert mon.counters() == {"alerts/gradient_explosion_warning": 0, "alerts/gradient_explosion_critical": 0}
+    fired = mon.observe(200, {**healthy, "train/actor_loss": -2.7e9})
+    assert [a["level"] for a in fired] == ["critical"] and fired[0]["rule"] == "q_divergence"
+    fired = mon.observe(201, {**healthy, "gradients/actor_norm_before_clip": 1.8e6})
+    assert [a["rule"] for a in fired] == ["actor_norm_explosion"]
+    fired = mon.observe(5000, {**healthy, "train/critic_loss": float("nan")})
+    assert any(a["rule"] == "non_finite" for a in fired)
+    assert mon.counters()["alerts/gradient_explosion_critical"] == 2
