@@ -108,12 +108,13 @@ class SupervisorConfig(_Section):
     learner_deadline_s: float = Field(60.0, gt=0.0)  # an update can be slow on CPU; no progress check below this
     kill_grace_s: float = Field(2.0, ge=0.0)
     evidence_timeout_s: float = Field(3.0, gt=0.0)
-    backoff_initial_s: float = Field(0.5, ge=0.0)
+    backoff_initial_s: float = Field(0.2, ge=0.0)
     backoff_max_s: float = Field(30.0, ge=0.0)
     backoff_jitter: float = Field(0.2, ge=0.0, le=1.0)
     healthy_reset_s: float = Field(60.0, gt=0.0)  # a child running this long gets its backoff reset
     max_restarts: int = Field(5, ge=0)  # intensity: at most this many restarts ...
     restart_window_s: float = Field(60.0, gt=0.0)  # ... within this many seconds
+    standby_workers: bool = True  # keep a pre-imported process per slot: respawns skip Python's start-up
 
     @model_validator(mode="after")
     def _layered(self):

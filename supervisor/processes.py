@@ -22,11 +22,18 @@ def _die_with_parent() -> None:
 
 
 class ProcessDriver:
-    """Starts child processes with their output appended to ``logs/<name>.out``."""
+    """Starts child processes with their output appended to ``logs/<name>.out``.
 
-    def __init__(self, run_dir: Path):
+    With ``standby`` set, each worker slot also keeps a *standby* process that has
+    already imported torch and the simulator client and waits on its stdin; a
+    respawn activates it instead of starting Python from scratch.
+    """
+
+    def __init__(self, run_dir: Path, standby: bool = False):
         self.run_dir = Path(run_dir)
+        self.standby = standby
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
+        self.spares: dict[str, subprocess.Popen] = {}
 
     def command(self, name: str, role: str, slot: int, incarnation: int) -> list[str]:
         module = "learner" if role == "learner" else "worker"
@@ -35,7 +42,7 @@ class ProcessDriver:
             cmd += ["--slot", str(slot)]
         return cmd
 
-    def spawn(self, name: str, role: str, slot: int, incarnation: int) -> int:
+    def _popen(self, name: str, cmd: list[str], stdin) -> subprocess.Popen:
         log_dir = self.run_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         out = open(log_dir / f"{name}.out", "ab")
@@ -43,13 +50,38 @@ class ProcessDriver:
         project_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            proc = subprocess.Popen(self.command(name, role, slot, incarnation), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
-                                    env=env, close_fds=True)
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
+                                    preexec_fn=_die_with_parent, env=env, close_fds=True)
         finally:
             out.close()
+
+    def spawn(self, name: str, role: str, slot: int, incarnation: int) -> int:
+        proc = self._activate_spare(name, incarnation) if role == "worker" else None
+        if proc is None:
+            proc = self._popen(name, self.command(name, role, slot, incarnation), subprocess.DEVNULL)
         self.procs[proc.pid] = (name, proc)
         return proc.pid
+
+    def ensure_spare(self, name: str, slot: int) -> None:
+        """Start the slot's standby process if it has none (called once the slot runs, not to slow its start)."""
+        if self.standby and name not in self.spares:
+            self.spares[name] = self._popen(name, self.command(name, "worker", slot, 0) + ["--standby"],
+                                            subprocess.PIPE)
+
+    def _activate_spare(self, name: str, incarnation: int) -> subprocess.Popen | None:
+        spare = self.spares.pop(name, None)
+        if spare is None:
+            return None
+        try:
+            if spare.poll() is not None:
+                raise BrokenPipeError
+            spare.stdin.write(f"activate {incarnation}\n".encode())
+            spare.stdin.close()
+            return spare
+        except (BrokenPipeError, OSError):
+            self.signal(spare.pid, signal.SIGKILL)
+            spare.wait()
+            return None
 
     def signal(self, pid: int, signum: int) -> None:
         """Signal the child's whole process group (its pgid is its pid)."""
@@ -71,18 +103,28 @@ class ProcessDriver:
                 done.append((name, pid, code))
         return done
 
+    def reap_spares(self) -> None:
+        """Forget standby processes that died (they are started again at the next spawn)."""
+        for name, spare in list(self.spares.items()):
+            if spare.poll() is not None:
+                del self.spares[name]
+
     def kill_all(self) -> None:
-        for pid in list(self.procs):
-            self.signal(pid, signal.SIGKILL)
-        for pid, (_, proc) in list(self.procs.items()):
+        procs = [proc for _, proc in self.procs.values()] + list(self.spares.values())
+        for proc in procs:
+            self.signal(proc.pid, signal.SIGKILL)
+        for proc in procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+            if proc.stdin is not None:
+                proc.stdin.close()
         self.procs.clear()
+        self.spares.clear()
 
     def pids(self) -> list[int]:
-        return list(self.procs)
+        return list(self.procs) + [p.pid for p in self.spares.values()]
 
 
 def kill_leftovers(pids: list[int], marker: str) -> list[int]:

@@ -27,7 +27,7 @@ from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
 from protocol.sockets import Receiver, ipc_path, make_socket, prepare_endpoints, send
 from supervisor import evidence
 from supervisor.processes import ProcessDriver, kill_leftovers
-from supervisor.state import CaptureEvidence, ChildSpec, EndRun, Event, Limits, Signal, Spawn, Supervision
+from supervisor.state import RUNNING, CaptureEvidence, ChildSpec, EndRun, Event, Limits, Signal, Spawn, Supervision
 
 # The main loop wakes at least this often to judge deadlines.
 TICK_S = 0.05
@@ -68,7 +68,7 @@ class Supervisor:
         self.specs = {s.name: s for s in specs}
         self.machine = Supervision(specs, Limits.from_config(cfg.supervisor), time.monotonic,
                                    random.Random(cfg.run.seed))
-        self.driver = ProcessDriver(self.run_dir)
+        self.driver = ProcessDriver(self.run_dir, standby=cfg.supervisor.standby_workers)
         self.ctx = zmq.Context()
         self.events_file = open(self.run_dir / "events.jsonl", "a", buffering=1)
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -212,6 +212,10 @@ class Supervisor:
             self.execute(self.machine.evidence_done(name, path))
         for name, pid, code in self.driver.reap():
             self.execute(self.machine.exited(name, pid, code))
+        self.driver.reap_spares()
+        for c in self.machine.children.values():
+            if c.state == RUNNING and c.spec.role == "worker" and not self.machine.stopping:
+                self.driver.ensure_spare(c.name, c.spec.slot)
         while not self.signals.empty():
             signum = self.signals.get()
             if self.machine.stopping:

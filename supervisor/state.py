@@ -46,7 +46,7 @@ class Limits:
     kill_grace_s: float = 2.0
     stop_grace_s: float = 15.0  # an orderly stop lets the learner write its checkpoint
     evidence_timeout_s: float = 3.0
-    backoff_initial_s: float = 0.5
+    backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     backoff_jitter: float = 0.2
     healthy_reset_s: float = 60.0

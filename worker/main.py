@@ -10,6 +10,7 @@ when the learner's update-to-data ratio says it is too far ahead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -30,6 +31,10 @@ from worker.faults import FaultInjector
 # Steps a worker may buffer towards a dead learner before send() would block:
 # ZeroMQ queues up to this many batches, then the worker waits.
 STEPS_HWM = 64
+
+
+class Interrupted(Exception):
+    """Raised by the SIGTERM handler when the worker is blocked inside the environment."""
 
 
 class StepBatch:
@@ -98,6 +103,7 @@ class EnvWorker:
         self.done = False
         self.weights_version = -1
         self.stopping = False
+        self.in_env_call = False
 
     # -- setup -------------------------------------------------------------
 
@@ -120,7 +126,8 @@ class EnvWorker:
         self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log)
         self.eval_env = None
         self.scaler = ActionScaler(env.action_space)
-        obs, _ = self.env.reset(seed=self.seed)
+        with self.env_call():
+            obs, _ = self.env.reset(seed=self.seed)
         frame = frame_of(obs)
         self.frame_shape = frame.shape
         self.frame_dtype = frame.dtype
@@ -131,6 +138,15 @@ class EnvWorker:
         send(self.steps_sock, HELLO, {"worker": self.name, "slot": self.slot, "incarnation": self.incarnation,
                                       "frame_shape": list(self.frame_shape), "frame_dtype": self.frame_dtype.str,
                                       "action_dim": self.scaler.dim})
+
+    @contextlib.contextmanager
+    def env_call(self):
+        """Marks a call into the simulator, which SIGTERM may interrupt (see :func:`main`)."""
+        self.in_env_call = True
+        try:
+            yield
+        finally:
+            self.in_env_call = False
 
     # -- acting ------------------------------------------------------------
 
@@ -203,11 +219,12 @@ class EnvWorker:
             self.progress.set_phase("waiting_learner")
             self.poll_learner(timeout_ms=100)
 
-    def send_episode(self, reward: float, length: int, evaluation: bool) -> None:
+    def send_episode(self, reward: float, length: int, evaluation: bool, env_steps: int | None = None) -> None:
         try:
             send(self.steps_sock, EPISODE, {"worker": self.name, "incarnation": self.incarnation,
                                             "reward": float(reward), "length": int(length), "eval": evaluation,
-                                            "env_steps": self.global_steps()}, flags=zmq.NOBLOCK)
+                                            "env_steps": self.global_steps() if env_steps is None else env_steps},
+                 flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # the learner is gone; an episode summary is not worth blocking for
 
@@ -218,6 +235,7 @@ class EnvWorker:
         if self.eval_env is None:
             self.eval_env = make_env(self.cfg)
         stacker = FrameStack(self.cfg.env.frame_stack)
+        at = self.global_steps()  # one x-axis point for the whole round
         for i in range(self.cfg.workers.eval_episodes):
             obs, _ = self.eval_env.reset(seed=self.seed + 10_000 + i)
             stack = stacker.reset(frame_of(obs))
@@ -229,12 +247,23 @@ class EnvWorker:
                 length += 1
                 done = term or trunc
                 self.progress.phase_since = time.monotonic()  # evaluation is progress too
-            self.send_episode(total, length, evaluation=True)
+            self.send_episode(total, length, evaluation=True, env_steps=at)
             self.log.info("evaluation episode", reward=total, length=length)
 
     # -- the loop ----------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except Interrupted:
+            # stopped inside the simulator: the step in flight is dropped, the episode is cut
+            # (truncated, not terminal: the learner keeps bootstrapping its last stored step)
+            self.progress.set_phase("closing")
+            self.flush()
+            self.log.info("worker interrupted in the environment", env_steps=self.progress.env_steps)
+            return 0
+
+    def _run(self) -> int:
         self.heartbeat.start()
         self.log.info("worker starting", pid=os.getpid(), seed=self.seed)
         self.connect()
@@ -252,7 +281,8 @@ class EnvWorker:
                 break
             self.progress.set_phase("stepping")
             action = self.act(stack, explore=True)
-            obs, reward, term, trunc, _ = self.env.step(self.scaler.to_env(action))
+            with self.env_call():
+                obs, reward, term, trunc, _ = self.env.step(self.scaler.to_env(action))
             frame = frame_of(obs)
             stack = self.stacker.push(frame)
             self.batch.add(frame, action, float(reward), bool(term), bool(trunc))
@@ -264,7 +294,8 @@ class EnvWorker:
                 self.send_episode(ep_reward, ep_len, evaluation=False)
                 ep_reward, ep_len = 0.0, 0
                 self.progress.set_phase("resetting")
-                obs, _ = self.env.reset()
+                with self.env_call():
+                    obs, _ = self.env.reset()
                 stack = self.stacker.reset(frame_of(obs))
                 self.batch.add(frame_of(obs), np.zeros(self.scaler.dim, np.float32), first=True)
             if len(self.batch) >= wcfg.batch_steps or time.monotonic() - self.batch.opened_at >= wcfg.batch_interval_s:
@@ -284,20 +315,51 @@ class EnvWorker:
         self.ctx.destroy(linger=0)
 
 
+def wait_for_activation() -> int | None:
+    """A standby worker: everything heavy is imported; wait for the supervisor to hand over an incarnation.
+
+    Starting Python with torch and the simulator's client takes seconds; a standby
+    process per slot takes that out of the time from a freeze to stepping again.
+    """
+    os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    import gymnasium  # noqa: F401
+    import torch  # noqa: F401
+
+    import protocol.models  # noqa: F401
+
+    try:
+        import highway_env  # noqa: F401
+    except ImportError:
+        pass
+    line = sys.stdin.readline()  # EOF: the supervisor is gone or does not need us
+    if not line.startswith("activate "):
+        return None
+    return int(line.split()[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="worker", description="Run one env-worker of a run.")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--slot", required=True, type=int)
     parser.add_argument("--incarnation", type=int, default=0)
+    parser.add_argument("--standby", action="store_true", help="import, then wait for 'activate N' on stdin")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    if args.standby:
+        incarnation = wait_for_activation()
+        if incarnation is None:
+            return 0
+        args.incarnation = incarnation
     cfg = load_config(args.run_dir / "config.yaml")
     worker = EnvWorker(cfg, args.run_dir, args.slot, args.incarnation)
 
     def on_term(signum, frame):
         worker.stopping = True
+        if worker.in_env_call:
+            raise Interrupted()  # a Python-level hang ends here; a native one ends with SIGKILL
 
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
     try:
         return worker.run()
     except Exception:

@@ -1,0 +1,29 @@
+"""``python -m bench [NAME ...]``: run the benchmarks (all by default) and print their figures."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BENCHES = ("freeze", "pendulum")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("names", nargs="*", default=list(BENCHES), help=f"benchmarks to run: {', '.join(BENCHES)}")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON results go")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.names:
+        if name not in BENCHES:
+            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
+        module = __import__(f"bench.{name}", fromlist=["run"])
+        print(f"== {name}", flush=True)
+        result = module.run()
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+sys.exit(main())
