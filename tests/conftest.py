@@ -24,7 +24,7 @@ def stack_factory(tmp_path):
 
     yield make
     errors = []
-    for s in stacks:
+    for s in reversed(stacks):  # a later stack may share an earlier one's run dir
         try:
             s.stop()
         except AssertionError as exc:

@@ -209,3 +209,81 @@ def test_default_image_config_runs_to_completion(stack_factory):
     assert index["transitions_total"] >= 300
     frames = np.load(stack.run_dir / "replay" / "frames.npy", mmap_mode="r")
     assert frames[: index["total"]].max() > 0, "camera frames are rendered, not blank"
+
+
+def test_ctrl_c_stops_everything_cleanly(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    stack.wait_for(lambda s: row(s, "learner")["updates"] > 0, 120, "learner updating")
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(timeout=40) == 0
+    ended = stack.events()[-1]
+    assert ended["event"] == "run_ended" and "SIGINT" in ended["reason"]
+    assert (stack.run_dir / "checkpoints" / "latest.pt").exists()
+    log = [json.loads(line) for line in stack.log("learner").splitlines()]
+    assert log[-1]["event"] == "learner stopped"
+
+
+def test_children_die_with_a_killed_supervisor_and_the_run_resumes(stack_factory):
+    stack = stack_factory()
+    stack.wait_running()
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 150, 150, "a checkpoint")
+    children = [p["pid"] for p in s["processes"]]
+    os.killpg(stack.proc.pid, signal.SIGKILL)
+    stack.proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "children outlived the supervisor"
+    # the same run id again: the learner resumes from its checkpoint and replay
+    again = stack_factory(start=False)
+    again.config_path.write_text(stack.config_path.read_text().replace(str(again.tmp), str(stack.tmp)))
+    again.run_dir = stack.run_dir
+    again.start()
+    again.wait_running()
+    resumed = [json.loads(line) for line in stack.log("learner").splitlines()
+               if '"resumed from checkpoint"' in line]
+    assert resumed and resumed[-1]["updates"] >= 100
+    # a second supervisor for the same run is refused with a clear line
+    res = again.cli("status")
+    assert res.returncode in (0, 3)
+    import subprocess
+    import sys
+
+    second = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config", str(again.config_path),
+                             "--no-live"], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "another supervisor" in second.stderr
+    assert again.status() is not None, "the running supervisor is untouched"
+
+
+def test_status_imports_neither_torch_nor_gymnasium(stack_factory):
+    import subprocess
+    import sys
+
+    stack = stack_factory()
+    stack.wait_running()
+    code = ("import sys; from supervisor.cli import main; rc = main(['status', '--json', '--run-dir', sys.argv[1]]);"
+            "heavy = [m for m in ('torch', 'gymnasium', 'highway_env') if m in sys.modules];"
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code, str(stack.run_dir)], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0 and "HEAVY []" in res.stderr, res.stderr
+    assert json.loads(res.stdout)["processes"]
+
+
+def test_metrics_reach_tensorboard(stack_factory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stack = stack_factory({"workers": {"eval_freq": 400, "eval_episodes": 1}})
+    stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner updating")
+    stack.wait_for(lambda s: (stack.run_dir / "eval.jsonl").exists(), 120, "an evaluation episode")
+    assert stack.cli("stop").returncode == 0
+    stack.proc.wait(timeout=40)
+    acc = EventAccumulator(str(stack.run_dir / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/actor_loss", "train/q1_value", "train/q2_value", "train/critic_loss",
+                "gradients/critic_mlp_norm", "gradients/actor_mlp_norm", "alerts/gradient_explosion_warning",
+                "alerts/gradient_explosion_critical", "train/episode_reward", "train/episode_length",
+                "eval/episode_reward", "eval/episode_length", "buffer/utilization"):
+        assert tag in tags, tag
