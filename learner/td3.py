@@ -55,11 +55,11 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.grid_sample(padded, base_grid + shift, padding_mode="zeros", align_corners=False)
 
 
-def grad_norm(params) -> float:
+def grad_norm(params) -> torch.Tensor:
     grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.cat(grads)))
+        return torch.zeros((), device=params[0].device if params else "cpu")
+    return torch.linalg.vector_norm(torch.cat(grads))
 
 
 class TD3Agent:
@@ -70,6 +70,7 @@ class TD3Agent:
         self.action_dim = action_dim
         self.image = is_image(self.obs_shape)
         self.augment = self.image and cfg.augment_pad > 0
+        self.amp = bool(cfg.amp) and device.type == "cuda"  # bf16 autocast; no gain on CPU
         self.critic_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device)
         repr_dim = self.critic_encoder.repr_dim
         self.critic = Critic(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image).to(device)
@@ -87,6 +88,10 @@ class TD3Agent:
         self.actor_encoder_target = copy.deepcopy(actor_encoder) if self.separate else None
         for m in self._targets():
             m.requires_grad_(False)
+        if cfg.compile:  # in place, so state_dict keys (checkpoints, weights messages) stay the same
+            for m in (self.critic_encoder, self.critic, actor, self.critic_encoder_target, self.critic_target,
+                      self.actor_target):
+                m.compile()
         # optimizers
         self.critic_opt = torch.optim.Adam(
             list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr)
@@ -150,84 +155,101 @@ class TD3Agent:
 
     # -- update --------------------------------------------------------------
 
-    def update(self, batch) -> dict[str, float]:
-        """One TD3 step: the critic always, the actor and targets every ``policy_delay`` updates."""
+    def modules(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups that metrics are reported for."""
+        groups = {"encoder": list(self.critic_encoder.parameters()), "critic": list(self.critic.parameters()),
+                  "actor": list(self.policy.actor.parameters())}
+        if self.separate:
+            groups["actor_encoder"] = list(self.policy.encoder.parameters())
+        return {k: v for k, v in groups.items() if v}
+
+    def update(self, batch, detailed: bool = False) -> dict[str, float]:
+        """One TD3 step: the critic always, the actor and targets every ``policy_delay`` updates.
+
+        Metrics stay on the device until one transfer at the end (one sync per update);
+        ``detailed`` adds parameter norms and update ratios (they cost a parameter copy).
+        """
         cfg = self.cfg
         b = self.to_device(batch)
-        obs, next_obs = self._prep(b["obs"]), self._prep(b["next_obs"])
-        metrics = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs)
-        self.updates += 1
-        if self.updates % cfg.policy_delay == 0:
-            metrics.update(self.update_actor(obs))
-            self.soft_update()
-        return metrics
+        m: dict[str, torch.Tensor] = {}
+        before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
+                  for k, ps in self.modules().items()} if detailed else None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            obs, next_obs = self._prep(b["obs"]), self._prep(b["next_obs"])
+            h = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
+            self.updates += 1
+            if self.updates % cfg.policy_delay == 0:
+                self.update_actor(obs, h.detach(), m)
+                self.soft_update()
+        if detailed:
+            for name, params in self.modules().items():
+                after = torch.cat([p.detach().flatten() for p in params])
+                norm = torch.linalg.vector_norm(before[name])
+                m[f"params/{name}_norm"] = torch.linalg.vector_norm(after)
+                m[f"params/{name}_update_ratio"] = torch.linalg.vector_norm(after - before[name]) / (norm + 1e-12)
+        keys = list(m)
+        values = torch.stack([m[k].detach().float().reshape(()) for k in keys]).tolist()
+        return dict(zip(keys, values))
 
-    def update_critic(self, obs, action, reward, discount, next_obs) -> dict[str, float]:
+    def _clip(self, groups: dict[str, list], max_norm: float, prefix: str, m: dict) -> None:
+        """Clip the groups' gradients together; report each group's norm before and after, and whether it clipped."""
+        norms = {k: grad_norm(ps) for k, ps in groups.items() if ps}
+        total = torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], max_norm)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for k, n in norms.items():
+            m[f"gradients/{k}_norm"] = n  # before clipping: what clip_grad_norm_ returns, per group
+            m[f"gradients/{k}_norm_after_clip"] = n * coef
+        m[f"gradients/{prefix}_norm_before_clip"] = total
+        m[f"gradients/{prefix}_norm_after_clip"] = total * coef
+        m[f"gradients/{prefix}_clipped"] = (total > max_norm).float()
+
+    def update_critic(self, obs, action, reward, discount, next_obs, m: dict) -> torch.Tensor:
         cfg = self.cfg
         with torch.no_grad():
             # target policy smoothing: clipped noise on the target actor's action
-            next_h_actor = self.actor_encoder_target(next_obs) if self.separate else None
             next_h = self.critic_encoder_target(next_obs)
-            next_action = self.actor_target(next_h_actor if self.separate else next_h)
+            next_action = self.actor_target(self.actor_encoder_target(next_obs) if self.separate else next_h)
             noise = (torch.randn_like(next_action) * cfg.target_noise).clamp(-cfg.target_noise_clip,
                                                                               cfg.target_noise_clip)
             next_action = (next_action + noise).clamp(-1.0, 1.0)
             tq1, tq2 = self.critic_target(next_h, next_action)
-            target_q = reward + discount * torch.min(tq1, tq2)
+            target_q = reward + discount * torch.min(tq1, tq2).float()
         # encode
         h = self.critic_encoder(obs)
         q1, q2 = self.critic(h, action)
+        q1, q2 = q1.float(), q2.float()
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         # optimize encoder and critic
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
-        cnn_params = list(self.critic_encoder.parameters())
-        mlp_params = list(self.critic.parameters())
-        cnn_pre, mlp_pre = grad_norm(cnn_params), grad_norm(mlp_params)
-        total_pre = float(torch.nn.utils.clip_grad_norm_(cnn_params + mlp_params, cfg.max_grad_norm_critic))
+        groups = {"critic_cnn": list(self.critic_encoder.parameters()) if self.image else [],
+                  "critic_mlp": list(self.critic.parameters())}
+        if not self.image:
+            groups["critic_mlp"] += list(self.critic_encoder.parameters())
+        self._clip(groups, cfg.max_grad_norm_critic, "critic", m)
         self.critic_opt.step()
-        metrics = {
-            "train/critic_loss": critic_loss.item(), "train/q1_value": q1.mean().item(),
-            "train/q2_value": q2.mean().item(), "train/target_q": target_q.mean().item(),
-            "train/q_abs_diff": (q1 - q2).abs().mean().item(), "train/batch_reward": reward.mean().item(),
-            "gradients/critic_mlp_norm": mlp_pre,
-            "gradients/critic_norm_before_clip": total_pre,
-            "gradients/critic_norm_after_clip": min(total_pre, cfg.max_grad_norm_critic),
-        }
-        if self.image:
-            metrics["gradients/critic_cnn_norm"] = cnn_pre
-        return metrics
+        m.update({"train/critic_loss": critic_loss.detach(), "train/q1_value": q1.detach().mean(),
+                  "train/q2_value": q2.detach().mean(), "train/target_q": target_q.mean(),
+                  "train/q_abs_diff": (q1 - q2).detach().abs().mean(), "train/batch_reward": reward.mean()})
+        return h
 
-    def update_actor(self, obs) -> dict[str, float]:
+    def update_actor(self, obs, h_detached, m: dict) -> None:
         cfg = self.cfg
         actor = self.policy.actor
-        if self.separate:
-            h_actor = self.policy.encoder(obs)
-        else:
-            h_actor = self.critic_encoder(obs).detach()  # the encoder learns from the critic only
+        # shared: the encoder learns from the critic only, so the actor reads the critic's features, detached
+        h_actor = self.policy.encoder(obs) if self.separate else h_detached
         action = actor(h_actor)
-        h_critic = h_actor if not self.separate else self.critic_encoder(obs).detach()
-        q1, _ = self.critic(h_critic, action)
-        actor_loss = -q1.mean()
+        q1, _ = self.critic(h_detached, action)
+        actor_loss = -q1.float().mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
-        mlp_params = list(actor.parameters())
-        cnn_params = list(self.policy.encoder.parameters()) if self.separate else []
-        mlp_pre, cnn_pre = grad_norm(mlp_params), grad_norm(cnn_params)
-        total_pre = float(torch.nn.utils.clip_grad_norm_(mlp_params + cnn_params, cfg.max_grad_norm_actor))
+        groups = {"actor_mlp": list(actor.parameters()),
+                  "actor_cnn": list(self.policy.encoder.parameters()) if self.separate else []}
+        self._clip(groups, cfg.max_grad_norm_actor, "actor", m)
         self.actor_opt.step()
         # the critic's parameters got gradients from the actor loss; they are cleared before its next step
-        metrics = {
-            "train/actor_loss": actor_loss.item(),
-            "gradients/actor_mlp_norm": mlp_pre,
-            "gradients/actor_norm_before_clip": total_pre,
-            "gradients/actor_norm_after_clip": min(total_pre, cfg.max_grad_norm_actor),
-            "train/action_saturation": float((action.detach().abs() > 0.99).float().mean()),
-        }
-        if self.separate:
-            metrics["gradients/actor_cnn_norm"] = cnn_pre
-            metrics["agent/actor_cnn_lr"] = self.actor_opt.param_groups[1]["lr"]
-        return metrics
+        m["train/actor_loss"] = actor_loss.detach()
+        m["train/action_saturation"] = (action.detach().abs() > 0.99).float().mean()
 
     @torch.no_grad()
     def soft_update(self) -> None:
