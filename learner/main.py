@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,6 @@ from protocol.sockets import Receiver, load_endpoints, make_socket, send
 
 # How often the learner tells workers its counts; also bounds how stale their allowance is.
 PROGRESS_EVERY_S = 0.2
-# How often the replay index is written, so a SIGKILL loses at most this much data.
-REPLAY_INDEX_EVERY_S = 1.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,7 +70,12 @@ class Learner:
         self.writer = None
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
         self._update_times: deque[float] = deque(maxlen=200)
-        self._last_ages: np.ndarray | None = None
+        self._sums: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._ages: list[float] = []
+        self.lock = threading.Lock()  # the replay and its stream table, shared by the receive and sample threads
+        self.batches: queue.Queue = queue.Queue(maxsize=2)
+        self.data_arrived = threading.Event()
         if self.lcfg.torch_threads:
             torch.set_num_threads(self.lcfg.torch_threads)
 
@@ -169,9 +174,10 @@ class Learner:
         return int((collected - self.lcfg.learning_starts) * self.lcfg.updates_per_step) + 1
 
     def publish_progress(self) -> None:
-        streams = {k: s.transitions for k, s in self.replay.streams.items()} if self.replay else {}
-        send(self.pub, PROGRESS, {"updates": self.agent.updates if self.agent else 0,
-                                  "received": self.replay.transitions_total if self.replay else 0,
+        with self.lock:
+            streams = {k: s.transitions for k, s in self.replay.streams.items()} if self.replay else {}
+            received = self.replay.transitions_total if self.replay else 0
+        send(self.pub, PROGRESS, {"updates": self.agent.updates if self.agent else 0, "received": received,
                                   "allowed": self.allowed_steps(), "done": self.done, "streams": streams})
 
     def publish_weights(self) -> None:
@@ -184,48 +190,100 @@ class Learner:
     def checkpoint(self, label: str = "latest") -> Path | None:
         if self.agent is None:
             return None
-        self.replay.flush()
+        with self.lock:
+            self.replay.flush()
+            replay_index = self.replay.index()
         path = self.ckpt_dir / f"{label}.pt"
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             torch.save({"agent": self.agent.state_dict(), "weights_version": self.weights_version,
-                        "replay": self.replay.index(), "time": time.time()}, f)
+                        "replay": replay_index, "time": time.time()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         self.log.info("checkpoint written", path=path.name, updates=self.agent.updates)
         return path
 
+    # -- threads: receiving and sampling never wait on an update -----------------
+
+    def receive_loop(self) -> None:
+        """Owns the steps socket: stores what arrives, and the replay index after each batch."""
+        while not self.stopping:
+            first = self.inbox.recv(timeout_ms=50)
+            msgs = ([first] if first is not None else []) + self.inbox.drain(limit=64)
+            if not msgs:
+                continue
+            with self.lock:
+                for msg in msgs:
+                    self.handle(msg)
+                if any(m.type == STEPS for m in msgs):
+                    self.replay.save_index()  # no fsync: this guards against a killed process, not a dead host
+            self.data_arrived.set()
+
+    def sample_loop(self) -> None:
+        """Keeps a couple of batches ready, so an update never waits for the gather."""
+        lcfg = self.lcfg
+        while not self.stopping:
+            with self.lock:
+                ready = self.replay.transitions_total >= max(1, min(lcfg.learning_starts, lcfg.batch_size))
+                batch = self.replay.sample(lcfg.batch_size, self.cfg.env.frame_stack, lcfg.n_step, lcfg.gamma,
+                                           self.rng) if ready else None
+            if batch is None:
+                time.sleep(0.01)
+                continue
+            while not self.stopping:
+                try:
+                    self.batches.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
     # -- the loop --------------------------------------------------------------
 
-    def train_step(self) -> None:
+    def train_step(self) -> bool:
+        try:
+            batch = self.batches.get(timeout=0.1)
+        except queue.Empty:
+            return False
         lcfg = self.lcfg
         t0 = time.perf_counter()
-        batch = self.replay.sample(lcfg.batch_size, self.cfg.env.frame_stack, lcfg.n_step, lcfg.gamma, self.rng)
-        metrics = self.agent.update(batch)
+        detailed = (self.agent.updates + 1) % lcfg.log_every == 0
+        metrics = self.agent.update(batch, detailed=detailed)
         self._update_times.append(time.perf_counter() - t0)
         self.progress.updates = self.agent.updates
-        fired = self.alerts.observe(self.agent.updates, metrics)
-        for alert in fired:
+        for alert in self.alerts.observe(self.agent.updates, metrics):
             self.log.warning("alert", **alert)
             self.progress.alerts = self.alerts.recent()
             if alert["level"] == "critical":
                 self.checkpoint(f"alert-{self.agent.updates}-{alert['rule']}")
+        for k, v in metrics.items():
+            self._sums[k] += v
+            self._counts[k] += 1
+        self._ages.append(float(batch.age.mean()))
         if self.agent.updates % lcfg.log_every == 0:
-            self.write_metrics(metrics, batch.age)
+            self.write_metrics()
+        return True
 
-    def write_metrics(self, metrics: dict, ages: np.ndarray) -> None:
+    def write_metrics(self) -> None:
+        """Means over the updates since the last write; clip flags become clip fractions."""
         step = self.agent.updates
         w = self.writer
-        for tag, value in metrics.items():
-            w.add_scalar(tag, value, step)
+        for tag, total in self._sums.items():
+            mean = total / max(1, self._counts[tag])
+            w.add_scalar(tag.replace("_clipped", "_clip_fraction"), mean, step)
+        self._sums.clear()
+        self._counts.clear()
         for tag, value in self.alerts.counters().items():
             w.add_scalar(tag, value, step)
-        w.add_scalar("buffer/utilization", self.replay.size / self.replay.capacity, step)
-        w.add_scalar("buffer/lost_steps", self.lost_steps, step)
-        w.add_scalar("buffer/sample_age", float(ages.mean()), step)
+        with self.lock:
+            w.add_scalar("buffer/utilization", self.replay.size / self.replay.capacity, step)
+            w.add_scalar("buffer/transitions", self.replay.transitions_total, step)
+            w.add_scalar("buffer/lost_steps", self.lost_steps, step)
+            w.add_scalar("perf/update_to_data", step / max(1, self.replay.transitions_total), step)
+        if self._ages:
+            w.add_scalar("buffer/sample_age", sum(self._ages) / len(self._ages), step)
+            self._ages.clear()
         w.add_scalar("perf/updates_per_s", len(self._update_times) / max(sum(self._update_times), 1e-9), step)
-        w.add_scalar("perf/update_to_data", step / max(1, self.replay.transitions_total), step)
         w.add_scalar("protocol/dropped_messages", self.inbox.dropped_total, step)
         w.add_scalar("agent/actor_lr", self.agent.actor_opt.param_groups[0]["lr"], step)
         w.add_scalar("agent/critic_lr", self.agent.critic_opt.param_groups[0]["lr"], step)
@@ -240,25 +298,25 @@ class Learner:
         spec = self.load_spec()
         if spec is not None:
             self.build(spec)
-        last_progress = last_index = 0.0
-        while not self.stopping:
-            for msg in self.inbox.drain(limit=64):
+        while self.agent is None and not self.stopping:  # until the first hello says what the run's spaces are
+            self.publish_progress()
+            msg = self.inbox.recv(timeout_ms=200)
+            if msg is not None:
                 self.handle(msg)
+        threads = [threading.Thread(target=self.receive_loop, name="receive", daemon=True),
+                   threading.Thread(target=self.sample_loop, name="sample", daemon=True)]
+        for t in threads:
+            t.start()
+        last_progress = 0.0
+        while not self.stopping:
             now = time.monotonic()
             if now - last_progress >= PROGRESS_EVERY_S:
                 self.publish_progress()
                 last_progress = now
-            if self.agent is None:
-                for msg in filter(None, [self.inbox.recv(timeout_ms=50)]):
-                    self.handle(msg)
-                continue
-            if now - last_index >= REPLAY_INDEX_EVERY_S:
-                self.replay.save_index()
-                last_index = now
-            due = self.updates_due()
-            if self.agent.updates < due and self.replay.transitions_total > 0:
+            if self.agent.updates < self.updates_due():
                 self.progress.set_phase("training")
-                self.train_step()
+                if not self.train_step():
+                    continue
                 updates = self.agent.updates
                 if updates % self.lcfg.publish_every == 0 or self.weights_version == 0:
                     self.publish_weights()
@@ -270,14 +328,17 @@ class Learner:
                     self.log.info("run complete", env_steps=self.replay.transitions_total, updates=self.agent.updates)
                     break
                 self.progress.set_phase("waiting_data")
-                if self.weights_version == 0 and self.agent is not None:
-                    self.publish_weights()
-                msg = self.inbox.recv(timeout_ms=20)
-                if msg is not None:
-                    self.handle(msg)
+                if self.weights_version == 0:
+                    self.publish_weights()  # workers act with the learner's initial policy, not their own
+                self.data_arrived.wait(0.02)
+                self.data_arrived.clear()
         self.progress.set_phase("closing")
+        stopping_by_signal = self.stopping
+        self.stopping = True
+        for t in threads:
+            t.join(timeout=5)
         self.checkpoint()
-        if self.done:
+        if self.done and not stopping_by_signal:
             # tell the workers, a few times: PUB drops messages to late subscribers
             for _ in range(10):
                 self.publish_progress()

@@ -78,7 +78,7 @@ class LearnerConfig(_Section):
     batch_size: int = Field(256, gt=0)
     gamma: float = Field(0.99, gt=0.0, lt=1.0)
     tau: float = Field(0.005, gt=0.0, le=1.0)
-    n_step: int = Field(1, ge=1)
+    n_step: int = Field(3, ge=1)  # n-step returns, built at sample time
     actor_lr: float = Field(1e-4, gt=0.0)
     critic_lr: float = Field(1e-4, gt=0.0)
     actor_cnn_lr: float = Field(1e-5, gt=0.0)

@@ -121,6 +121,7 @@ class Child:
     restart_after_exit: bool = False  # a user restart: respawn at once when it exits
     last_exit: int | None = None
     last_incident: str | None = None
+    alerts_seen: set = field(default_factory=set)
 
     @property
     def name(self) -> str:
@@ -171,6 +172,10 @@ class Supervision:
         if count != c.progress_count or phase != c.progress_phase:
             c.progress_count, c.progress_phase, c.progress_at = count, phase, now
         actions: list[Action] = []
+        for alert in hb.get("alerts") or []:
+            if alert not in c.alerts_seen:  # the learner's divergence alerts become run events
+                c.alerts_seen.add(alert)
+                actions.append(Event("alert", c.name, {"alert": alert}))
         if c.state == STARTING and phase not in STARTUP_PHASES:
             c.state = RUNNING
             actions.append(Event("running", c.name, {"pid": c.pid, "phase": phase}))

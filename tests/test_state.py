@@ -397,3 +397,15 @@ def test_snapshot_reports_fields_for_status():
     assert row["state"] == RUNNING and row["env_steps"] == 42 and row["phase"] == "stepping"
     assert row["heartbeat_age_s"] == pytest.approx(1.5) and row["uptime_s"] == pytest.approx(1.5)
     assert [r["name"] for r in sup.snapshot()] == ["learner", "worker-0", "worker-1"]
+
+
+def test_new_learner_alerts_become_events_once():
+    from supervisor.state import Event
+
+    sup, clock, _ = make()
+    c = sup.children["learner"]
+    hb = {"name": "learner", "pid": c.pid, "phase": "training", "updates": 5, "alerts": ["warning:q_high@5"]}
+    assert [a.detail for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"] == [{"alert": "warning:q_high@5"}]
+    assert not [a for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"]
+    hb["alerts"] = ["warning:q_high@5", "critical:non_finite@9"]
+    assert [a.detail["alert"] for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"] == ["critical:non_finite@9"]

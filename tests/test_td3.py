@@ -145,16 +145,57 @@ def test_weights_message_roundtrip_into_a_worker_policy():
         load_policy_arrays(worker_policy, bad)
 
 
-def test_alert_fires_on_divergence_and_stays_silent_when_healthy():
-    mon = AlertMonitor(q_max=100.0, lcfg=cfg())
-    healthy = {"train/q1_value": 20.0, "train/q2_value": 20.0, "train/actor_loss": -20.0,
-               "gradients/critic_norm_before_clip": 5.0, "gradients/actor_norm_before_clip": 0.5}
-    assert all(not mon.observe(i, healthy) for i in range(100))
-    assert mon.counters() == {"alerts/gradient_explosion_warning": 0, "alerts/gradient_explosion_critical": 0}
-    fired = mon.observe(200, {**healthy, "train/actor_loss": -2.7e9})
-    assert [a["level"] for a in fired] == ["critical"] and fired[0]["rule"] == "q_divergence"
-    fired = mon.observe(201, {**healthy, "gradients/actor_norm_before_clip": 1.8e6})
-    assert [a["rule"] for a in fired] == ["actor_norm_explosion"]
-    fired = mon.observe(5000, {**healthy, "train/critic_loss": float("nan")})
-    assert any(a["rule"] == "non_finite" for a in fired)
+def healthy_metrics(i):
+    return {"train/q1_value": 20.0, "train/q2_value": 20.1, "train/actor_loss": -20.0, "train/q_abs_diff": 0.3,
+            "train/action_saturation": 0.1, "gradients/critic_norm_before_clip": 5.0 + (i % 7) * 0.3,
+            "gradients/actor_norm_before_clip": 0.5}
+
+
+def test_alert_rules_fire_on_their_signal_and_stay_silent_when_healthy():
+    mon = AlertMonitor(q_max=100.0)
+    assert all(not mon.observe(i, healthy_metrics(i)) for i in range(2000))
+    assert mon.counters()["alerts/gradient_explosion_warning"] == 0
+    assert mon.counters()["alerts/gradient_explosion_critical"] == 0
+    cases = [
+        ({"train/actor_loss": -2.7e9}, "critical", "q_divergence"),
+        ({"train/q1_value": 180.0, "train/q2_value": 180.0}, "warning", "q_high"),
+        ({"gradients/actor_norm_before_clip": 50.0}, "warning", "actor_norm_growth"),
+        ({"train/q_abs_diff": 40.0}, "warning", "twin_disagreement"),
+        ({"train/action_saturation": 0.95}, "warning", "action_saturation"),
+        ({"train/critic_loss": float("nan")}, "critical", "non_finite"),
+    ]
+    for n, (change, level, rule) in enumerate(cases):
+        fired = mon.observe(2000 + n, {**healthy_metrics(0), **change})
+        assert [(a["level"], a["rule"]) for a in fired] == [(level, rule)], rule
+        assert mon.counters()[f"alerts/{rule}"] == 1
     assert mon.counters()["alerts/gradient_explosion_critical"] == 2
+    assert mon.counters()["alerts/gradient_explosion_warning"] == 4
+    assert not mon.observe(2010, {**healthy_metrics(0), "train/action_saturation": 0.95}), "rate-limited"
+
+
+def test_slow_norm_growth_over_more_than_the_window_is_not_an_alert():
+    mon = AlertMonitor(q_max=1e9)
+    for i in range(20000):  # 10x over 20,000 updates: drift, not an explosion
+        m = {**healthy_metrics(0), "gradients/critic_norm_before_clip": 1.0 * 10 ** (i / 20000)}
+        assert not mon.observe(i, m)
+
+
+def diverging_agent(lr):
+    torch.manual_seed(0)
+    return TD3Agent((3,), 2, cfg(actor_lr=lr, critic_lr=lr, max_grad_norm_actor=1e9, max_grad_norm_critic=1e9),
+                    torch.device("cpu"))
+
+
+@pytest.mark.parametrize("lr, expect_alert", [(3e-4, False), (3.0, True)])
+def test_alert_on_a_really_diverging_learner_and_silence_on_a_healthy_one(lr, expect_alert):
+    """Real TD3 updates on a fixed batch with reward 1 (Qmax = 100): a huge lr diverges."""
+    agent = diverging_agent(lr)
+    mon = AlertMonitor(q_max=1.0 / (1 - 0.99))
+    b = batch((3,), n=32, dtype=np.float32)
+    b.reward[:] = 1.0
+    fired = []
+    for _ in range(300):
+        fired += mon.observe(agent.updates + 1, agent.update(b))
+    assert bool(fired) == expect_alert, fired
+    if expect_alert:
+        assert any(a["level"] == "critical" for a in fired)
