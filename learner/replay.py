@@ -45,6 +45,17 @@ class Batch:
     discount: np.ndarray  # gamma^m, 0 where the chain hit a terminal
     next_obs: np.ndarray
     age: np.ndarray  # entries written since each sampled transition
+    augmented: bool = False  # frames already randomly shifted (on the host, by the sampler thread)
+
+
+def host_random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
+    """DrQ's random shift on uint8 (N, C, H, W) arrays: replicate-pad, then crop at a random offset per image."""
+    n, _, h, w = frames.shape
+    padded = np.pad(frames, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(2, 3))  # (N, C, 2p+1, 2p+1, H, W)
+    oy = rng.integers(0, 2 * pad + 1, n)
+    ox = rng.integers(0, 2 * pad + 1, n)
+    return np.ascontiguousarray(windows[np.arange(n), :, oy, ox])
 
 
 class Stream:

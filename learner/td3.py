@@ -43,9 +43,17 @@ class Critic(nn.Module):
 
 
 def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """DrQ's augmentation: pad by replication, then shift each image by up to ``pad`` pixels."""
+    """DrQ's augmentation: pad by replication, then shift each image by up to ``pad`` whole pixels.
+
+    On a GPU one ``grid_sample`` does it for the batch; on a CPU slicing each image
+    out of the padded batch is faster. Both give the same integer shifts.
+    """
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    if x.device.type == "cpu":
+        oy = torch.randint(0, 2 * pad + 1, (n,)).tolist()
+        ox = torch.randint(0, 2 * pad + 1, (n,)).tolist()
+        return torch.stack([padded[i, :, y:y + h, x_:x_ + w] for i, (y, x_) in enumerate(zip(oy, ox))])
     eps = 1.0 / (h + 2 * pad)
     arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=x.device, dtype=x.dtype)[:h]
     arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
@@ -70,6 +78,8 @@ class TD3Agent:
         self.action_dim = action_dim
         self.image = is_image(self.obs_shape)
         self.augment = self.image and cfg.augment_pad > 0
+        # on a CPU the sampler thread shifts uint8 frames while the update runs; on a GPU grid_sample does it
+        self.augment_on_host = self.augment and device.type == "cpu"
         self.amp = bool(cfg.amp) and device.type == "cuda"  # bf16 autocast; no gain on CPU
         self.critic_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device)
         repr_dim = self.critic_encoder.repr_dim
@@ -145,13 +155,15 @@ class TD3Agent:
         return {"obs": move(batch.obs), "next_obs": move(batch.next_obs), "action": move(batch.action),
                 "reward": move(batch.reward), "discount": move(batch.discount)}
 
-    def _prep(self, obs: torch.Tensor) -> torch.Tensor:
+    def _prep(self, obs: torch.Tensor, augmented: bool = False) -> torch.Tensor:
+        """Scaled float frames in channels-last layout, randomly shifted unless the sampler already did."""
         if not self.image:
             return obs.float()
-        obs = obs.float()
-        if self.augment:
-            obs = random_shift(obs, self.cfg.augment_pad)
-        return obs.contiguous(memory_format=torch.channels_last)
+        x = obs.contiguous(memory_format=torch.channels_last)  # on uint8: a quarter of the bytes to move
+        x = x.float().mul_(1.0 / 255.0).sub_(0.5)
+        if self.augment and not augmented:
+            x = random_shift(x, self.cfg.augment_pad).contiguous(memory_format=torch.channels_last)
+        return x
 
     # -- update --------------------------------------------------------------
 
@@ -175,7 +187,8 @@ class TD3Agent:
         before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
                   for k, ps in self.modules().items()} if detailed else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            obs, next_obs = self._prep(b["obs"]), self._prep(b["next_obs"])
+            aug = getattr(batch, "augmented", False)
+            obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
             h = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
             self.updates += 1
             if self.updates % cfg.policy_delay == 0:

@@ -20,7 +20,7 @@ def is_image(obs_shape: tuple[int, ...]) -> bool:
 
 
 class ImageEncoder(nn.Module):
-    """Conv encoder for stacked uint8 frames (C, H, W); scales to [-0.5, 0.5] on the device."""
+    """Conv encoder for stacked uint8 frames (C, H, W), scaled to [-0.5, 0.5] on the device."""
 
     def __init__(self, obs_shape: tuple[int, ...], arch: str = "nature"):
         super().__init__()
@@ -45,7 +45,8 @@ class ImageEncoder(nn.Module):
         self.apply(orthogonal_init)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float() / 255.0 - 0.5
+        """uint8 frames are scaled here; float input is taken as already scaled (the learner's augmented batch)."""
+        x = obs.float().mul_(1.0 / 255.0).sub_(0.5) if obs.dtype == torch.uint8 else obs
         return self.convs(x).flatten(1)
 
 

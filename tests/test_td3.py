@@ -199,3 +199,22 @@ def test_alert_on_a_really_diverging_learner_and_silence_on_a_healthy_one(lr, ex
     assert bool(fired) == expect_alert, fired
     if expect_alert:
         assert any(a["level"] == "critical" for a in fired)
+
+
+def test_host_shift_matches_the_device_shift_semantics():
+    from learner.replay import host_random_shift
+
+    x = np.zeros((64, 2, 20, 20), np.uint8)
+    x[:, :, 10, 10] = 255
+    y = host_random_shift(x, 4, np.random.default_rng(0))
+    assert y.shape == x.shape and y.dtype == np.uint8
+    offsets = set()
+    for img in y:
+        assert (img[0] == img[1]).all(), "both channels of an image shift together"
+        r, c = divmod(int(img[0].argmax()), 20)
+        assert abs(r - 10) <= 4 and abs(c - 10) <= 4 and img[0].sum() == 255
+        offsets.add((r, c))
+    assert len(offsets) > 20, "offsets are random per image"
+    edge = np.arange(20, dtype=np.uint8)[None, None, :, None].repeat(20, 3).repeat(2, 0)
+    shifted = host_random_shift(edge, 4, np.random.default_rng(1))
+    assert shifted.min() == 0 and shifted.max() == 19, "replicate padding: no new values"
