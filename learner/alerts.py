@@ -3,8 +3,9 @@
 Qmax = reward_max / (1 - gamma) bounds any honest Q estimate. Rules:
 
 - warning ``q_high``: mean Q or -actor_loss above 1.5 Qmax;
-- warning ``<group>_norm_growth``: a pre-clip gradient norm 10x what it was at its
-  lowest within the last 1,000 updates;
+- warning ``<group>_norm_growth``: a pre-clip gradient norm 10x the median of the
+  last 1,000 updates (armed after the first 1,000: norms grow from tiny initial
+  values in any healthy run);
 - warning ``twin_disagreement``: |q1 - q2| large relative to |Q|;
 - warning ``action_saturation``: more than 80% of the actor's actions at |a| > 0.99;
 - critical ``q_divergence``: mean Q or -actor_loss above 10 Qmax;
@@ -27,7 +28,7 @@ GROWTH_FACTOR = 10.0
 # A norm is recorded every this many updates for the growth rule (100 points per window).
 GROWTH_STRIDE = 10
 # Before this many recorded points the growth rule has no baseline yet.
-GROWTH_MIN_POINTS = 10
+GROWTH_MIN_POINTS = 50
 TWIN_RATIO = 0.5
 SATURATION = 0.8
 
@@ -92,10 +93,10 @@ class AlertMonitor:
             window = self._norms.setdefault(group, deque())
             while window and updates - window[0][0] > GROWTH_WINDOW:
                 window.popleft()
-            if len(window) >= GROWTH_MIN_POINTS:
-                low = min(v for _, v in window)
-                if low > 1e-8 and norm > GROWTH_FACTOR * low:
-                    fire("warning", f"{group}_norm_growth", norm, GROWTH_FACTOR * low)
+            if updates >= GROWTH_WINDOW and len(window) >= GROWTH_MIN_POINTS:
+                typical = sorted(v for _, v in window)[len(window) // 2]
+                if typical > 1e-8 and norm > GROWTH_FACTOR * typical:
+                    fire("warning", f"{group}_norm_growth", norm, GROWTH_FACTOR * typical)
             if not window or updates - window[-1][0] >= GROWTH_STRIDE:
                 window.append((updates, norm))
         return fired

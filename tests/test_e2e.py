@@ -35,6 +35,7 @@ def test_stack_collects_steps_and_learner_updates(stack_factory):
         assert {"name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase",
                 "env_steps", "updates"} <= set(p)
         assert p["state"] == "running" and p["restarts"] == 0 and p["heartbeat_age_s"] < 2
+        assert p["alerts"] == [], "a healthy run raises no alert"
     table = stack.cli("status")
     assert table.returncode == 0
     header = table.stdout.splitlines()
@@ -287,3 +288,18 @@ def test_metrics_reach_tensorboard(stack_factory):
                 "alerts/gradient_explosion_critical", "train/episode_reward", "train/episode_length",
                 "eval/episode_reward", "eval/episode_length", "buffer/utilization"):
         assert tag in tags, tag
+
+
+def test_a_diverging_learner_raises_alerts_that_the_supervisor_shows(stack_factory):
+    stack = stack_factory({"learner": {"critic_lr": 5.0, "actor_lr": 5.0, "max_grad_norm_critic": 1e9,
+                                       "max_grad_norm_actor": 1e9}})
+    stack.wait_running()
+    s = stack.wait_for(lambda s: any(a.startswith("critical:") for a in row(s, "learner")["alerts"]), 150,
+                       "a critical alert in status")
+    res = stack.cli("status")
+    assert "alert from learner: critical:" in res.stdout
+    alerts = [e for e in stack.events() if e["event"] == "alert"]
+    assert alerts and alerts[0]["name"] == "learner"
+    labelled = list((stack.run_dir / "checkpoints").glob("alert-*.pt"))
+    assert labelled, "a critical alert writes a checkpoint labelled with it"
+    assert row(s, "learner")["state"] == "running", "an alert informs; it does not stop the run"

@@ -218,3 +218,10 @@ def test_host_shift_matches_the_device_shift_semantics():
     edge = np.arange(20, dtype=np.uint8)[None, None, :, None].repeat(20, 3).repeat(2, 0)
     shifted = host_random_shift(edge, 4, np.random.default_rng(1))
     assert shifted.min() == 0 and shifted.max() == 19, "replicate padding: no new values"
+
+
+def test_norms_growing_from_their_initial_values_are_not_an_alert():
+    mon = AlertMonitor(q_max=1e9)
+    for i in range(3000):  # 2.4 -> 25 over the first 400 updates, as a healthy critic does, then steady
+        norm = 2.4 * 10 ** min(1.0, i / 400)
+        assert not mon.observe(i, {**healthy_metrics(0), "gradients/critic_norm_before_clip": norm})
