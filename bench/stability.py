@@ -70,7 +70,7 @@ def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> N
     meta = json.loads((replay_dir / "meta.json").read_text())
     rb = ReplayBuffer(replay_dir, meta["capacity"], tuple(meta["frame_shape"]), np.uint8, 2)
     agent = TD3Agent((4, 84, 84), 2, cfg.learner, torch.device("cpu"))
-    monitor = AlertMonitor(q_max(cfg.env.reward_max, cfg.learner.gamma))
+    monitor = AlertMonitor(q_max(cfg.env.reward_max, cfg.learner.gamma), cfg.learner)
     rng = np.random.default_rng(0)
     trace, alerts = [], []
     t0 = time.time()

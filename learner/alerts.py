@@ -4,8 +4,8 @@ Qmax = reward_max / (1 - gamma) bounds any honest Q estimate. Rules:
 
 - warning ``q_high``: mean Q or -actor_loss above 1.5 Qmax;
 - warning ``<group>_norm_growth``: a pre-clip gradient norm 10x the median of the
-  last 1,000 updates (armed after the first 1,000: norms grow from tiny initial
-  values in any healthy run);
+  last 1,000 updates and above its clip threshold (norms grow from tiny initial
+  values in any healthy run; growth that clipping absorbs is not an explosion);
 - warning ``twin_disagreement``: |q1 - q2| large relative to |Q|;
 - warning ``action_saturation``: more than 80% of the actor's actions at |a| > 0.99;
 - critical ``q_divergence``: mean Q or -actor_loss above 10 Qmax;
@@ -34,8 +34,9 @@ SATURATION = 0.8
 
 
 class AlertMonitor:
-    def __init__(self, q_max: float, lcfg=None):
+    def __init__(self, q_max: float, lcfg):
         self.q_max = q_max
+        self.clip = {"critic": lcfg.max_grad_norm_critic, "actor": lcfg.max_grad_norm_actor}
         self.warnings = 0
         self.criticals = 0
         self.non_finite = 0
@@ -95,7 +96,7 @@ class AlertMonitor:
                 window.popleft()
             if updates >= GROWTH_WINDOW and len(window) >= GROWTH_MIN_POINTS:
                 typical = sorted(v for _, v in window)[len(window) // 2]
-                if typical > 1e-8 and norm > GROWTH_FACTOR * typical:
+                if typical > 1e-8 and norm > GROWTH_FACTOR * typical and norm > self.clip[group]:
                     fire("warning", f"{group}_norm_growth", norm, GROWTH_FACTOR * typical)
             if not window or updates - window[-1][0] >= GROWTH_STRIDE:
                 window.append((updates, norm))

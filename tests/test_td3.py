@@ -152,7 +152,7 @@ def healthy_metrics(i):
 
 
 def test_alert_rules_fire_on_their_signal_and_stay_silent_when_healthy():
-    mon = AlertMonitor(q_max=100.0)
+    mon = AlertMonitor(100.0, cfg())
     assert all(not mon.observe(i, healthy_metrics(i)) for i in range(2000))
     assert mon.counters()["alerts/gradient_explosion_warning"] == 0
     assert mon.counters()["alerts/gradient_explosion_critical"] == 0
@@ -174,7 +174,7 @@ def test_alert_rules_fire_on_their_signal_and_stay_silent_when_healthy():
 
 
 def test_slow_norm_growth_over_more_than_the_window_is_not_an_alert():
-    mon = AlertMonitor(q_max=1e9)
+    mon = AlertMonitor(1e9, cfg())
     for i in range(20000):  # 10x over 20,000 updates: drift, not an explosion
         m = {**healthy_metrics(0), "gradients/critic_norm_before_clip": 1.0 * 10 ** (i / 20000)}
         assert not mon.observe(i, m)
@@ -190,7 +190,7 @@ def diverging_agent(lr):
 def test_alert_on_a_really_diverging_learner_and_silence_on_a_healthy_one(lr, expect_alert):
     """Real TD3 updates on a fixed batch with reward 1 (Qmax = 100): a huge lr diverges."""
     agent = diverging_agent(lr)
-    mon = AlertMonitor(q_max=1.0 / (1 - 0.99))
+    mon = AlertMonitor(1.0 / (1 - 0.99), cfg())
     b = batch((3,), n=32, dtype=np.float32)
     b.reward[:] = 1.0
     fired = []
@@ -221,7 +221,7 @@ def test_host_shift_matches_the_device_shift_semantics():
 
 
 def test_norms_growing_from_their_initial_values_are_not_an_alert():
-    mon = AlertMonitor(q_max=1e9)
+    mon = AlertMonitor(1e9, cfg())
     for i in range(3000):  # 2.4 -> 25 over the first 400 updates, as a healthy critic does, then steady
         norm = 2.4 * 10 ** min(1.0, i / 400)
         assert not mon.observe(i, {**healthy_metrics(0), "gradients/critic_norm_before_clip": norm})
