@@ -4,8 +4,9 @@ Qmax = reward_max / (1 - gamma) bounds any honest Q estimate. Rules:
 
 - warning ``q_high``: mean Q or -actor_loss above 1.5 Qmax;
 - warning ``<group>_norm_growth``: a pre-clip gradient norm 10x the median of the
-  last 1,000 updates and above its clip threshold (norms grow from tiny initial
-  values in any healthy run; growth that clipping absorbs is not an explosion);
+  last 1,000 updates and above its clip threshold, once past the first 5,000
+  updates (while the critic first learns, the actor's gradient grows from near
+  zero by far more than 10x in any healthy run);
 - warning ``twin_disagreement``: |q1 - q2| large relative to |Q|;
 - warning ``action_saturation``: more than 80% of the actor's actions at |a| > 0.99;
 - critical ``q_divergence``: mean Q or -actor_loss above 10 Qmax;
@@ -25,6 +26,7 @@ from collections import Counter, deque
 REPEAT_EVERY_UPDATES = 1000
 GROWTH_WINDOW = 1000
 GROWTH_FACTOR = 10.0
+GROWTH_ARMED_AFTER = 5000
 # A norm is recorded every this many updates for the growth rule (100 points per window).
 GROWTH_STRIDE = 10
 # Before this many recorded points the growth rule has no baseline yet.
@@ -94,7 +96,7 @@ class AlertMonitor:
             window = self._norms.setdefault(group, deque())
             while window and updates - window[0][0] > GROWTH_WINDOW:
                 window.popleft()
-            if updates >= GROWTH_WINDOW and len(window) >= GROWTH_MIN_POINTS:
+            if updates >= GROWTH_ARMED_AFTER and len(window) >= GROWTH_MIN_POINTS:
                 typical = sorted(v for _, v in window)[len(window) // 2]
                 if typical > 1e-8 and norm > GROWTH_FACTOR * typical and norm > self.clip[group]:
                     fire("warning", f"{group}_norm_growth", norm, GROWTH_FACTOR * typical)

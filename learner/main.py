@@ -66,7 +66,6 @@ class Learner:
         self.done = False
         self.weights_version = 0
         self.lost_steps = 0
-        self.episode_rewards: deque[float] = deque(maxlen=100)
         self.writer = None
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
         self._update_times: deque[float] = deque(maxlen=200)
@@ -125,15 +124,15 @@ class Learner:
                 atomic_write_text(self.ckpt_dir / "spec.json", json.dumps(spec))
                 self.build(spec)
             elif spec != self.spec:
-                self.inbox._drop("spec_mismatch", f"{msg['worker']} sends {spec}, run has {self.spec}")
+                self.inbox.drop("spec_mismatch", f"{msg['worker']} sends {spec}, run has {self.spec}")
         elif msg.type == STEPS:
             if self.replay is None:
-                self.inbox._drop("steps_before_hello", f"{msg['worker']}: steps before any hello")
+                self.inbox.drop("steps_before_hello", f"{msg['worker']}: steps before any hello")
                 return
             a = msg.arrays
             if tuple(a["frames"].shape[1:]) != self.replay.frame_shape or a["frames"].dtype != self.replay.frame_dtype \
                     or a["actions"].shape[1] != self.replay.action_dim:
-                self.inbox._drop("spec_mismatch", f"{msg['worker']}: steps of shape {a['frames'].shape[1:]}")
+                self.inbox.drop("spec_mismatch", f"{msg['worker']}: steps of shape {a['frames'].shape[1:]}")
                 return
             lost = self.replay.add_batch(f"{msg['worker']}/{msg['incarnation']}", msg["seq"], a["first"], a["frames"],
                                          a["actions"], a["rewards"], a["terminated"], a["truncated"],
@@ -156,8 +155,6 @@ class Learner:
             with open(self.run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"env_steps": step, "reward": msg["reward"], "length": msg["length"],
                                     "worker": msg["worker"], "updates": self.progress.updates}) + "\n")
-        else:
-            self.episode_rewards.append(msg["reward"])
 
     def allowed_steps(self) -> int:
         """Env steps the run may have collected: what keeps updates-per-step at the configured ratio."""

@@ -90,7 +90,7 @@ class Receiver:
             if not self._poller.poll(remaining):
                 return None
             frames = self.sock.recv_multipart(copy=False)
-            msg = self._decode(frames)
+            msg = self.decode_frames(frames)
             if msg is not None:
                 self.received += 1
                 return msg
@@ -105,22 +105,22 @@ class Receiver:
                 frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            msg = self._decode(frames)
+            msg = self.decode_frames(frames)
             if msg is not None:
                 self.received += 1
                 out.append(msg)
         return out
 
-    def _decode(self, frames) -> Message | None:
+    def decode_frames(self, frames) -> Message | None:
         try:
             return decode([f.buffer for f in frames])
         except ProtocolError as exc:
-            self._drop(exc.reason, exc.detail)
+            self.drop(exc.reason, exc.detail)
         except Exception as exc:  # a decoder bug must not take the loop down either
-            self._drop("decode_error", repr(exc))
+            self.drop("decode_error", repr(exc))
         return None
 
-    def _drop(self, reason: str, detail: str) -> None:
+    def drop(self, reason: str, detail: str) -> None:
         self.dropped[reason] += 1
         now = time.monotonic()
         if self.log is not None and now - self._last_log.get(reason, -1e9) >= self.LOG_EVERY_S:

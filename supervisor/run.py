@@ -170,10 +170,10 @@ class Supervisor:
                 frames = self.control.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            msg = self.control_inbox._decode(frames)
+            msg = self.control_inbox.decode_frames(frames)
             if msg is None or msg.type != CONTROL_REQUEST:
                 if msg is not None:
-                    self.control_inbox._drop("wrong_type", f"{msg.type} on the control socket")
+                    self.control_inbox.drop("wrong_type", f"{msg.type} on the control socket")
                 reply = {"ok": False, "error": "malformed request"}
             else:
                 reply = self.answer(msg["cmd"], msg.get("name"))
@@ -204,7 +204,7 @@ class Supervisor:
                 if msg.type == HEARTBEAT:
                     self.execute(self.machine.heartbeat(msg.fields))
                 else:
-                    self.hb_inbox._drop("wrong_type", f"{msg.type} on the heartbeat socket")
+                    self.hb_inbox.drop("wrong_type", f"{msg.type} on the heartbeat socket")
         if self.control in events:
             self.serve_control()
         while not self.evidence_done.empty():

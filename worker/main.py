@@ -207,7 +207,7 @@ class EnvWorker:
                 load_policy_arrays(self.policy, latest_weights.arrays)
                 self.weights_version = latest_weights["version"]
             except ValueError as exc:
-                self.inbox._drop("bad_weights", str(exc))
+                self.inbox.drop("bad_weights", str(exc))
 
     def wait_for_learner(self) -> None:
         """Rate limiting: hold while our steps would push the run past the learner's allowance."""
