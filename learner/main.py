@@ -141,7 +141,6 @@ class Learner:
                 self.lost_steps += lost
                 self.log.warning("steps lost in transit", worker=msg["worker"], incarnation=msg["incarnation"],
                                  lost=lost)
-            self.progress.env_steps = self.replay.transitions_total
         elif msg.type == EPISODE:
             self.log_episode(msg)
 
@@ -215,6 +214,7 @@ class Learner:
                     self.handle(msg)
                 if any(m.type == STEPS for m in msgs):
                     self.replay.save_index()  # no fsync: this guards against a killed process, not a dead host
+                    self.progress.env_steps = self.replay.transitions_total  # reported only once it is durable
             self.data_arrived.set()
 
     def sample_loop(self) -> None:

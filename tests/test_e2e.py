@@ -122,12 +122,15 @@ def test_sigkilled_learner_resumes_from_checkpoint_and_workers_go_on(stack_facto
     stack.wait_running()
     s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 250, 150, "learner past two checkpoints")
     learner_pid = row(s, "learner")["pid"]
+    stored_before = row(s, "learner")["env_steps"]  # transitions in replay, as the learner last reported
     os.kill(learner_pid, signal.SIGKILL)
     s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == "running"
                        and row(s, "learner")["updates"] >= 300, 120, "learner back and updating")
     log = [json.loads(line) for line in stack.log("learner").splitlines()]
     resumed = [e for e in log if e["event"] == "resumed from checkpoint"]
     assert resumed and resumed[0]["updates"] >= 200 and resumed[0]["replay_entries"] > 0
+    # the replay index is written after every batch: nothing the learner had reported is lost
+    assert resumed[0]["transitions"] >= stored_before
     steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
     stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
                    "workers go on")
