@@ -28,6 +28,7 @@ class Progress:
         self.env_steps = 0
         self.episodes = 0
         self.updates = 0
+        self.eval_steps = 0  # steps of evaluation episodes: progress too, but not training data
         self.frame: int | None = None
         self.alerts: list[str] = []
 
@@ -66,7 +67,7 @@ class HeartbeatSender(threading.Thread):
         now = time.monotonic()
         count = p.updates if self.fields["role"] == "learner" else p.env_steps
         fields = dict(self.fields, phase=p.phase, phase_age_s=round(now - p.phase_since, 3),
-                      env_steps=p.env_steps, episodes=p.episodes, updates=p.updates,
+                      env_steps=p.env_steps, episodes=p.episodes, updates=p.updates, eval_steps=p.eval_steps,
                       steps_per_s=round(self.steps_per_s(now, count), 2),
                       rss_bytes=self._proc.memory_info().rss, sent_at=time.time(), alerts=list(p.alerts))
         if p.frame is not None:

@@ -24,9 +24,9 @@ CONTROL_REPLY = "control_reply"
 
 # Phases a process reports in its heartbeat. The supervisor expects progress
 # (a growing step counter) only in the phases listed in PROGRESSING_PHASES.
-PHASES = ("starting", "connecting", "resetting", "stepping", "waiting_learner", "training", "waiting_data",
-          "closing")
-PROGRESSING_PHASES = frozenset({"resetting", "stepping"})
+PHASES = ("starting", "connecting", "resetting", "stepping", "evaluating", "waiting_learner", "training",
+          "waiting_data", "closing")
+PROGRESSING_PHASES = frozenset({"resetting", "stepping", "evaluating"})
 LEARNER_PROGRESSING_PHASES = frozenset({"training"})
 STARTUP_PHASES = frozenset({"starting", "connecting"})
 
@@ -152,6 +152,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "phase": _f(*_STR, choices=PHASES), "phase_age_s": _f(*_NUM, nonnegative=True),
             "env_steps": _f(*_INT, nonnegative=True), "episodes": _f(*_INT, nonnegative=True),
             "updates": _f(*_INT, nonnegative=True), "frame": _f(*_INT, required=False),
+            "eval_steps": _f(*_INT, nonnegative=True, required=False),
             "steps_per_s": _f(*_NUM, nonnegative=True), "rss_bytes": _f(*_INT, nonnegative=True),
             "sent_at": _f(*_NUM), "alerts": _f(list, required=False),
         }),

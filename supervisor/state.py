@@ -128,8 +128,11 @@ class Child:
         return self.spec.name
 
     def count(self) -> int:
+        """What must grow while the child is in a progressing phase."""
         hb = self.heartbeat or {}
-        return int(hb.get("updates" if self.spec.role == "learner" else "env_steps", 0))
+        if self.spec.role == "learner":
+            return int(hb.get("updates", 0))
+        return int(hb.get("env_steps", 0)) + int(hb.get("eval_steps") or 0)
 
 
 class Supervision:

@@ -409,3 +409,20 @@ def test_new_learner_alerts_become_events_once():
     assert not [a for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"]
     hb["alerts"] = ["warning:q_high@5", "critical:non_finite@9"]
     assert [a.detail["alert"] for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"] == ["critical:non_finite@9"]
+
+
+def test_evaluation_steps_count_as_progress_and_a_hung_evaluation_does_not():
+    sup, clock, _ = make()
+    run_all(sup, clock)
+    c = sup.children["worker-0"]
+    for i in range(30):  # a long evaluation: env_steps frozen, eval_steps growing
+        clock.advance(1.0)
+        sup.heartbeat({"name": "worker-0", "pid": c.pid, "phase": "evaluating", "env_steps": 50, "eval_steps": i})
+        beat(sup, "worker-1", "stepping", env_steps=i + 1)
+        beat(sup, "learner", "training", updates=i + 1)
+        assert not of(sup.tick(), CaptureEvidence)
+    for i in range(11):  # then the evaluation env hangs
+        clock.advance(1.0)
+        sup.heartbeat({"name": "worker-0", "pid": c.pid, "phase": "evaluating", "env_steps": 50, "eval_steps": 29})
+        sup.tick()
+    assert c.state == STALLED

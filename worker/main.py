@@ -234,19 +234,23 @@ class EnvWorker:
         """Episodes without exploration noise, on an env of their own."""
         if self.eval_env is None:
             self.eval_env = make_env(self.cfg)
+        self.progress.set_phase("evaluating")
         stacker = FrameStack(self.cfg.env.frame_stack)
         at = self.global_steps()  # one x-axis point for the whole round
         for i in range(self.cfg.workers.eval_episodes):
-            obs, _ = self.eval_env.reset(seed=self.seed + 10_000 + i)
+            with self.env_call():
+                obs, _ = self.eval_env.reset(seed=self.seed + 10_000 + i)
             stack = stacker.reset(frame_of(obs))
             total, length, done = 0.0, 0, False
             while not done and not self.stopping:
-                obs, reward, term, trunc, _ = self.eval_env.step(self.scaler.to_env(self.act(stack, explore=False)))
+                action = self.scaler.to_env(self.act(stack, explore=False))
+                with self.env_call():
+                    obs, reward, term, trunc, _ = self.eval_env.step(action)
                 stack = stacker.push(frame_of(obs))
                 total += float(reward)
                 length += 1
                 done = term or trunc
-                self.progress.phase_since = time.monotonic()  # evaluation is progress too
+                self.progress.eval_steps += 1
             self.send_episode(total, length, evaluation=True, env_steps=at)
             self.log.info("evaluation episode", reward=total, length=length)
 
