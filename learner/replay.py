@@ -157,7 +157,8 @@ class ReplayBuffer:
         for i in range(n):
             serial = self.total
             slot = serial % self.capacity
-            flag = (FIRST if first[i] else 0) | (TERMINATED if terminated[i] else 0) | (TRUNCATED if truncated[i] else 0)
+            flag = ((FIRST if first[i] else 0) | (TERMINATED if terminated[i] else 0)
+                    | (TRUNCATED if truncated[i] else 0))
             prev = st.last if (not first[i] and not gap and st.last >= 0) else -1
             if prev >= 0 and not self.alive(prev):
                 prev = -1

@@ -136,7 +136,8 @@ def _decode_arrays(schema: MessageSchema, specs: Any, payload: list) -> dict[str
             raise ProtocolError("too_large", f"{schema.name}: arrays exceed {schema.max_bytes} bytes")
         buf = memoryview(frame)
         if buf.nbytes != count * dtype.itemsize:
-            raise ProtocolError("bad_size", f"{schema.name}.{name}: {buf.nbytes} bytes for shape {shape} of {dtype_str}")
+            raise ProtocolError("bad_size",
+                                f"{schema.name}.{name}: {buf.nbytes} bytes for shape {shape} of {dtype_str}")
         arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     _check_array_set(schema, list(arrays))
     return arrays

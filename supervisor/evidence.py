@@ -56,6 +56,6 @@ def capture(run_dir: Path, name: str, pid: int, reason: str, heartbeat: dict | N
             stack = f"py-spy could not run: {exc}\n"
     (out / "stack.txt").write_text(stack)
     logs = Path(run_dir) / "logs"
-    (out / "log_tail.txt").write_text(
-        f"== logs/{name}.jsonl ==\n{tail(logs / f'{name}.jsonl')}\n\n== logs/{name}.out ==\n{tail(logs / f'{name}.out')}\n")
+    (out / "log_tail.txt").write_text("\n\n".join(
+        f"== logs/{name}{suffix} ==\n{tail(logs / f'{name}{suffix}')}" for suffix in (".jsonl", ".out")) + "\n")
     return out

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from supervisor.state import (BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING, CaptureEvidence,
-                              ChildSpec, EndRun, Limits, Signal, Spawn, Supervision)
+                              ChildSpec, EndRun, Event, Limits, Signal, Spawn, Supervision)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -212,6 +212,7 @@ def test_killed_worker_backs_off_then_respawns_with_new_incarnation():
     pid = sup.children["worker-0"].pid
     actions = sup.exited("worker-0", pid, -9)
     assert sup.children["worker-0"].state == BACKOFF
+    assert [a.kind for a in of(actions, Event)] == ["exited", "backoff"] and not of(actions, Spawn)
     clock.advance(0.9)
     assert not of(sup.tick(), Spawn)
     clock.advance(0.2)
@@ -286,7 +287,7 @@ def test_restarts_outside_the_window_do_not_count():
         sup.exited("worker-0", c.pid, 1)
         assert c.state == BACKOFF
         clock.advance(101)
-        spawn = of(sup.tick(), Spawn)
+        assert of(sup.tick(), Spawn) == [Spawn("worker-0", c.incarnation)]
         sup.spawned("worker-0", next(pids))
     assert c.state == STARTING
 
@@ -302,6 +303,7 @@ def test_learner_failing_past_its_limit_ends_the_run_nonzero():
         sup.spawned("learner", next(pids))
     actions = sup.exited("learner", c.pid, 1)
     assert c.state == FAILED and sup.stopping
+    assert {a.name for a in of(actions, Signal) if a.signum == signal.SIGTERM} == {"worker-0", "worker-1"}
     for name in ("worker-0", "worker-1"):
         sup.exited(name, sup.children[name].pid, 0)
     assert sup.end == EndRun(1, sup.stop_reason)
@@ -400,8 +402,6 @@ def test_snapshot_reports_fields_for_status():
 
 
 def test_new_learner_alerts_become_events_once():
-    from supervisor.state import Event
-
     sup, clock, _ = make()
     c = sup.children["learner"]
     hb = {"name": "learner", "pid": c.pid, "phase": "training", "updates": 5, "alerts": ["warning:q_high@5"]}
