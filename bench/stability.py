@@ -58,7 +58,7 @@ def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> N
     import torch
 
     from learner.alerts import AlertMonitor
-    from learner.replay import ReplayBuffer, host_random_shift
+    from learner.replay import ReplayBuffer
     from learner.td3 import TD3Agent, q_max
     from protocol.config import load_config
 
@@ -76,8 +76,7 @@ def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> N
     t0 = time.time()
     for u in range(1, updates + 1):
         b = rb.sample(batch, 4, cfg.learner.n_step, cfg.learner.gamma, rng)
-        b.obs, b.next_obs, b.augmented = host_random_shift(b.obs, 4, rng), host_random_shift(b.next_obs, 4, rng), True
-        m = agent.update(b)
+        m = agent.update(b.shift_on_host(cfg.learner.augment_pad, rng))
         alerts += monitor.observe(u, m)
         if u % 250 == 0:
             trace.append({"updates": u, "q": m["train/q1_value"], "actor_loss": m.get("train/actor_loss"),

@@ -36,7 +36,7 @@ class ImageEnv(gym.Env):
 
 
 def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> float:
-    from learner.replay import ReplayBuffer, host_random_shift
+    from learner.replay import ReplayBuffer
     from learner.td3 import TD3Agent
     from protocol.config import LearnerConfig
 
@@ -60,8 +60,7 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> fl
             while not stop.is_set():
                 b = rb.sample(BATCH, STACK, 3, 0.99, srng)
                 if agent.augment_on_host:
-                    b.obs, b.next_obs = host_random_shift(b.obs, 4, srng), host_random_shift(b.next_obs, 4, srng)
-                    b.augmented = True
+                    b.shift_on_host(4, srng)
                 while not stop.is_set():
                     try:
                         batches.put(b, timeout=0.1)

@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from learner.alerts import AlertMonitor
-from learner.replay import ReplayBuffer, atomic_write_text, host_random_shift
+from learner.replay import ReplayBuffer, atomic_write_text
 from learner.td3 import TD3Agent, q_max
 from protocol.config import Config, load_config
 from protocol.heartbeat import HeartbeatSender, Progress
@@ -229,10 +229,7 @@ class Learner:
                 time.sleep(0.01)
                 continue
             if self.agent.augment_on_host:
-                pad = lcfg.augment_pad
-                batch.obs = host_random_shift(batch.obs, pad, self.rng)
-                batch.next_obs = host_random_shift(batch.next_obs, pad, self.rng)
-                batch.augmented = True
+                batch.shift_on_host(lcfg.augment_pad, self.rng)
             while not self.stopping:
                 try:
                     self.batches.put(batch, timeout=0.1)

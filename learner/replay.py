@@ -47,6 +47,13 @@ class Batch:
     age: np.ndarray  # entries written since each sampled transition
     augmented: bool = False  # frames already randomly shifted (on the host, by the sampler thread)
 
+    def shift_on_host(self, pad: int, rng: np.random.Generator) -> "Batch":
+        """Randomly shift obs and next_obs (uint8, on the host) and mark the batch augmented."""
+        self.obs = host_random_shift(self.obs, pad, rng)
+        self.next_obs = host_random_shift(self.next_obs, pad, rng)
+        self.augmented = True
+        return self
+
 
 def host_random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
     """DrQ's random shift on uint8 (N, C, H, W) arrays: replicate-pad, then crop at a random offset per image."""

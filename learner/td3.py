@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol.models import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init
+from protocol.models import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init, scale_frames
 
 
 class Critic(nn.Module):
@@ -160,7 +160,7 @@ class TD3Agent:
         if not self.image:
             return obs.float()
         x = obs.contiguous(memory_format=torch.channels_last)  # on uint8: a quarter of the bytes to move
-        x = x.float().mul_(1.0 / 255.0).sub_(0.5)
+        x = scale_frames(x)
         if self.augment and not augmented:
             x = random_shift(x, self.cfg.augment_pad).contiguous(memory_format=torch.channels_last)
         return x

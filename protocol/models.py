@@ -19,6 +19,11 @@ def is_image(obs_shape: tuple[int, ...]) -> bool:
     return len(obs_shape) == 3
 
 
+def scale_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (0..255) as floats in [-0.5, 0.5], keeping their memory format."""
+    return frames.float().mul_(1.0 / 255.0).sub_(0.5)
+
+
 class ImageEncoder(nn.Module):
     """Conv encoder for stacked uint8 frames (C, H, W), scaled to [-0.5, 0.5] on the device."""
 
@@ -46,7 +51,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 frames are scaled here; float input is taken as already scaled (the learner's augmented batch)."""
-        x = obs.float().mul_(1.0 / 255.0).sub_(0.5) if obs.dtype == torch.uint8 else obs
+        x = scale_frames(obs) if obs.dtype == torch.uint8 else obs
         return self.convs(x).flatten(1)
 
 

@@ -104,7 +104,7 @@ class ProcessDriver:
         return done
 
     def reap_spares(self) -> None:
-        """Forget standby processes that died (they are started again at the next spawn)."""
+        """Forget standby processes that died (``ensure_spare`` starts new ones)."""
         for name, spare in list(self.spares.items()):
             if spare.poll() is not None:
                 del self.spares[name]
