@@ -55,7 +55,7 @@ def ours_final(run_dir: Path) -> float:
     import torch
 
     from protocol.config import load_config
-    from protocol.models import build_policy
+    from policy.network import build_policy
 
     cfg = load_config(run_dir / "config.yaml")
     policy = build_policy((3,), 1, cfg.learner)

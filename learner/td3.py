@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocol.models import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init, scale_frames
+from policy.network import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init, scale_frames
 
 
 class Critic(nn.Module):

@@ -2,8 +2,9 @@
 
 Workers act with a local copy of the learner's policy, so both sides must build
 the same modules from the same config; the weights message carries the policy's
-``state_dict`` as raw float32 tensors. Imported by workers and the learner only
-(the supervisor never imports torch).
+``state_dict`` as raw float32 tensors. A package of its own so that
+``protocol`` stays free of torch: workers and the learner import it, the
+supervisor never does.
 """
 
 from __future__ import annotations

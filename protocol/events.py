@@ -1,0 +1,104 @@
+"""The supervisor's event kinds: what ``events.jsonl`` may hold, named once.
+
+Each line of ``runs/<id>/events.jsonl`` is one JSON object with ``time`` (Unix
+seconds), ``event`` (a kind below), ``name`` (the child it concerns, or ``run``)
+and the kind's own fields. The supervisor writes them; ``supervisor report``, the
+tests and any tool of the user read them. An event with a kind or a field not
+listed here is a bug: :func:`check_event` refuses it where events are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+# Fields every line carries, whatever its kind.
+COMMON_FIELDS = {
+    "time": "Unix time the supervisor wrote the line (seconds)",
+    "event": "the event kind",
+    "name": "the child it concerns, or 'run' for the run as a whole",
+}
+
+
+@dataclass(frozen=True)
+class EventKind:
+    kind: str
+    meaning: str
+    fields: Mapping[str, str]
+
+
+RUN_STARTED = "run_started"
+LEFTOVERS_KILLED = "leftovers_killed"
+SPAWNED = "spawned"
+SPAWN_FAILED = "spawn_failed"
+RUNNING = "running"
+ALERT = "alert"
+STALLED = "stalled"
+EVIDENCE_CAPTURED = "evidence_captured"
+EVIDENCE_FAILED = "evidence_failed"
+TERMINATING = "terminating"
+KILLED = "killed"
+EXITED = "exited"
+BACKOFF = "backoff"
+FAILED = "failed"
+FINISHED = "finished"
+RUN_COMPLETE = "run_complete"
+DEPENDENCY_RESTART = "dependency_restart"
+RESTART_REQUESTED = "restart_requested"
+STOPPING = "stopping"
+FORCED_STOP = "forced_stop"
+RUN_ENDED = "run_ended"
+MALFORMED = "malformed"
+
+EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
+    EventKind(RUN_STARTED, "the supervisor began a run (or resumed one)", {
+        "run_dir": "the run directory", "pid": "the supervisor's pid", "workers": "env-worker slots",
+        "children": "the children of the run, in start order"}),
+    EventKind(LEFTOVERS_KILLED, "children of an earlier supervisor of this run that died were killed", {
+        "pids": "the process groups killed"}),
+    EventKind(SPAWNED, "a child was started", {
+        "pid": "its pid", "incarnation": "0 for the first start, +1 for each restart",
+        "standby": "true when a pre-imported standby process took over"}),
+    EventKind(SPAWN_FAILED, "a child could not be started; it backs off like a crash", {
+        "error": "what the driver reported"}),
+    EventKind(RUNNING, "a child left its start-up phases", {"pid": "its pid", "phase": "the phase it reported"}),
+    EventKind(ALERT, "a child reported a new alert (the learner's divergence alerts)", {
+        "alert": "level:rule@update"}),
+    EventKind(STALLED, "a child missed a deadline; evidence is captured before it is killed", {
+        "pid": "its pid", "reason": "which deadline, by how much", "heartbeat": "its last heartbeat"}),
+    EventKind(EVIDENCE_CAPTURED, "evidence of a stall was written", {
+        "incident": "the incident directory, relative to the run directory"}),
+    EventKind(EVIDENCE_FAILED, "evidence could not be captured; the kill went on without it", {
+        "error": "what went wrong"}),
+    EventKind(TERMINATING, "SIGTERM (and SIGCONT) sent; SIGKILL follows after the grace period", {
+        "pid": "its pid", "reason": "why it is being stopped"}),
+    EventKind(KILLED, "SIGKILL sent after the grace period ran out", {
+        "pid": "its pid", "after_s": "seconds since SIGTERM"}),
+    EventKind(EXITED, "a child's process ended", {
+        "pid": "its pid", "code": "exit status; -N for signal N",
+        "state": "its state when it ended (running, stalled, stopping, ...)"}),
+    EventKind(BACKOFF, "a child will be restarted after a delay", {
+        "delay_s": "the delay", "restarts": "restarts so far", "code": "the exit status that caused it"}),
+    EventKind(FAILED, "a child is not restarted again", {
+        "reason": "why", "restarts": "restarts within the window", "window_s": "the intensity window"}),
+    EventKind(FINISHED, "a child exited normally and is not restarted (transient or temporary)", {}),
+    EventKind(RUN_COMPLETE, "a significant child finished its work: the run stops with exit 0", {}),
+    EventKind(DEPENDENCY_RESTART, "a child is restarted because a child it depends on is (rest_for_one)", {
+        "dependency": "the child it depends on"}),
+    EventKind(RESTART_REQUESTED, "a user asked for a restart", {"state": "the child's state at the time"}),
+    EventKind(STOPPING, "the run is stopping; children stop in reverse start order", {"reason": "why"}),
+    EventKind(FORCED_STOP, "a second stop signal: every child is killed at once", {"reason": "why"}),
+    EventKind(RUN_ENDED, "the last line of a run", {"reason": "why it ended", "exit_code": "the supervisor's exit"}),
+    EventKind(MALFORMED, "a malformed message was dropped (logged at a limited rate)", {
+        "reason": "a short counter key", "detail": "what was wrong", "count": "drops for this reason so far"}),
+]}
+
+
+def check_event(kind: str, fields: Mapping[str, object]) -> None:
+    """Raise ValueError unless ``kind`` is a known event kind and every field is one it documents."""
+    spec = EVENT_KINDS.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown event kind {kind!r}; known: {', '.join(sorted(EVENT_KINDS))}")
+    unknown = set(fields) - set(spec.fields)
+    if unknown:
+        raise ValueError(f"event {kind!r}: undocumented field(s) {sorted(unknown)}")

@@ -1,0 +1,41 @@
+"""Files written so that a reader sees the old content or the new, never half of either."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+    """Write to a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    ``data`` is the content, or a function that writes it to the open file (for
+    writers such as ``torch.save`` that take a file). A failure leaves ``path`` as
+    it was and no temporary file behind.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` in one rename, so it never goes missing in between."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
