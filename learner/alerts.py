@@ -8,7 +8,8 @@ Qmax = reward_max / (1 - gamma) bounds any honest Q estimate. Rules:
   updates (while the critic first learns, the actor's gradient grows from near
   zero by far more than 10x in any healthy run);
 - warning ``twin_disagreement``: |q1 - q2| large relative to |Q|;
-- warning ``action_saturation``: more than 80% of the actor's actions at |a| > 0.99;
+- warning ``action_saturation``: more than 80% of the actor's actions at |a| > 0.99, on average over
+  the last 100 updates (one small batch saturating is noise, not a trend);
 - critical ``q_divergence``: mean Q or -actor_loss above 10 Qmax;
 - critical ``non_finite``: any metric NaN or infinite.
 
@@ -33,6 +34,7 @@ GROWTH_STRIDE = 10
 GROWTH_MIN_POINTS = 50
 TWIN_RATIO = 0.5
 SATURATION = 0.8
+SATURATION_WINDOW = 100
 
 
 class AlertMonitor:
@@ -46,6 +48,7 @@ class AlertMonitor:
         self._last_fired: dict[str, int] = {}
         self._recent: deque[str] = deque(maxlen=5)
         self._norms: dict[str, deque[tuple[int, float]]] = {}
+        self._saturation: deque[float] = deque(maxlen=SATURATION_WINDOW)
 
     def counters(self) -> dict[str, int]:
         out = {"alerts/gradient_explosion_warning": self.warnings,
@@ -87,8 +90,11 @@ class AlertMonitor:
         if diff is not None and math.isfinite(diff) and math.isfinite(q) and diff > TWIN_RATIO * (q + 1.0):
             fire("warning", "twin_disagreement", diff, TWIN_RATIO * (q + 1.0))
         sat = m.get("train/action_saturation")
-        if sat is not None and sat > SATURATION:
-            fire("warning", "action_saturation", sat, SATURATION)
+        if sat is not None and math.isfinite(sat):
+            self._saturation.append(sat)
+            mean = sum(self._saturation) / len(self._saturation)
+            if len(self._saturation) == SATURATION_WINDOW and mean > SATURATION:
+                fire("warning", "action_saturation", mean, SATURATION)
         for group in ("critic", "actor"):
             norm = m.get(f"gradients/{group}_norm_before_clip")
             if norm is None or not math.isfinite(norm):

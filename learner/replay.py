@@ -18,23 +18,14 @@ after the index was last written.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from protocol.files import atomic_write
+
 FIRST, TERMINATED, TRUNCATED, ORPHAN = 1, 2, 4, 8
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -103,7 +94,7 @@ class ReplayBuffer:
         self.streams: dict[str, Stream] = {}
         self.transitions_total = 0
         if fresh:
-            atomic_write_text(meta_path, json.dumps(meta))
+            atomic_write(meta_path, json.dumps(meta))
         else:
             self._load_index()
 
@@ -127,7 +118,7 @@ class ReplayBuffer:
                 "streams": {k: [s.last, s.seq, s.transitions, s.lost] for k, s in self.streams.items()}}
 
     def save_index(self) -> None:
-        atomic_write_text(self.dir / "index.json", json.dumps(self.index()))
+        atomic_write(self.dir / "index.json", json.dumps(self.index()))
 
     def flush(self) -> None:
         for arr in (self.frames, self.actions, self.rewards, self.flags, self.prev, self.next):

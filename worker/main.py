@@ -1,10 +1,10 @@
 """The env-worker: steps one environment, acts with a local actor, streams steps to the learner.
 
 Per step the worker sends the action, reward, terminated, truncated and the new
-single frame; an episode start sends its first frame. Steps go in batches
-numbered per incarnation (``seq``), so the learner can count what was lost. The
-worker stacks frames itself for its actor. It waits (phase ``waiting_learner``)
-when the learner's update-to-data ratio says it is too far ahead.
+single frame; an episode start sends its first frame. The worker stacks frames
+itself for its actor. Its jobs: acting and batching (here), the link to the
+learner with its waiting (:mod:`worker.learner_link`), evaluation
+(:mod:`worker.evaluation`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,121 +22,67 @@ import zmq
 from protocol.config import Config, load_config
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
-from protocol.messages import EPISODE, HELLO, PROGRESS, STEPS, WEIGHTS
-from protocol.sockets import Receiver, load_endpoints, make_socket, send
+from protocol.sockets import load_endpoints
 from worker.envs import ActionScaler, FrameStack, frame_of, make_env
+from worker.evaluation import evaluate
 from worker.faults import FaultInjector
+from worker.learner_link import LearnerLink
 
-# Steps a worker may buffer towards a dead learner before send() would block:
-# ZeroMQ queues up to this many batches, then the worker waits.
-STEPS_HWM = 64
+# Seeds of evaluation episodes are this far from the worker's own, so they never repeat a training episode.
+EVAL_SEED_OFFSET = 10_000
 
 
 class Interrupted(Exception):
     """Raised by the SIGTERM handler when the worker is blocked inside the environment."""
 
 
-class StepBatch:
-    """Entries waiting to be sent: an entry is an episode start (frame only) or a transition."""
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.first, self.frames, self.actions, self.rewards, self.terminated, self.truncated = [], [], [], [], [], []
-        self.opened_at = time.monotonic()
-
-    def __len__(self) -> int:
-        return len(self.first)
-
-    def add(self, frame, action, reward=0.0, terminated=False, truncated=False, first=False) -> None:
-        if not self.first:
-            self.opened_at = time.monotonic()
-        self.first.append(first)
-        self.frames.append(frame)
-        self.actions.append(action)
-        self.rewards.append(reward)
-        self.terminated.append(terminated)
-        self.truncated.append(truncated)
-
-    def transitions(self) -> int:
-        return len(self.first) - sum(self.first)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "first": np.asarray(self.first, np.uint8),
-            "frames": np.stack(self.frames),
-            "actions": np.asarray(self.actions, np.float32),
-            "rewards": np.asarray(self.rewards, np.float32),
-            "terminated": np.asarray(self.terminated, np.uint8),
-            "truncated": np.asarray(self.truncated, np.uint8),
-        }
-
-
 class EnvWorker:
     """One env-worker: the loop of ``reset -> step* -> send`` with heartbeats on the side."""
 
-    def __init__(self, cfg: Config, run_dir: Path, slot: int, incarnation: int, watch_parent: bool = True):
+    def __init__(self, cfg: Config, run_dir: Path, slot: int, incarnation: int, watch_parent: bool = True,
+                 name: str | None = None):
         self.cfg = cfg
         self.slot = slot
         self.incarnation = incarnation
-        self.name = f"worker-{slot}"
+        self.name = name or f"worker-{slot}"
         self.log = get_logger(run_dir, self.name, cfg.run.debug).bind(incarnation=incarnation)
         self.progress = Progress()
         self.ctx = zmq.Context()
-        eps = load_endpoints(run_dir)
-        self.heartbeat = HeartbeatSender(self.ctx, eps["heartbeat"], name=self.name, role="worker",
+        self.endpoints = load_endpoints(run_dir)
+        self.heartbeat = HeartbeatSender(self.ctx, self.endpoints["heartbeat"], name=self.name, role="worker",
                                          incarnation=incarnation, progress=self.progress,
                                          interval_s=cfg.supervisor.heartbeat_interval_s, watch_parent=watch_parent)
-        self.endpoints = eps
         self.seed = cfg.run.seed + 1000 * slot + 7 * incarnation
         self.rng = np.random.default_rng(self.seed)
-        self.batch = StepBatch()
-        self.seq = 0
-        self.sent_transitions = 0
-        # what the learner last told us (progress messages)
-        self.learner_received = 0
-        self.learner_allowed = 0
-        self.learner_seen_mine = 0
-        self.learner_heard = False
-        self.done = False
-        self.weights_version = -1
         self.stopping = False
         self.in_env_call = False
+        self.eval_env = None
 
     # -- setup -------------------------------------------------------------
 
     def connect(self) -> None:
         self.progress.set_phase("connecting")
-        self.steps_sock = make_socket(self.ctx, zmq.PUSH, hwm=STEPS_HWM)
-        self.steps_sock.connect(self.endpoints["steps"])
-        self.sub = make_socket(self.ctx, zmq.SUB, hwm=4)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(self.endpoints["weights"])
-        self.inbox = Receiver(self.sub, self.log.warning)
+        self.link = LearnerLink(self.ctx, self.endpoints, self.name, self.incarnation, self.progress, self.log,
+                                lambda: self.stopping)
 
     def make_envs(self) -> None:
         import torch
 
-        from protocol.models import build_policy
+        from policy.network import build_policy, load_policy_arrays
 
         torch.set_num_threads(self.cfg.workers.torch_threads)
         env = make_env(self.cfg)
         self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log)
-        self.eval_env = None
         self.scaler = ActionScaler(env.action_space)
         with self.env_call():
             obs, _ = self.env.reset(seed=self.seed)
         frame = frame_of(obs)
-        self.frame_shape = frame.shape
-        self.frame_dtype = frame.dtype
         self.stacker = FrameStack(self.cfg.env.frame_stack)
-        self.obs_shape = self.stacker.reset(frame).shape
-        self.policy = build_policy(self.obs_shape, self.scaler.dim, self.cfg.learner).eval()
+        obs_shape = self.stacker.reset(frame).shape
+        self.policy = build_policy(obs_shape, self.scaler.dim, self.cfg.learner).eval()
+        self.link.on_weights = lambda arrays: load_policy_arrays(self.policy, arrays)
         self._first_obs = obs
-        send(self.steps_sock, HELLO, {"worker": self.name, "slot": self.slot, "incarnation": self.incarnation,
-                                      "frame_shape": list(self.frame_shape), "frame_dtype": self.frame_dtype.str,
-                                      "action_dim": self.scaler.dim})
+        self.link.hello(self.slot, frame, self.scaler.dim)
 
     @contextlib.contextmanager
     def env_call(self):
@@ -153,7 +98,7 @@ class EnvWorker:
     def act(self, stack: np.ndarray, explore: bool) -> np.ndarray:
         import torch
 
-        if explore and self.global_steps() < self.cfg.workers.start_steps:
+        if explore and self.link.run_steps() < self.cfg.workers.start_steps:
             return self.rng.uniform(-1.0, 1.0, self.scaler.dim).astype(np.float32)
         with torch.no_grad():
             action = self.policy(torch.from_numpy(stack).unsqueeze(0))[0].numpy()
@@ -161,98 +106,18 @@ class EnvWorker:
             action = action + self.rng.normal(0.0, self.cfg.workers.exploration_noise, action.shape)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
-    def global_steps(self) -> int:
-        """The run's env steps as far as this worker knows: the learner's count plus ours in flight."""
-        return self.learner_received + max(0, self.sent_transitions + self.batch.transitions() - self.learner_seen_mine)
-
-    # -- messages ----------------------------------------------------------
-
-    def flush(self) -> None:
-        if not len(self.batch):
-            return
-        fields = {"worker": self.name, "incarnation": self.incarnation, "seq": self.seq,
-                  "env_steps": self.progress.env_steps}
-        arrays = self.batch.arrays()
-        while True:
-            try:
-                send(self.steps_sock, STEPS, fields, arrays, flags=zmq.NOBLOCK)
-                break
-            except zmq.Again:  # learner gone and our queue is full: wait, keep the batch
-                self.progress.set_phase("waiting_learner")
-                self.poll_learner(timeout_ms=200)
-                if self.stopping:
-                    return
-        self.sent_transitions += self.batch.transitions()
-        self.seq += 1
-        self.batch.clear()
-
-    def poll_learner(self, timeout_ms: int = 0) -> None:
-        msg = self.inbox.recv(timeout_ms) if timeout_ms else None
-        msgs = ([msg] if msg else []) + self.inbox.drain()
-        latest_weights = None
-        for m in msgs:
-            if m.type == WEIGHTS:
-                latest_weights = m
-            elif m.type == PROGRESS:
-                self.learner_heard = True
-                self.learner_received = m["received"]
-                self.learner_allowed = m["allowed"]
-                self.learner_seen_mine = int(m["streams"].get(f"{self.name}/{self.incarnation}", 0))
-                self.progress.updates = m["updates"]
-                self.done = self.done or m["done"]
-        if latest_weights is not None and latest_weights["version"] != self.weights_version:
-            from protocol.models import load_policy_arrays
-
-            try:
-                load_policy_arrays(self.policy, latest_weights.arrays)
-                self.weights_version = latest_weights["version"]
-            except ValueError as exc:
-                self.inbox.drop("bad_weights", str(exc))
-
-    def wait_for_learner(self) -> None:
-        """Rate limiting: hold while our steps would push the run past the learner's allowance."""
-        while not self.stopping and not self.done:
-            self.poll_learner()
-            if not self.learner_heard or self.global_steps() < self.learner_allowed:
-                return
-            self.flush()
-            self.progress.set_phase("waiting_learner")
-            self.poll_learner(timeout_ms=100)
-
-    def send_episode(self, reward: float, length: int, evaluation: bool, env_steps: int | None = None) -> None:
-        try:
-            send(self.steps_sock, EPISODE, {"worker": self.name, "incarnation": self.incarnation,
-                                            "reward": float(reward), "length": int(length), "eval": evaluation,
-                                            "env_steps": self.global_steps() if env_steps is None else env_steps},
-                 flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the learner is gone; an episode summary is not worth blocking for
-
-    # -- evaluation --------------------------------------------------------
-
     def evaluate(self) -> None:
-        """Episodes without exploration noise, on an env of their own."""
         if self.eval_env is None:
             self.eval_env = make_env(self.cfg)
-        self.progress.set_phase("evaluating")
-        stacker = FrameStack(self.cfg.env.frame_stack)
-        at = self.global_steps()  # one x-axis point for the whole round
-        for i in range(self.cfg.workers.eval_episodes):
-            with self.env_call():
-                obs, _ = self.eval_env.reset(seed=self.seed + 10_000 + i)
-            stack = stacker.reset(frame_of(obs))
-            total, length, done = 0.0, 0, False
-            while not done and not self.stopping:
-                action = self.scaler.to_env(self.act(stack, explore=False))
-                with self.env_call():
-                    obs, reward, term, trunc, _ = self.eval_env.step(action)
-                stack = stacker.push(frame_of(obs))
-                total += float(reward)
-                length += 1
-                done = term or trunc
-                self.progress.eval_steps += 1
-            self.send_episode(total, length, evaluation=True, env_steps=at)
+        at = self.link.run_steps()  # one x-axis point for the whole round
+
+        def report(total: float, length: int) -> None:
+            self.link.episode(total, length, evaluation=True, env_steps=at)
             self.log.info("evaluation episode", reward=total, length=length)
+
+        evaluate(self.eval_env, lambda stack: self.scaler.to_env(self.act(stack, explore=False)),
+                 self.cfg.workers.eval_episodes, self.cfg.env.frame_stack, self.seed + EVAL_SEED_OFFSET,
+                 self.progress, lambda: self.stopping, self.env_call, report)
 
     # -- the loop ----------------------------------------------------------
 
@@ -263,7 +128,7 @@ class EnvWorker:
             # stopped inside the simulator: the step in flight is dropped, the episode is cut
             # (truncated, not terminal: the learner keeps bootstrapping its last stored step)
             self.progress.set_phase("closing")
-            self.flush()
+            self.link.flush()
             self.log.info("worker interrupted in the environment", env_steps=self.progress.env_steps)
             return 0
 
@@ -274,14 +139,15 @@ class EnvWorker:
         self.progress.set_phase("starting")
         self.make_envs()
         wcfg = self.cfg.workers
+        link, batch = self.link, self.link.batch
         eval_every = max(1, wcfg.eval_freq // max(1, wcfg.count)) if wcfg.eval_freq else 0
-        obs = self._first_obs
-        stack = self.stacker.reset(frame_of(obs))
-        self.batch.add(frame_of(obs), np.zeros(self.scaler.dim, np.float32), first=True)
+        no_action = np.zeros(self.scaler.dim, np.float32)
+        stack = self.stacker.reset(frame_of(self._first_obs))
+        batch.add(frame_of(self._first_obs), no_action, first=True)
         ep_reward, ep_len = 0.0, 0
-        while not self.stopping and not self.done:
-            self.wait_for_learner()
-            if self.stopping or self.done:
+        while not self.stopping and not link.done:
+            link.wait_for_allowance()
+            if self.stopping or link.done:
                 break
             self.progress.set_phase("stepping")
             action = self.act(stack, explore=True)
@@ -289,29 +155,29 @@ class EnvWorker:
                 obs, reward, term, trunc, _ = self.env.step(self.scaler.to_env(action))
             frame = frame_of(obs)
             stack = self.stacker.push(frame)
-            self.batch.add(frame, action, float(reward), bool(term), bool(trunc))
+            batch.add(frame, action, float(reward), bool(term), bool(trunc))
             self.progress.env_steps += 1
             ep_reward += float(reward)
             ep_len += 1
             if term or trunc:
                 self.progress.episodes += 1
-                self.send_episode(ep_reward, ep_len, evaluation=False)
+                link.episode(ep_reward, ep_len, evaluation=False)
                 ep_reward, ep_len = 0.0, 0
                 self.progress.set_phase("resetting")
                 with self.env_call():
                     obs, _ = self.env.reset()
                 stack = self.stacker.reset(frame_of(obs))
-                self.batch.add(frame_of(obs), np.zeros(self.scaler.dim, np.float32), first=True)
-            if len(self.batch) >= wcfg.batch_steps or time.monotonic() - self.batch.opened_at >= wcfg.batch_interval_s:
-                self.flush()
+                batch.add(frame_of(obs), no_action, first=True)
+            if batch.due(wcfg.batch_steps, wcfg.batch_interval_s):
+                link.flush()
             if eval_every and self.progress.env_steps % eval_every == 0:
-                self.flush()
+                link.flush()
                 self.evaluate()
         self.progress.set_phase("closing")
         # An episode cut here is truncated, not terminal: the learner keeps bootstrapping it.
-        self.flush()
-        self.log.info("worker stopping", env_steps=self.progress.env_steps, done=self.done,
-                      dropped=dict(self.inbox.dropped))
+        link.flush()
+        self.log.info("worker stopping", env_steps=self.progress.env_steps, done=link.done,
+                      dropped=dict(link.inbox.dropped))
         return 0
 
     def close(self) -> None:
@@ -330,7 +196,7 @@ def wait_for_activation() -> int | None:
     import gymnasium  # noqa: F401
     import torch  # noqa: F401
 
-    import protocol.models  # noqa: F401
+    import policy.network  # noqa: F401
 
     try:
         import highway_env  # noqa: F401
@@ -347,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--slot", required=True, type=int)
     parser.add_argument("--incarnation", type=int, default=0)
+    parser.add_argument("--name", help="the name the supervisor knows this process by (default worker-SLOT)")
     parser.add_argument("--standby", action="store_true", help="import, then wait for 'activate N' on stdin")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
@@ -356,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.incarnation = incarnation
     cfg = load_config(args.run_dir / "config.yaml")
-    worker = EnvWorker(cfg, args.run_dir, args.slot, args.incarnation)
+    worker = EnvWorker(cfg, args.run_dir, args.slot, args.incarnation, name=args.name)
 
     def on_term(signum, frame):
         worker.stopping = True

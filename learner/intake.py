@@ -1,0 +1,75 @@
+"""What arrives on the learner's steps socket: the run's spaces, steps into replay, episode summaries.
+
+The first ``hello`` fixes the run's spaces (frame shape and dtype, action size);
+a worker whose hello or steps disagree is dropped and counted, never stored. The
+receive thread stores each batch and then the replay index, and only then counts
+the steps as stored (what ``status`` reports survives a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from protocol.codec import Message
+from protocol.heartbeat import Progress
+from protocol.messages import EPISODE, HELLO, STEPS
+from protocol.sockets import Receiver
+
+
+class Intake:
+    def __init__(self, inbox: Receiver, lock: threading.Lock, progress: Progress, log,
+                 on_spec: Callable[[dict], None], on_episode: Callable[[Message], None]):
+        self.inbox = inbox
+        self.lock = lock  # the replay and its stream table, shared with the sampler thread
+        self.progress = progress
+        self.log = log
+        self.on_spec = on_spec  # called with the first hello's spec (builds agent and replay)
+        self.on_episode = on_episode
+        self.spec: dict | None = None
+        self.replay = None  # set once the spec is known
+        self.lost_steps = 0
+        self.data_arrived = threading.Event()
+
+    def handle(self, msg: Message) -> None:
+        if msg.type == HELLO:
+            spec = {"frame_shape": msg["frame_shape"], "frame_dtype": msg["frame_dtype"],
+                    "action_dim": msg["action_dim"]}
+            if self.spec is None:
+                self.on_spec(spec)
+            elif spec != self.spec:
+                self.inbox.drop("spec_mismatch", f"{msg['worker']} sends {spec}, run has {self.spec}")
+        elif msg.type == STEPS:
+            self.store(msg)
+        elif msg.type == EPISODE:
+            self.on_episode(msg)
+
+    def store(self, msg: Message) -> None:
+        if self.replay is None:
+            self.inbox.drop("steps_before_hello", f"{msg['worker']}: steps before any hello")
+            return
+        a = msg.arrays
+        if tuple(a["frames"].shape[1:]) != self.replay.frame_shape or a["frames"].dtype != self.replay.frame_dtype \
+                or a["actions"].shape[1] != self.replay.action_dim:
+            self.inbox.drop("spec_mismatch", f"{msg['worker']}: steps of shape {a['frames'].shape[1:]}")
+            return
+        lost = self.replay.add_batch(f"{msg['worker']}/{msg['incarnation']}", msg["seq"], a["first"], a["frames"],
+                                     a["actions"], a["rewards"], a["terminated"], a["truncated"], msg["env_steps"])
+        if lost:
+            self.lost_steps += lost
+            self.log.warning("steps lost in transit", worker=msg["worker"], incarnation=msg["incarnation"], lost=lost)
+
+    def receive_loop(self, stopping: Callable[[], bool]) -> None:
+        """Stores what arrives, and the replay index after each batch, until ``stopping()``."""
+        while not stopping():
+            first = self.inbox.recv(timeout_ms=50)
+            msgs = ([first] if first is not None else []) + self.inbox.drain(limit=64)
+            if not msgs:
+                continue
+            with self.lock:
+                for msg in msgs:
+                    self.handle(msg)
+                if any(m.type == STEPS for m in msgs):
+                    self.replay.save_index()
+                    self.progress.env_steps = self.replay.transitions_total  # reported only once it is durable
+            self.data_arrived.set()
