@@ -107,6 +107,7 @@ class SupervisorConfig(_Section):
     startup_deadline_s: float = Field(60.0, gt=0.0)
     learner_deadline_s: float = Field(60.0, gt=0.0)  # an update can be slow on CPU; no progress check below this
     kill_grace_s: float = Field(2.0, ge=0.0)
+    learner_stop_grace_s: float = Field(15.0, ge=0.0)  # an orderly stop lets the learner write its checkpoint
     evidence_timeout_s: float = Field(3.0, gt=0.0)
     backoff_initial_s: float = Field(0.2, ge=0.0)
     backoff_max_s: float = Field(30.0, ge=0.0)

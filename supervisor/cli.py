@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                            ("stop", "stop the run")):
         p = sub.add_parser(name, help=helptext)
         if name == "restart":
-            p.add_argument("name", help="process name: learner, worker-0, worker-1, ...")
+            p.add_argument("name", help="the process, as `supervisor status` names it")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--run-dir", type=Path, help="the run (default: RUNS_DIR/latest)")
@@ -69,12 +69,18 @@ def overrides_from(args) -> list[tuple[str, object]]:
 
 def cmd_up(args) -> int:
     from protocol.config import ConfigError, load_config
+    from supervisor.plan import build_plan
     from supervisor.run import Supervisor, create_run_dir
 
     try:
         cfg = load_config(args.config, overrides_from(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    missing = build_plan(cfg).missing_modules()
+    if missing:
+        print(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
+              "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", file=sys.stderr)
         return EXIT_USAGE
     run_dir = create_run_dir(cfg)
     live = sys.stdout.isatty() if args.live is None else args.live

@@ -29,12 +29,13 @@ def process_table(status: dict) -> Table:
     for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "PHASE"):
         table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS") else "left")
     for p in status["processes"]:
-        steps = p["updates"] if p["role"] == "learner" else p["env_steps"]
+        counter = (p.get("progress_counters") or ["env_steps"])[0]  # the child's own measure of work
+        steps = p.get(counter, p["progress"])
         hb = "-" if p["heartbeat_age_s"] is None else f"{p['heartbeat_age_s']:.1f}s ago"
         state = p["state"]
         table.add_row(p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
                       fmt_duration(p["uptime_s"] if p["pid"] else None),
-                      f"{steps}{' upd' if p['role'] == 'learner' else ''}", f"{p['steps_per_s']:.1f}", hb,
+                      f"{steps}{' upd' if counter == 'updates' else ''}", f"{p['steps_per_s']:.1f}", hb,
                       str(p["restarts"]), p["phase"] or (p["reason"] or "-"))
     return table
 

@@ -1,4 +1,4 @@
-"""Spawning, signalling and reaping child processes, each in its own process group."""
+"""The driver of ``process`` children: spawn, signal and reap them, each in its own process group."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from supervisor import evidence
+from supervisor.drivers import Exited, Observation, StandbyLost
+from supervisor.state import CaptureEvidence, ChildSpec
 
 PR_SET_PDEATHSIG = 1
 
@@ -22,25 +26,22 @@ def _die_with_parent() -> None:
 
 
 class ProcessDriver:
-    """Starts child processes with their output appended to ``logs/<name>.out``.
+    """Starts ``python -m <launch.module>`` children with their output appended to ``logs/<name>.out``.
 
-    With ``standby`` set, each worker slot also keeps a *standby* process that has
+    A spec's ``launch`` says ``module`` and extra ``args``. A *standby* spare has
     already imported torch and the simulator client and waits on its stdin; a
-    respawn activates it instead of starting Python from scratch.
+    respawn that the machine marks ``standby`` activates it instead of starting
+    Python from scratch.
     """
 
-    def __init__(self, run_dir: Path, standby: bool = False):
+    def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.standby = standby
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self.spares: dict[str, subprocess.Popen] = {}
 
-    def command(self, name: str, role: str, slot: int, incarnation: int) -> list[str]:
-        module = "learner" if role == "learner" else "worker"
-        cmd = [sys.executable, "-m", module, "--run-dir", str(self.run_dir), "--incarnation", str(incarnation)]
-        if role == "worker":
-            cmd += ["--slot", str(slot)]
-        return cmd
+    def command(self, spec: ChildSpec, incarnation: int) -> list[str]:
+        return [sys.executable, "-m", spec.launch["module"], "--run-dir", str(self.run_dir),
+                "--incarnation", str(incarnation), *spec.launch.get("args", ())]
 
     def _popen(self, name: str, cmd: list[str], stdin) -> subprocess.Popen:
         log_dir = self.run_dir / "logs"
@@ -55,18 +56,22 @@ class ProcessDriver:
         finally:
             out.close()
 
-    def spawn(self, name: str, role: str, slot: int, incarnation: int) -> int:
-        proc = self._activate_spare(name, incarnation) if role == "worker" else None
+    def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int, bool]:
+        proc = self._activate_spare(spec.name, incarnation) if standby else None
+        used_standby = proc is not None
         if proc is None:
-            proc = self._popen(name, self.command(name, role, slot, incarnation), subprocess.DEVNULL)
-        self.procs[proc.pid] = (name, proc)
-        return proc.pid
+            proc = self._popen(spec.name, self.command(spec, incarnation), subprocess.DEVNULL)
+        self.procs[proc.pid] = (spec.name, proc)
+        return proc.pid, used_standby
 
-    def ensure_spare(self, name: str, slot: int) -> None:
-        """Start the slot's standby process if it has none (called once the slot runs, not to slow its start)."""
-        if self.standby and name not in self.spares:
-            self.spares[name] = self._popen(name, self.command(name, "worker", slot, 0) + ["--standby"],
-                                            subprocess.PIPE)
+    def start_standby(self, spec: ChildSpec) -> None:
+        if spec.name not in self.spares:
+            self.spares[spec.name] = self._popen(spec.name, self.command(spec, 0) + ["--standby"], subprocess.PIPE)
+
+    def drop_standby(self, name: str) -> None:
+        spare = self.spares.pop(name, None)
+        if spare is not None:
+            self._discard(spare)
 
     def _activate_spare(self, name: str, incarnation: int) -> subprocess.Popen | None:
         spare = self.spares.pop(name, None)
@@ -79,11 +84,16 @@ class ProcessDriver:
             spare.stdin.close()
             return spare
         except (BrokenPipeError, OSError):
-            self.signal(spare.pid, signal.SIGKILL)
-            spare.wait()
+            self._discard(spare)
             return None
 
-    def signal(self, pid: int, signum: int) -> None:
+    def _discard(self, proc: subprocess.Popen) -> None:
+        self.signal("", proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+    def signal(self, name: str, pid: int, signum: int) -> None:
         """Signal the child's whole process group (its pgid is its pid)."""
         try:
             os.killpg(pid, signum)
@@ -93,26 +103,30 @@ class ProcessDriver:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def reap(self) -> list[tuple[str, int, int]]:
-        """Children that exited since the last call: (name, pid, exit code; -N for signal N)."""
-        done = []
+    def poll(self) -> list[Observation]:
+        """Children that exited (exit code; -N for signal N), and standby spares that died."""
+        seen: list[Observation] = []
         for pid, (name, proc) in list(self.procs.items()):
             code = proc.poll()
             if code is not None:
                 del self.procs[pid]
-                done.append((name, pid, code))
-        return done
-
-    def reap_spares(self) -> None:
-        """Forget standby processes that died (``ensure_spare`` starts new ones)."""
+                seen.append(Exited(name, pid, code))
         for name, spare in list(self.spares.items()):
             if spare.poll() is not None:
                 del self.spares[name]
+                seen.append(StandbyLost(name))
+        return seen
+
+    def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
+        return evidence.capture(run_dir, action.name, action.pid, action.reason, action.heartbeat, timeout_s)
+
+    def kill_leftovers(self, saved: dict) -> list[int]:
+        return kill_leftovers(saved.get("children", []), str(self.run_dir))
 
     def kill_all(self) -> None:
         procs = [proc for _, proc in self.procs.values()] + list(self.spares.values())
         for proc in procs:
-            self.signal(proc.pid, signal.SIGKILL)
+            self.signal("", proc.pid, signal.SIGKILL)
         for proc in procs:
             try:
                 proc.wait(timeout=5)

@@ -6,6 +6,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from protocol import events as ev
+
 
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -24,17 +26,17 @@ def summarize(run_dir: Path) -> dict:
     events = read_jsonl(run_dir / "events.jsonl")
     evals = read_jsonl(run_dir / "eval.jsonl")
     kinds = Counter(e["event"] for e in events)
-    stalls = [{"name": e["name"], "reason": e.get("reason")} for e in events if e["event"] == "stalled"]
-    restarts = Counter(e["name"] for e in events if e["event"] == "backoff")
+    stalls = [{"name": e["name"], "reason": e.get("reason")} for e in events if e["event"] == ev.STALLED]
+    restarts = Counter(e["name"] for e in events if e["event"] == ev.BACKOFF)
     incidents = sorted(p.name for p in (run_dir / "incidents").glob("*") if p.is_dir())
     last_evals = evals[-10:]
     return {
         "run_dir": str(run_dir), "events": dict(kinds), "stalls": stalls, "restarts": dict(restarts),
-        "failed": [e["name"] for e in events if e["event"] == "failed"], "incidents": incidents,
+        "failed": [e["name"] for e in events if e["event"] == ev.FAILED], "incidents": incidents,
         "eval_episodes": len(evals),
         "last_eval_mean": sum(e["reward"] for e in last_evals) / len(last_evals) if last_evals else None,
         "last_eval_env_steps": last_evals[-1]["env_steps"] if last_evals else None,
-        "ended": next((e for e in reversed(events) if e["event"] == "run_ended"), None),
+        "ended": next((e for e in reversed(events) if e["event"] == ev.RUN_ENDED), None),
     }
 
 

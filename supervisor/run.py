@@ -18,16 +18,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 import zmq
 
+from protocol import events as ev
 from protocol.config import Config
+from protocol.files import atomic_write, replace_symlink
 from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
 from protocol.sockets import Receiver, ipc_path, make_socket, prepare_endpoints, send
-from supervisor import evidence
-from supervisor.processes import ProcessDriver, kill_leftovers
-from supervisor.state import RUNNING, CaptureEvidence, ChildSpec, EndRun, Event, Limits, Signal, Spawn, Supervision
+from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
+from supervisor.plan import Plan, build_plan
+from supervisor.processes import ProcessDriver
+from supervisor.state import (CaptureEvidence, DropStandby, EndRun, Event, Signal, Spawn, StartStandby,
+                              Supervision)
 
 # The main loop wakes at least this often to judge deadlines.
 TICK_S = 0.05
@@ -46,29 +51,28 @@ def create_run_dir(cfg: Config) -> Path:
     os.chmod(run_dir, 0o700)
     data = cfg.to_dict()
     data["run"]["run_id"] = run_id
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    latest = runs / "latest"
-    tmp = runs / f".latest-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_id)
-    os.replace(tmp, latest)
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+    replace_symlink(runs / "latest", run_id)
     return run_dir.resolve()
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, run_dir: Path, live: bool = False, out=sys.stdout):
+    """Carries out the machine's decisions: each action goes to the driver of its child's kind."""
+
+    def __init__(self, cfg: Config, run_dir: Path, live: bool = False, out=sys.stdout, plan: Plan | None = None,
+                 drivers: dict[str, Driver] | None = None, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.live = live
         self.out = out
-        specs = [ChildSpec("learner", "learner")] + [ChildSpec(f"worker-{i}", "worker", i)
-                                                     for i in range(cfg.workers.count)]
-        self.specs = {s.name: s for s in specs}
-        self.machine = Supervision(specs, Limits.from_config(cfg.supervisor), time.monotonic,
-                                   random.Random(cfg.run.seed))
-        self.driver = ProcessDriver(self.run_dir, standby=cfg.supervisor.standby_workers)
+        self.plan = plan or build_plan(cfg)
+        self.specs = {s.name: s for s in self.plan.specs}
+        self.machine = Supervision(list(self.plan.specs), clock, random.Random(cfg.run.seed))
+        self.drivers: dict[str, Driver] = drivers if drivers is not None else {"process": ProcessDriver(self.run_dir)}
+        missing = {s.kind for s in self.plan.specs} - set(self.drivers)
+        if missing:
+            raise ValueError(f"no driver for child kind(s) {sorted(missing)}")
         self.ctx = zmq.Context()
         self.events_file = open(self.run_dir / "events.jsonl", "a", buffering=1)
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -76,6 +80,9 @@ class Supervisor:
         self.started = time.monotonic()
         self.exit_code: int | None = None
         self.incidents = 0
+
+    def driver_of(self, name: str) -> Driver:
+        return self.drivers[self.specs[name].kind]
 
     # -- setup ---------------------------------------------------------------
 
@@ -87,8 +94,9 @@ class Supervisor:
         self.control = make_socket(self.ctx, zmq.REP, hwm=100, max_bytes=64 * 1024)
         self.control.bind(eps["control"])
         os.chmod(ipc_path(eps["control"]), 0o600)
-        self.hb_inbox = Receiver(self.hb_sock, lambda msg, **kw: self.record(Event("malformed", "heartbeat", kw)))
-        self.control_inbox = Receiver(self.control, lambda msg, **kw: self.record(Event("malformed", "control", kw)))
+        self.hb_inbox = Receiver(self.hb_sock, lambda msg, **kw: self.record(Event(ev.MALFORMED, "heartbeat", kw)))
+        self.control_inbox = Receiver(self.control,
+                                      lambda msg, **kw: self.record(Event(ev.MALFORMED, "control", kw)))
 
     def clean_leftovers(self) -> None:
         """Kill children of an earlier supervisor of this run that died without cleaning up."""
@@ -101,24 +109,23 @@ class Supervisor:
             return
         if old.get("pid") and old["pid"] != os.getpid() and _alive(old["pid"]):
             raise RuntimeError(f"another supervisor (pid {old['pid']}) is running this run in {self.run_dir}")
-        killed = kill_leftovers(old.get("children", []), str(self.run_dir))
+        killed = [pid for driver in self.drivers.values() for pid in driver.kill_leftovers(old)]
         if killed:
-            self.record(Event("leftovers_killed", "run", {"pids": killed}))
+            self.record(Event(ev.LEFTOVERS_KILLED, "run", {"pids": killed}))
 
     def save_state(self) -> None:
-        state = {"pid": os.getpid(), "children": self.driver.pids(), "run_id": self.run_id}
-        tmp = self.run_dir / "supervisor.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.run_dir / "supervisor.json")
+        children = [pid for driver in self.drivers.values() for pid in driver.pids()]
+        atomic_write(self.run_dir / "supervisor.json",
+                     json.dumps({"pid": os.getpid(), "children": children, "run_id": self.run_id}), fsync=False)
 
     # -- actions -------------------------------------------------------------
 
-    def record(self, ev: Event) -> None:
-        line = {"time": round(time.time(), 3), "event": ev.kind, "name": ev.name, **ev.detail}
+    def record(self, event: Event) -> None:
+        line = {"time": round(time.time(), 3), "event": event.kind, "name": event.name, **event.detail}
         self.events_file.write(json.dumps(line, default=str) + "\n")
-        if not self.live and ev.kind not in ("malformed",):
-            detail = " ".join(f"{k}={v}" for k, v in ev.detail.items() if k != "heartbeat")
-            print(f"[supervisor] {ev.name}: {ev.kind} {detail}", file=self.out, flush=True)
+        if not self.live and event.kind != ev.MALFORMED:
+            detail = " ".join(f"{k}={v}" for k, v in event.detail.items() if k != "heartbeat")
+            print(f"[supervisor] {event.name}: {event.kind} {detail}", file=self.out, flush=True)
 
     def execute(self, actions) -> None:
         pending = list(actions)
@@ -127,17 +134,24 @@ class Supervisor:
             if isinstance(action, Spawn):
                 spec = self.specs[action.name]
                 try:
-                    pid = self.driver.spawn(spec.name, spec.role, spec.slot, action.incarnation)
-                except OSError as exc:
+                    pid, standby = self.driver_of(action.name).spawn(spec, action.incarnation, action.standby)
+                except (OSError, SpawnError) as exc:
                     pending += self.machine.spawn_failed(action.name, str(exc))
                     continue
-                pending += self.machine.spawned(action.name, pid)
+                pending += self.machine.spawned(action.name, pid, standby)
                 self.save_state()
+            elif isinstance(action, StartStandby):
+                try:
+                    self.driver_of(action.name).start_standby(self.specs[action.name])
+                except (OSError, SpawnError):
+                    pending += self.machine.standby_lost(action.name)
+            elif isinstance(action, DropStandby):
+                self.driver_of(action.name).drop_standby(action.name)
             elif isinstance(action, CaptureEvidence):
                 self.incidents += 1
                 threading.Thread(target=self._capture, args=(action,), daemon=True).start()
             elif isinstance(action, Signal):
-                self.driver.signal(action.pid, action.signum)
+                self.driver_of(action.name).signal(action.name, action.pid, action.signum)
             elif isinstance(action, Event):
                 self.record(action)
             elif isinstance(action, EndRun):
@@ -145,21 +159,32 @@ class Supervisor:
 
     def _capture(self, action: CaptureEvidence) -> None:
         try:
-            path = evidence.capture(self.run_dir, action.name, action.pid, action.reason, action.heartbeat,
-                                    self.cfg.supervisor.evidence_timeout_s)
+            path = self.driver_of(action.name).capture(self.run_dir, action, self.cfg.supervisor.evidence_timeout_s)
             self.evidence_done.put((action.name, str(path.relative_to(self.run_dir))))
         except Exception as exc:  # evidence is best effort; the kill must go on
             self.evidence_done.put((action.name, None))
-            self.record(Event("evidence_failed", action.name, {"error": repr(exc)}))
+            self.record(Event(ev.EVIDENCE_FAILED, action.name, {"error": repr(exc)}))
+
+    def observe(self) -> None:
+        """What the drivers saw since the last call, fed to the machine."""
+        for driver in self.drivers.values():
+            for seen in driver.poll():
+                if isinstance(seen, Exited):
+                    self.execute(self.machine.exited(seen.name, seen.pid, seen.code))
+                elif isinstance(seen, Beat):
+                    self.execute(self.machine.heartbeat(seen.fields))
+                elif isinstance(seen, StandbyLost):
+                    self.execute(self.machine.standby_lost(seen.name))
 
     # -- control -------------------------------------------------------------
 
     def status(self) -> dict:
         rows = self.machine.snapshot()
-        learner = next((r for r in rows if r["role"] == "learner"), None)
+        for row in rows:
+            row["role"] = row["labels"].get("role")
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "supervisor_pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 2),
-                "env_steps": learner["env_steps"] if learner else 0,
+                "env_steps": self.plan.run_env_steps(rows),
                 "max_timesteps": self.cfg.run.max_timesteps, "incidents": self.incidents,
                 "dropped_messages": self.hb_inbox.dropped_total + self.control_inbox.dropped_total,
                 "stopping": self.machine.stopping, "processes": rows}
@@ -210,44 +235,43 @@ class Supervisor:
         while not self.evidence_done.empty():
             name, path = self.evidence_done.get()
             self.execute(self.machine.evidence_done(name, path))
-        for name, pid, code in self.driver.reap():
-            self.execute(self.machine.exited(name, pid, code))
-        self.driver.reap_spares()
-        for c in self.machine.children.values():
-            if c.state == RUNNING and c.spec.role == "worker" and not self.machine.stopping:
-                self.driver.ensure_spare(c.name, c.spec.slot)
+        self.observe()
         while not self.signals.empty():
-            signum = self.signals.get()
-            if self.machine.stopping:
-                self.record(Event("forced_stop", "run", {"signal": signum}))
-                self.driver.kill_all()
-                for name, pid, code in self.driver.reap():
-                    self.execute(self.machine.exited(name, pid, code))
-                for c in self.machine.children.values():
-                    if c.pid is not None:
-                        self.execute(self.machine.exited(c.name, c.pid, -9))
-            else:
-                self.execute(self.machine.request_stop(f"signal {signal.Signals(signum).name}"))
+            self.execute(self.machine.signal_received(self.signals.get()))
         self.execute(self.machine.tick())
 
-    def run(self) -> int:
-        self.clean_leftovers()
+    def start(self) -> zmq.Poller:
+        """Bind, and start every child (after :meth:`clean_leftovers`)."""
         self.bind()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.on_signal)
-        self.record(Event("run_started", "run", {"run_dir": str(self.run_dir), "pid": os.getpid(),
-                                                   "workers": self.cfg.workers.count}))
+        self.record(Event(ev.RUN_STARTED, "run", {"run_dir": str(self.run_dir), "pid": os.getpid(),
+                                                   "workers": self.cfg.workers.count, "children": self.plan.names}))
         self.execute(self.machine.start())
         poller = zmq.Poller()
         poller.register(self.hb_sock, zmq.POLLIN)
         poller.register(self.control, zmq.POLLIN)
-        display = None
-        if self.live:
-            from supervisor.display import LiveDisplay
+        return poller
 
-            display = LiveDisplay(self)
-            display.start()
+    def close(self) -> None:
+        """Kill whatever is left, and leave no socket file behind."""
+        for driver in self.drivers.values():
+            driver.kill_all()
+        self.save_state()
+        self.events_file.close()
+        self.ctx.destroy(linger=0)
+        self.remove_sockets()
+
+    def run(self) -> int:
+        self.clean_leftovers()  # refuses to go on beside a live supervisor of this run, before touching anything
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.on_signal)
+        display = None
         try:
+            poller = self.start()
+            if self.live:
+                from supervisor.display import LiveDisplay
+
+                display = LiveDisplay(self)
+                display.start()
             while self.exit_code is None:
                 self.loop_once(poller)
                 if display is not None:
@@ -255,13 +279,8 @@ class Supervisor:
         finally:
             if display is not None:
                 display.stop()
-            self.driver.kill_all()
-            self.save_state()
-            self.events_file.close()
-            self.ctx.destroy(linger=0)
-            self.remove_sockets()
+            self.close()
         return self.exit_code or 0
-
 
     def remove_sockets(self) -> None:
         """No socket files outlive the run (children are gone, so nobody holds them)."""

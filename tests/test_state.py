@@ -1,12 +1,18 @@
 """The supervisor's state machine, driven by a fake clock: no processes, no sleeping."""
 
+import math
 import random
 import signal
+from dataclasses import replace
 
 import pytest
 
-from supervisor.state import (BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING, CaptureEvidence,
-                              ChildSpec, EndRun, Event, Limits, Signal, Spawn, Supervision)
+from protocol import events as ev
+from protocol.config import load_config
+from supervisor.plan import build_plan
+from supervisor.state import (BACKOFF, FAILED, PERMANENT, RUNNING, STALLED, STARTING, STOPPED, STOPPING, TEMPORARY,
+                              TRANSIENT, Backoff, CaptureEvidence, ChildSpec, Deadlines, DropStandby, EndRun, Event,
+                              Intensity, Signal, Spawn, StartStandby, Supervision)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -22,20 +28,30 @@ class FakeClock:
         self.now += seconds
 
 
-LIMITS = Limits(heartbeat_deadline_s=5, progress_deadline_s=10, startup_deadline_s=30, learner_deadline_s=60,
-                kill_grace_s=2, stop_grace_s=15, evidence_timeout_s=3, backoff_initial_s=1, backoff_max_s=8,
-                backoff_jitter=0.0, healthy_reset_s=60, max_restarts=3, restart_window_s=100)
+SUPERVISOR = dict(heartbeat_deadline_s=5, progress_deadline_s=10, startup_deadline_s=30, learner_deadline_s=60,
+                  kill_grace_s=2, learner_stop_grace_s=15, evidence_timeout_s=3, backoff_initial_s=1, backoff_max_s=8,
+                  backoff_jitter=0.0, healthy_reset_s=60, max_restarts=3, restart_window_s=100,
+                  standby_workers=False)
 
 
-def make(limits=LIMITS, workers=2):
+def plan_specs(workers=2, **supervisor):
+    """The run's real plan (learner + workers) with the deadlines above."""
+    overrides = [(f"supervisor.{k}", v) for k, v in {**SUPERVISOR, **supervisor}.items()]
+    return list(build_plan(load_config(None, overrides + [("workers.count", workers)])).specs)
+
+
+def start(specs):
     clock = FakeClock()
-    specs = [ChildSpec("learner", "learner")] + [ChildSpec(f"worker-{i}", "worker", i) for i in range(workers)]
-    sup = Supervision(specs, limits, clock, random.Random(0))
+    sup = Supervision(specs, clock, random.Random(0))
     pids = iter(range(100, 10_000))
     for a in sup.start():
         assert isinstance(a, Spawn)
         sup.spawned(a.name, next(pids))
     return sup, clock, pids
+
+
+def make(workers=2, **supervisor):
+    return start(plan_specs(workers, **supervisor))
 
 
 def beat(sup, name, phase="stepping", env_steps=0, updates=0, phase_age_s=0.0):
@@ -57,7 +73,7 @@ def run_all(sup, clock):
 
 def test_start_spawns_learner_first():
     clock = FakeClock()
-    sup = Supervision([ChildSpec("worker-0", "worker", 0), ChildSpec("learner", "learner")], LIMITS, clock)
+    sup = Supervision(plan_specs(1), clock)
     actions = sup.start()
     assert [a.name for a in actions] == ["learner", "worker-0"]
     assert all(c.state == STARTING for c in sup.children.values())
@@ -222,8 +238,7 @@ def test_killed_worker_backs_off_then_respawns_with_new_incarnation():
 
 
 def test_backoff_grows_exponentially_and_is_capped():
-    limits = Limits(**{**LIMITS.__dict__, "max_restarts": 100, "restart_window_s": 1e9})
-    sup, clock, pids = make(limits)
+    sup, clock, pids = make(max_restarts=100, restart_window_s=1e9)
     delays = []
     for _ in range(6):
         c = sup.children["worker-0"]
@@ -236,8 +251,7 @@ def test_backoff_grows_exponentially_and_is_capped():
 
 
 def test_backoff_jitter_stays_within_bounds():
-    limits = Limits(**{**LIMITS.__dict__, "backoff_jitter": 0.25})
-    sup, clock, _ = make(limits)
+    sup, clock, _ = make(backoff_jitter=0.25)
     c = sup.children["worker-0"]
     sup.exited("worker-0", c.pid, 1)
     assert 0.75 <= c.restart_at - clock.now <= 1.25
@@ -426,3 +440,335 @@ def test_evaluation_steps_count_as_progress_and_a_hung_evaluation_does_not():
         sup.heartbeat({"name": "worker-0", "pid": c.pid, "phase": "evaluating", "env_steps": 50, "eval_steps": 29})
         sup.tick()
     assert c.state == STALLED
+
+
+# -- the spec's policy fields, each with its negative twin -------------------------------------------------------
+
+def spec(name, **kw):
+    """A child spec with short deadlines; names and kinds here mean nothing to the machine."""
+    base = dict(name=name, kind="process", restart=TRANSIENT, significant=False,
+                deadlines=Deadlines(heartbeat_s=5, progress_s=10, startup_s=30, evidence_s=3),
+                progress_phases=frozenset({"busy"}), startup_phases=frozenset({"booting"}),
+                progress_counters=("count",), kill_grace_s=2, stop_grace_s=4,
+                backoff=Backoff(initial_s=1, max_s=8, jitter=0.0, healthy_reset_s=60),
+                intensity=Intensity(max_restarts=3, window_s=100))
+    return ChildSpec(**{**base, **kw})
+
+
+def up(sup, *names):
+    for name in names or list(sup.children):
+        c = sup.children[name]
+        sup.heartbeat({"name": name, "pid": c.pid, "phase": "busy", "count": 0})
+        assert c.state == RUNNING
+
+
+def respawn(sup, clock, pids, name):
+    """Let the backoff run out and report the spawn."""
+    c = sup.children[name]
+    clock.advance(max(0.0, c.restart_at - clock.now))
+    spawns = [a for a in sup.tick() if isinstance(a, Spawn)]
+    for a in spawns:
+        sup.spawned(a.name, next(pids))
+    return spawns
+
+
+def sim_pair():
+    """A simulator and the worker that drives it: the worker depends on the simulator."""
+    return start([spec("drv", depends_on=("sim",)), spec("sim", kind="sim", restart=PERMANENT), spec("other")])
+
+
+def test_start_order_follows_dependencies():
+    clock = FakeClock()
+    sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim"), spec("other")], clock)
+    assert [a.name for a in sup.start()] == ["sim", "drv", "other"]
+
+
+def test_unknown_dependency_cycle_and_duplicates_are_refused():
+    with pytest.raises(ValueError, match="depends on 'nope'"):
+        Supervision([spec("a", depends_on=("nope",))], FakeClock())
+    with pytest.raises(ValueError, match="cycle"):
+        Supervision([spec("a", depends_on=("b",)), spec("b", depends_on=("a",))], FakeClock())
+    with pytest.raises(ValueError, match="two children"):
+        Supervision([spec("a"), spec("a")], FakeClock())
+    with pytest.raises(ValueError, match="restart type"):
+        Supervision([spec("a", restart="sometimes")], FakeClock())
+
+
+def test_dependency_restart_restarts_its_dependent_after_it():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    sim, drv, other = sup.children["sim"], sup.children["drv"], sup.children["other"]
+    drv_pid = drv.pid
+    actions = sup.exited("sim", sim.pid, 1)
+    assert sim.state == BACKOFF
+    assert drv.state == STOPPING and drv.held
+    assert [a.signum for a in of(actions, Signal) if a.name == "drv"] == [signal.SIGTERM, signal.SIGCONT]
+    assert [e.detail for e in of(actions, Event) if e.kind == ev.DEPENDENCY_RESTART] == [{"dependency": "sim"}]
+    assert not of(actions, CaptureEvidence), "a dependent stopped for its dependency is not an incident"
+    assert other.state == RUNNING, "a child that does not depend on sim is left alone"
+    sup.exited("drv", drv_pid, 0)
+    assert drv.state == BACKOFF and math.isinf(drv.restart_at), "it waits for sim, not for a timer"
+    clock.advance(100)
+    spawns = [a for a in sup.tick() if isinstance(a, Spawn)]
+    assert [a.name for a in spawns] == ["sim", "drv"], "the dependency first, then its dependent"
+    assert drv.incarnation == 1 and drv.restarts == 1
+    assert len(drv.restart_times) == 0, "restarting with a dependency does not count against its own intensity"
+
+
+def test_dependent_not_yet_running_waits_for_a_failed_dependency_and_fails_with_it():
+    sup, clock, pids = start([spec("drv", depends_on=("sim",)), spec("sim", intensity=Intensity(0, 100))])
+    sup.spawn_failed("drv", "no such file")  # drv is in its backoff when sim fails
+    sup.exited("sim", sup.children["sim"].pid, 1)
+    assert sup.children["sim"].state == FAILED and sup.children["drv"].state == FAILED
+    clock.advance(100)
+    assert not of(sup.tick(), Spawn)
+
+
+def test_dependent_still_stopping_starts_when_it_exits():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    drv = sup.children["drv"]
+    drv_pid = drv.pid
+    sup.exited("sim", sup.children["sim"].pid, 1)
+    assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1)], "drv has not exited yet: not spawned"
+    assert of(sup.exited("drv", drv_pid, -15), Spawn) == [Spawn("drv", 1)]
+
+
+def test_dependents_restart_leaves_its_dependency_alone():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    sim = sup.children["sim"]
+    sim_pid = sim.pid
+    actions = sup.exited("drv", sup.children["drv"].pid, 1)
+    assert not [a for a in actions if getattr(a, "name", None) == "sim"]
+    respawn(sup, clock, pids, "drv")
+    assert sim.state == RUNNING and sim.pid == sim_pid and sim.incarnation == 0
+
+
+def test_user_restart_of_a_dependency_restarts_its_dependent():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    sim, drv = sup.children["sim"], sup.children["drv"]
+    sim_pid, drv_pid = sim.pid, drv.pid
+    sup.request_restart("sim")
+    actions = sup.exited("sim", sim_pid, 0)
+    assert of(actions, Spawn) == [Spawn("sim", 1)]
+    assert drv.state == STOPPING and [a.name for a in of(actions, Signal)] == ["drv", "drv"]
+    sup.spawned("sim", next(pids))
+    assert of(sup.exited("drv", drv_pid, 0), Spawn) == [Spawn("drv", 1)]
+
+
+def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_back():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    sim, drv = sup.children["sim"], sup.children["drv"]
+    for _ in range(3):
+        sup.exited("sim", sim.pid, 1)
+        respawn(sup, clock, pids, "sim")
+        for a in of(sup.exited("drv", drv.pid, -15), Spawn):
+            sup.spawned(a.name, next(pids))
+        assert drv.state == STARTING and drv.pid is not None
+    actions = sup.exited("sim", sim.pid, 1)
+    assert sim.state == FAILED and drv.state == STOPPING
+    actions = sup.exited("drv", drv.pid, -15)
+    assert drv.state == FAILED and drv.kill_reason == "sim failed"
+    assert [e.detail for e in of(actions, Event) if e.kind == ev.FAILED] == [{"reason": "sim failed"}]
+    assert sup.children["other"].state != FAILED and not sup.stopping
+    actions = sup.request_restart("sim")
+    assert [a.name for a in of(actions, Spawn)] == ["sim", "drv"]
+
+
+def test_transient_is_restarted_after_a_crash_and_not_after_exit_zero():
+    sup, clock, pids = start([spec("t", restart=TRANSIENT), spec("u", restart=TRANSIENT)])
+    up(sup)
+    sup.exited("t", sup.children["t"].pid, 3)
+    assert sup.children["t"].state == BACKOFF and respawn(sup, clock, pids, "t") == [Spawn("t", 1)]
+    actions = sup.exited("u", sup.children["u"].pid, 0)
+    assert sup.children["u"].state == STOPPED and [e.kind for e in of(actions, Event)] == [ev.EXITED, ev.FINISHED]
+    clock.advance(100)
+    assert not [a for a in sup.tick() if isinstance(a, Spawn)]
+
+
+def test_permanent_is_restarted_even_after_exit_zero():
+    sup, clock, pids = start([spec("p", restart=PERMANENT)])
+    up(sup)
+    sup.exited("p", sup.children["p"].pid, 0)
+    assert sup.children["p"].state == BACKOFF and respawn(sup, clock, pids, "p") == [Spawn("p", 1)]
+
+
+def test_temporary_is_never_restarted():
+    sup, clock, pids = start([spec("crashes", restart=TEMPORARY), spec("ends", restart=TEMPORARY)])
+    up(sup)
+    sup.exited("crashes", sup.children["crashes"].pid, 1)
+    sup.exited("ends", sup.children["ends"].pid, 0)
+    assert sup.children["crashes"].state == FAILED and sup.children["ends"].state == STOPPED
+    clock.advance(1000)
+    assert not [a for a in sup.tick() if isinstance(a, Spawn)]
+    assert sup.children["crashes"].restarts == 0 and not sup.stopping
+
+
+def test_significant_child_past_its_limit_ends_the_run_and_an_insignificant_one_does_not():
+    for significant in (True, False):
+        sup, clock, pids = start([spec("a", significant=significant, intensity=Intensity(1, 100)), spec("b")])
+        up(sup)
+        sup.exited("a", sup.children["a"].pid, 1)
+        respawn(sup, clock, pids, "a")
+        actions = sup.exited("a", sup.children["a"].pid, 1)
+        assert sup.children["a"].state == FAILED
+        if significant:
+            assert sup.stopping and [a.signum for a in of(actions, Signal)] == [signal.SIGTERM, signal.SIGCONT]
+            assert of(sup.exited("b", sup.children["b"].pid, -15), EndRun)[0].exit_code == 1
+        else:
+            assert not sup.stopping and sup.children["b"].state == RUNNING and not of(actions, Signal)
+
+
+def test_significant_child_finishing_completes_the_run_with_zero():
+    sup, clock, pids = start([spec("a", significant=True), spec("b")])
+    up(sup)
+    actions = sup.exited("a", sup.children["a"].pid, 0)
+    assert ev.RUN_COMPLETE in [e.kind for e in of(actions, Event)] and sup.stopping
+    assert of(sup.exited("b", sup.children["b"].pid, 0), EndRun) == [EndRun(0, "run complete")]
+
+
+def test_stop_order_is_the_reverse_of_start_order():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    actions = sup.request_stop()
+    assert {a.name for a in of(actions, Signal)} == {"drv", "other"}, "sim waits until its dependent is gone"
+    assert sup.children["sim"].state == STOPPING
+    clock.advance(60)
+    assert not [a for a in sup.tick() if isinstance(a, Signal) and a.name == "sim"], "no grace runs before SIGTERM"
+    actions = sup.exited("drv", sup.children["drv"].pid, 0)
+    assert [a.name for a in of(actions, Signal)] == ["sim", "sim"]
+    clock.advance(4.1)
+    assert [a.signum for a in sup.tick() if isinstance(a, Signal)] == [signal.SIGKILL], "after sim's stop grace"
+
+
+def test_stop_grace_is_the_specs_own():
+    sup, clock, pids = start([spec("slow", stop_grace_s=15), spec("quick", stop_grace_s=2)])
+    up(sup)
+    sup.request_stop()
+    clock.advance(2.1)
+    assert [a.name for a in sup.tick() if isinstance(a, Signal)] == ["quick"]
+    clock.advance(13)
+    assert [a.name for a in sup.tick() if isinstance(a, Signal)] == ["slow"]
+
+
+def test_a_second_stop_request_is_harmless():
+    sup, clock, pids = start([spec("a"), spec("b")])
+    up(sup)
+    first = sup.request_stop("stop requested")
+    assert len(of(first, Signal)) == 4
+    assert sup.request_stop("stop requested") == []
+    assert sup.request_stop("another reason", 1) == [] and sup.stop_reason == "stop requested"
+
+
+def test_second_signal_forces_the_stop_and_a_third_is_harmless():
+    sup, clock, pids = start([spec("a", stop_grace_s=30), spec("b", stop_grace_s=30)])
+    up(sup)
+    first = sup.signal_received(signal.SIGINT)
+    assert sup.stopping and {a.signum for a in of(first, Signal)} == {signal.SIGTERM, signal.SIGCONT}
+    forced = sup.signal_received(signal.SIGINT)
+    assert [e.kind for e in of(forced, Event)] == [ev.FORCED_STOP]
+    assert sorted((a.name, a.signum) for a in of(forced, Signal)) == [("a", signal.SIGKILL), ("b", signal.SIGKILL)]
+    assert sup.signal_received(signal.SIGINT) == []
+    sup.exited("a", sup.children["a"].pid, -9)
+    assert of(sup.exited("b", sup.children["b"].pid, -9), EndRun) == [EndRun(0, "signal SIGINT")]
+
+
+def test_one_signal_is_an_orderly_stop_not_a_forced_one():
+    sup, clock, pids = start([spec("a", stop_grace_s=30)])
+    up(sup)
+    actions = sup.signal_received(signal.SIGTERM)
+    assert not [a for a in actions if isinstance(a, Signal) and a.signum == signal.SIGKILL]
+    clock.advance(29)
+    assert not [a for a in sup.tick() if isinstance(a, Signal)]
+
+
+def test_a_forced_stop_ends_even_if_a_child_never_reports_its_exit():
+    sup, clock, pids = start([spec("a"), spec("b")])
+    up(sup)
+    sup.force_stop("test")
+    sup.exited("a", sup.children["a"].pid, -9)
+    clock.advance(1.9)
+    assert not of(sup.tick(), EndRun)
+    clock.advance(0.2)
+    assert of(sup.tick(), EndRun) == [EndRun(1, "test")]
+
+
+def test_spawn_failure_enters_backoff_and_counts_against_the_limit():
+    clock = FakeClock()
+    sup = Supervision([spec("a", intensity=Intensity(1, 100))], clock)
+    sup.start()
+    actions = sup.spawn_failed("a", "no such file")
+    assert sup.children["a"].state == BACKOFF
+    assert [e.kind for e in of(actions, Event)] == [ev.SPAWN_FAILED, ev.BACKOFF]
+    clock.advance(1.0)
+    assert of(sup.tick(), Spawn) == [Spawn("a", 1)]
+    sup.spawn_failed("a", "no such file")
+    assert sup.children["a"].state == FAILED
+
+
+def test_successful_spawn_does_not_back_off():
+    clock = FakeClock()
+    sup = Supervision([spec("a")], clock)
+    sup.start()
+    sup.spawned("a", 42)
+    assert sup.children["a"].state == STARTING and sup.children["a"].pid == 42
+
+
+def test_standby_is_asked_for_once_running_and_used_by_the_next_spawn():
+    sup, clock, pids = start([spec("w", standby=True), spec("plain")])
+    assert not [a for a in sup.tick() if isinstance(a, StartStandby)], "not while starting: it would slow the start"
+    up(sup)
+    assert of(sup.tick(), StartStandby) == [StartStandby("w")]
+    assert not of(sup.tick(), StartStandby), "asked for once"
+    sup.exited("w", sup.children["w"].pid, 1)
+    assert respawn(sup, clock, pids, "w") == [Spawn("w", 1, standby=True)]
+    sup.exited("plain", sup.children["plain"].pid, 1)
+    assert respawn(sup, clock, pids, "plain") == [Spawn("plain", 1, standby=False)]
+
+
+def test_a_lost_standby_is_replaced_and_the_next_spawn_starts_cold():
+    sup, clock, pids = start([spec("w", standby=True)])
+    up(sup)
+    sup.tick()
+    sup.standby_lost("w")
+    assert of(sup.tick(), StartStandby) == [StartStandby("w")]
+    sup.standby_lost("w")
+    sup.exited("w", sup.children["w"].pid, 1)
+    assert respawn(sup, clock, pids, "w") == [Spawn("w", 1, standby=False)]
+
+
+def test_stop_drops_standbys_and_asks_for_none():
+    sup, clock, pids = start([spec("w", standby=True)])
+    up(sup)
+    sup.tick()
+    assert of(sup.request_stop(), DropStandby) == [DropStandby("w")]
+    assert not of(sup.tick(), StartStandby)
+
+
+def test_progress_counters_and_phases_are_the_specs_own():
+    sup, clock, pids = start([spec("a", progress_counters=("x", "y"), progress_phases=frozenset({"work"}))])
+    c = sup.children["a"]
+    for i in range(20):  # x frozen, y growing: progress
+        clock.advance(1.0)
+        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "work", "x": 5, "y": i})
+        assert not of(sup.tick(), CaptureEvidence)
+    for i in range(20):  # in a phase outside progress_phases, nothing has to grow
+        clock.advance(1.0)
+        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "idle", "x": 5, "y": 19})
+        assert not of(sup.tick(), CaptureEvidence)
+    for i in range(12):  # back in a progressing phase with nothing growing: stalled past the deadline
+        clock.advance(1.0)
+        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "work", "x": 5, "y": 19})
+        sup.tick()
+    assert c.state == STALLED
+
+
+def test_events_are_checked_against_the_vocabulary():
+    Event(ev.SPAWNED, "a", {"pid": 1, "incarnation": 0, "standby": False})
+    with pytest.raises(ValueError, match="unknown event kind"):
+        Event("exploded", "a", {})
+    with pytest.raises(ValueError, match="undocumented field"):
+        Event(ev.SPAWNED, "a", {"pid": 1, "colour": "red"})

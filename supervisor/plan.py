@@ -1,0 +1,87 @@
+"""The supervision tree of a run, built from its config: the one module that knows the roles.
+
+The learner and the env-workers are child specs (:class:`supervisor.state.ChildSpec`);
+every limit in them comes from the validated ``supervisor`` section, so a config
+key that is renamed or dropped fails here, loudly, instead of falling back to a
+default somewhere else. The state machine, the drivers and the CLI read specs and
+their labels, never role names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from protocol.config import Config
+from protocol.messages import LEARNER_PROGRESSING_PHASES, PROGRESSING_PHASES, STARTUP_PHASES
+from supervisor.state import TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
+
+LEARNER = "learner"
+WORKER = "worker"
+
+
+def worker_name(slot: int) -> str:
+    return f"{WORKER}-{slot}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The children of one supervisor, in start order, and what the run's totals are read from."""
+
+    specs: tuple[ChildSpec, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def with_children(self, *extra: ChildSpec) -> "Plan":
+        return Plan(self.specs + tuple(extra))
+
+    def missing_modules(self) -> list[str]:
+        """Modules the children need that this install lacks (a supervisor-only install runs no children)."""
+        missing = []
+        for spec in self.specs:
+            for module in spec.launch.get("needs", ()):
+                try:
+                    found = importlib.util.find_spec(module) is not None
+                except (ImportError, ValueError):
+                    found = False
+                if not found and module not in missing:
+                    missing.append(module)
+        return missing
+
+    def run_env_steps(self, rows: list[dict]) -> int:
+        """The run's env steps: what the learner has stored (workers' counts restart with each incarnation)."""
+        return next((int(r["env_steps"]) for r in rows if r["name"] == LEARNER), 0)
+
+
+def build_plan(cfg: Config) -> Plan:
+    """The learner, then one env-worker per slot; both ``transient``, the learner ``significant``.
+
+    Workers do not depend on the learner: a learner restart leaves them stepping
+    with their last weights (ZeroMQ queues their steps), and a worker restart
+    never touches the learner.
+    """
+    sup = cfg.supervisor
+    backoff = Backoff(initial_s=sup.backoff_initial_s, max_s=sup.backoff_max_s, jitter=sup.backoff_jitter,
+                      healthy_reset_s=sup.healthy_reset_s)
+    intensity = Intensity(max_restarts=sup.max_restarts, window_s=sup.restart_window_s)
+    learner = ChildSpec(
+        name=LEARNER, kind="process", restart=TRANSIENT, significant=True,
+        deadlines=Deadlines(heartbeat_s=sup.heartbeat_deadline_s, progress_s=sup.learner_deadline_s,
+                            startup_s=sup.startup_deadline_s, evidence_s=sup.evidence_timeout_s),
+        progress_phases=LEARNER_PROGRESSING_PHASES, startup_phases=STARTUP_PHASES, progress_counters=("updates",),
+        kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.learner_stop_grace_s, backoff=backoff, intensity=intensity,
+        launch={"module": "learner", "args": ("--name", LEARNER), "needs": ("torch", "tensorboard")}, labels={"role": LEARNER})
+    workers = [ChildSpec(
+        name=worker_name(slot), kind="process", restart=TRANSIENT, significant=False,
+        deadlines=Deadlines(heartbeat_s=sup.heartbeat_deadline_s, progress_s=sup.progress_deadline_s,
+                            startup_s=sup.startup_deadline_s, evidence_s=sup.evidence_timeout_s),
+        # evaluation steps are progress too: a long evaluation is not a stall, a hung one is
+        progress_phases=PROGRESSING_PHASES, startup_phases=STARTUP_PHASES, progress_counters=("env_steps", "eval_steps"),
+        kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.kill_grace_s, backoff=backoff, intensity=intensity,
+        standby=sup.standby_workers,
+        launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
+                "needs": ("torch", "gymnasium")},
+        labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]
+    return Plan((learner, *workers))

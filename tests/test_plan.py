@@ -1,0 +1,103 @@
+"""The supervision tree as data: the plan is built from the config alone, and the machine knows no roles."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protocol.config import SupervisorConfig, load_config
+from supervisor.plan import build_plan
+from supervisor.state import PERMANENT, TRANSIENT, Supervision
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Read by the children themselves (how often they beat), not by the machine.
+READ_BY_CHILDREN = {"heartbeat_interval_s"}
+
+
+def plan_of(**supervisor):
+    return build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in supervisor.items()]))
+
+
+def distinct_value(name, default):
+    """A valid value unlike the default (and unlike any other default), so its use can be traced."""
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 7
+    if name == "backoff_jitter":
+        return 0.37
+    if name == "heartbeat_deadline_s":
+        return 4.25  # still above the heartbeat interval
+    return default + 0.37
+
+
+@pytest.mark.parametrize("name", sorted(set(SupervisorConfig.model_fields) - READ_BY_CHILDREN))
+def test_every_supervisor_setting_reaches_the_machine(name):
+    default = SupervisorConfig.model_fields[name].default
+    changed = plan_of(**{name: distinct_value(name, default)})
+    baseline = plan_of()
+    assert changed.specs != baseline.specs, f"supervisor.{name} changes nothing the machine decides by"
+    machine = Supervision(list(changed.specs), clock=lambda: 0.0)
+    assert [c.spec for c in machine.children.values()] == list(changed.specs)
+
+
+def test_the_settings_read_by_children_are_real_settings():
+    assert READ_BY_CHILDREN <= set(SupervisorConfig.model_fields)
+
+
+def test_plan_policies():
+    plan = build_plan(load_config(None, [("workers.count", 3)]))
+    assert plan.names == ["learner", "worker-0", "worker-1", "worker-2"]
+    learner, *workers = plan.specs
+    assert learner.significant and learner.restart == TRANSIENT and learner.progress_counters == ("updates",)
+    assert learner.stop_grace_s == 15.0 and learner.deadlines.progress_s == 60.0
+    for w in workers:
+        assert not w.significant and w.restart == TRANSIENT and w.depends_on == () and w.standby
+        assert w.deadlines.progress_s == 10.0 and w.stop_grace_s == w.kill_grace_s
+        assert "evaluating" in w.progress_phases and "waiting_learner" not in w.progress_phases
+    assert PERMANENT not in {s.restart for s in plan.specs}
+    assert plan.run_env_steps([{"name": "worker-0", "env_steps": 5}, {"name": "learner", "env_steps": 42}]) == 42
+
+
+def test_the_state_machine_names_no_role():
+    text = (ROOT / "supervisor" / "state.py").read_text()
+    assert not re.search(r"learner|worker|\brole\b", text, re.IGNORECASE), "the machine reads specs, not roles"
+
+
+def test_only_the_plan_names_the_children():
+    """Other supervisor modules read specs and labels; no child name or role literal outside the plan."""
+    for path in sorted((ROOT / "supervisor").glob("*.py")):
+        if path.name == "plan.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not re.fullmatch(r"learner|worker(-\d+)?", node.value), f"{path.name}: {node.value!r}"
+            if isinstance(node, ast.Compare):
+                for side in [node.left, *node.comparators]:
+                    if isinstance(side, ast.Attribute):
+                        assert side.attr != "role", f"{path.name}:{node.lineno} compares a role"
+
+
+@pytest.mark.e2e
+def test_protocol_imports_neither_torch_nor_gymnasium():
+    """By construction: no module of protocol names them, and importing all of protocol loads neither."""
+    heavy = {"torch", "gymnasium", "highway_env", "tensorboard"}
+    modules = sorted(p.stem for p in (ROOT / "protocol").glob("*.py") if p.stem != "__init__")
+    for path in (ROOT / "protocol").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in heavy, f"protocol/{path.name} imports {name}"
+    code = ("import sys, importlib\n"
+            f"for m in {modules!r}: importlib.import_module('protocol.' + m)\n"
+            f"loaded = sorted(m for m in {sorted(heavy)!r} if m in sys.modules)\n"
+            "assert not loaded, loaded\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
