@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup up test bench clean status
+.PHONY: setup up test test-fast bench clean status
 
 setup: $(STAMP)
 
@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned to a CPU build in pyproject.toml; install it first so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[all,test,bench]'
 	touch $(BENCH_STAMP)
 
 up: $(STAMP)
@@ -32,6 +32,10 @@ status: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that start no processes: the state machine, plan, protocol, replay, TD3 (well under a minute).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(ARGS)

@@ -62,6 +62,7 @@ def run_cli(*args, cwd):
                           timeout=30, cwd=cwd)
 
 
+@pytest.mark.e2e
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
     bad = write(tmp_path, "learner:\n  batch_sise: 3\n")
     res = run_cli("up", "--config", str(bad), "--runs-dir", str(tmp_path / "runs"), cwd=".")

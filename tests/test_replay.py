@@ -216,6 +216,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_replay_survives_sigkill_of_its_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = str(tmp_path / "replay")

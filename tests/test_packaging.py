@@ -1,0 +1,96 @@
+"""Dependency groups per role: each package imports only what its role's install provides."""
+
+import ast
+import importlib.metadata
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy")
+# Which extras each package's role installs on top of the base dependencies, and which
+# of the project's own packages it may import (supervisor, learner and worker never import each other).
+ROLES = {
+    "protocol": ((), {"protocol"}),
+    "supervisor": (("supervisor",), {"protocol", "supervisor"}),
+    "learner": (("learner",), {"protocol", "learner", "policy"}),
+    "worker": (("worker",), {"protocol", "worker", "policy"}),
+    "policy": (("learner", "worker"), {"policy"}),  # both roles install what the shared network needs
+}
+# Import names that are optional at run time (imported inside try/except ImportError, or only for one backend).
+OPTIONAL = {"worker": {"highway_env", "carla"}}
+
+
+def requirement_names(reqs):
+    return {re.split(r"[=<>\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def imports_of(package):
+    """Top-level names of every import in a package, lazy ones inside functions included."""
+    found = set()
+    for path in (ROOT / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"__future__"}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_imports_only_what_its_role_installs(package):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras, own = ROLES[package]
+    allowed = requirement_names(project["dependencies"])
+    for extra in extras:
+        allowed |= requirement_names(project["optional-dependencies"][extra])
+    dists = importlib.metadata.packages_distributions()
+    for name in sorted(imports_of(package) - OPTIONAL.get(package, set())):
+        if name in PACKAGES:
+            assert name in own, f"{package} imports {name}: the roles share only protocol (and policy)"
+            continue
+        provided = {d.lower().replace("_", "-") for d in dists.get(name, [name])}
+        assert provided & allowed, f"{package} imports {name} ({provided}), which its role's install lacks"
+
+
+def test_every_package_is_packaged():
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(packages) == set(PACKAGES)
+
+
+BLOCK_HEAVY = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'gymnasium', 'highway_env', 'tensorboard', 'docker'}:
+            raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, Block())
+from supervisor.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.e2e
+def test_status_and_report_run_on_the_base_install(tmp_path):
+    """What a monitoring host runs needs neither torch, gymnasium, TensorBoard nor Docker."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-c", BLOCK_HEAVY, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30)
+
+    res = cli("status", "--run-dir", str(tmp_path / "nothing"))
+    assert res.returncode == 4 and "no supervisor answers" in res.stderr, res.stderr
+    run = tmp_path / "run"
+    (run / "incidents").mkdir(parents=True)
+    (run / "events.jsonl").write_text('{"time": 1, "event": "stalled", "name": "worker-0", "reason": "x"}\n')
+    res = cli("report", str(run))
+    assert res.returncode == 0 and "stalled: worker-0: x" in res.stdout, res.stderr
+    res = cli("up", "--runs-dir", str(tmp_path / "runs"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "torch" in res.stderr and "[all]" in res.stderr
+    assert not (tmp_path / "runs").exists(), "a refused up writes nothing"
