@@ -6,7 +6,6 @@ any moment restarts from the last whole checkpoint.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -35,10 +34,8 @@ class Checkpoints:
         """Write ``<label>.pt``: the agent (model, optimizers, update count), weights version and replay index."""
         state = {"agent": agent_state, "weights_version": weights_version, "replay": replay_index,
                  "time": time.time()}
-        buf = io.BytesIO()
-        torch.save(state, buf)
         path = self.dir / f"{label}.pt"
-        atomic_write(path, buf.getbuffer())
+        atomic_write(path, lambda f: torch.save(state, f))
         return path
 
     def load(self, device: torch.device, label: str = LATEST) -> dict | None:

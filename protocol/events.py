@@ -45,6 +45,7 @@ FINISHED = "finished"
 RUN_COMPLETE = "run_complete"
 DEPENDENCY_RESTART = "dependency_restart"
 RESTART_REQUESTED = "restart_requested"
+RECYCLED = "recycled"
 STOPPING = "stopping"
 FORCED_STOP = "forced_stop"
 RUN_ENDED = "run_ended"
@@ -86,6 +87,8 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
     EventKind(DEPENDENCY_RESTART, "a child is restarted because a child it depends on is (rest_for_one)", {
         "dependency": "the child it depends on"}),
     EventKind(RESTART_REQUESTED, "a user asked for a restart", {"state": "the child's state at the time"}),
+    EventKind(RECYCLED, "a planned restart: the child ran its maximum age, or a dependent asked for a fresh one", {
+        "reason": "why"}),
     EventKind(STOPPING, "the run is stopping; children stop in reverse start order", {"reason": "why"}),
     EventKind(FORCED_STOP, "a second stop signal: every child is killed at once", {"reason": "why"}),
     EventKind(RUN_ENDED, "the last line of a run", {"reason": "why it ended", "exit_code": "the supervisor's exit"}),

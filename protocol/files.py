@@ -15,7 +15,8 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
     it was and no temporary file behind.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A fixed name: a writer killed mid-write leaves one stale file that the next write replaces, not one per pid.
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             if callable(data):

@@ -109,6 +109,19 @@ def _check_steps(msg) -> None:
         raise ProtocolError("bad_shape", f"steps.frames: shape {a['frames'].shape}, expected ({n}, *frame_shape)")
 
 
+# A heartbeat names at most this many recent alerts, each a short "level:rule@update" string.
+MAX_ALERTS = 20
+MAX_ALERT_CHARS = 200
+
+
+def _check_heartbeat(msg) -> None:
+    from protocol.codec import ProtocolError
+
+    alerts = msg.get("alerts") or []
+    if len(alerts) > MAX_ALERTS or not all(isinstance(a, str) and len(a) <= MAX_ALERT_CHARS for a in alerts):
+        raise ProtocolError("bad_field", f"heartbeat.alerts: at most {MAX_ALERTS} strings of {MAX_ALERT_CHARS} chars")
+
+
 def _check_weights(msg) -> None:
     from protocol.codec import ProtocolError
 
@@ -155,7 +168,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "eval_steps": _f(*_INT, nonnegative=True, required=False),
             "steps_per_s": _f(*_NUM, nonnegative=True), "rss_bytes": _f(*_INT, nonnegative=True),
             "sent_at": _f(*_NUM), "alerts": _f(list, required=False),
-        }),
+        }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),
         }),

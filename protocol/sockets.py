@@ -14,6 +14,7 @@ from typing import Callable
 import zmq
 
 from protocol.codec import Message, ProtocolError, decode, encode
+from protocol.files import atomic_write
 from protocol.messages import MAX_MESSAGE_BYTES
 
 # Unix socket paths are limited to 108 bytes (sun_path); longer run dirs put their
@@ -39,7 +40,7 @@ def prepare_endpoints(run_dir: Path) -> dict[str, str]:
     sock_dir = Path(eps["control"][len("ipc://"):]).parent
     sock_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(sock_dir, 0o700)
-    (Path(run_dir) / "endpoints.json").write_text(json.dumps(eps, indent=2))
+    atomic_write(Path(run_dir) / "endpoints.json", json.dumps(eps, indent=2), fsync=False)
     return eps
 
 

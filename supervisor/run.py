@@ -66,10 +66,11 @@ class Supervisor:
         self.run_id = self.run_dir.name
         self.live = live
         self.out = out
-        self.plan = plan or build_plan(cfg)
+        self.plan = plan or build_plan(cfg, self.run_id)
         self.specs = {s.name: s for s in self.plan.specs}
         self.machine = Supervision(list(self.plan.specs), clock, random.Random(cfg.run.seed))
-        self.drivers: dict[str, Driver] = drivers if drivers is not None else {"process": ProcessDriver(self.run_dir)}
+        self.drivers: dict[str, Driver] = drivers if drivers is not None else default_drivers(cfg, self.run_dir,
+                                                                                             self.plan)
         missing = {s.kind for s in self.plan.specs} - set(self.drivers)
         if missing:
             raise ValueError(f"no driver for child kind(s) {sorted(missing)}")
@@ -132,6 +133,8 @@ class Supervisor:
         while pending:
             action = pending.pop(0)
             if isinstance(action, Spawn):
+                if not self.machine.wants_spawn(action):
+                    continue  # an earlier action of this batch changed the machine's mind
                 spec = self.specs[action.name]
                 try:
                     pid, standby = self.driver_of(action.name).spawn(spec, action.incarnation, action.standby)
@@ -159,7 +162,8 @@ class Supervisor:
 
     def _capture(self, action: CaptureEvidence) -> None:
         try:
-            path = self.driver_of(action.name).capture(self.run_dir, action, self.cfg.supervisor.evidence_timeout_s)
+            spec = self.specs[action.name]
+            path = self.driver_of(action.name).capture(self.run_dir, action, spec.deadlines.evidence_s)
             self.evidence_done.put((action.name, str(path.relative_to(self.run_dir))))
         except Exception as exc:  # evidence is best effort; the kill must go on
             self.evidence_done.put((action.name, None))
@@ -296,6 +300,18 @@ class Supervisor:
                 sock_dir.rmdir()
             except OSError:
                 pass
+
+
+def default_drivers(cfg: Config, run_dir: Path, plan: Plan) -> dict[str, Driver]:
+    """A driver for each kind of child in the plan (no Docker engine is asked for when no child needs one)."""
+    drivers: dict[str, Driver] = {"process": ProcessDriver(run_dir)}
+    if any(s.kind == "container" for s in plan.specs):
+        from supervisor.containers import ContainerDriver
+
+        sims = cfg.simulators
+        drivers["container"] = ContainerDriver(run_dir, Path(run_dir).name, sims.probe_interval_s,
+                                               sims.probe_timeout_s, sims.docker_timeout_s)
+    return drivers
 
 
 def _alive(pid: int) -> bool:

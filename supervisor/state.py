@@ -93,6 +93,11 @@ class ChildSpec:
     backoff: Backoff
     intensity: Intensity
     depends_on: tuple[str, ...] = ()
+    # exit codes by which a child says its dependency is stalled (evidence, kill, replace it, then this child)
+    # or due for a planned fresh start; neither counts against this child's own intensity
+    stall_dependencies_on: frozenset[int] = frozenset()
+    recycle_dependencies_on: frozenset[int] = frozenset()
+    max_age_s: float | None = None  # a planned restart after running this long (servers that leak memory)
     standby: bool = False  # keep a pre-started spare that a respawn activates
     launch: Mapping[str, Any] = field(default_factory=dict)  # for the driver; the machine never reads it
     labels: Mapping[str, str] = field(default_factory=dict)  # for people and tools; the machine never reads it
@@ -199,6 +204,8 @@ def start_order(specs: list[ChildSpec]) -> list[ChildSpec]:
             raise ValueError(f"two children are named {s.name!r}")
         if s.restart not in RESTART_TYPES:
             raise ValueError(f"{s.name}: restart type {s.restart!r} is not one of {RESTART_TYPES}")
+        if s.significant and s.restart == PERMANENT:
+            raise ValueError(f"{s.name}: a significant child cannot be {PERMANENT} (it could never end the run)")
         by_name[s.name] = s
     for s in specs:
         for d in s.depends_on:
@@ -250,7 +257,17 @@ class Supervision:
         return out
 
     def _deps_up(self, c: Child) -> bool:
-        return all(self.children[d].state in UP for d in c.spec.depends_on)
+        """Every dependency is started (it has a pid) and not being stopped."""
+        return all(self.children[d].state in UP and self.children[d].pid is not None for d in c.spec.depends_on)
+
+    def _held_dependents_alive(self, c: Child) -> bool:
+        """rest_for_one: a restarted child waits until the dependents stopped for it are gone."""
+        return any(d.held and d.pid is not None for d in self.dependents(c))
+
+    def wants_spawn(self, action: Spawn) -> bool:
+        """Whether a Spawn still stands: an earlier action of the same batch may have changed the machine's mind."""
+        c = self.children[action.name]
+        return c.state == STARTING and c.pid is None and c.incarnation == action.incarnation and not self.stopping
 
     # -- inputs ------------------------------------------------------------
 
@@ -259,9 +276,13 @@ class Supervision:
         return [a for c in self.children.values() for a in self._spawn(c)]
 
     def spawned(self, name: str, pid: int, standby: bool = False) -> list[Action]:
+        """The driver started it. Held dependents waiting for it start now, after it."""
         c = self.children[name]
+        if c.state != STARTING or c.pid is not None:
+            return [Signal(name, pid, signal.SIGKILL)]  # not wanted any more: nothing may run unwatched
         c.pid = pid
-        return [Event(ev.SPAWNED, name, {"pid": pid, "incarnation": c.incarnation, "standby": standby})]
+        return ([Event(ev.SPAWNED, name, {"pid": pid, "incarnation": c.incarnation, "standby": standby})]
+                + self._release_dependents(c))
 
     def spawn_failed(self, name: str, error: str) -> list[Action]:
         """The driver could not start it: handled as an abnormal exit (backoff, intensity)."""
@@ -286,7 +307,7 @@ class Supervision:
             c.progress_count, c.progress_phase, c.progress_at = count, phase, now
         actions: list[Action] = []
         for alert in hb.get("alerts") or []:
-            if alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
+            if isinstance(alert, str) and alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
                 c.alerts_seen.add(alert)
                 actions.append(Event(ev.ALERT, c.name, {"alert": alert}))
         if c.state == STARTING and phase not in c.spec.startup_phases:
@@ -311,6 +332,12 @@ class Supervision:
         c.last_exit = code
         c.pid = None
         actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
+        if not self.stopping and c.state in UP and code is not None:
+            if code in c.spec.stall_dependencies_on:
+                actions += self._replace_dependencies(c, f"{c.name} found it stalled (exit {code})", stalled=True)
+            elif code in c.spec.recycle_dependencies_on:
+                actions += self._replace_dependencies(c, f"{c.name} asked for a fresh one (exit {code})",
+                                                      stalled=False)
         return actions + self._after_exit(c, code)
 
     def request_restart(self, name: str) -> list[Action]:
@@ -322,15 +349,19 @@ class Supervision:
         if self.stopping:
             return actions
         if c.state in ALIVE and c.pid is not None:
+            if c.held:
+                return actions  # already being restarted with its dependency
             c.restart_after_exit = True
             if c.state != STOPPING:
                 c.state = STOPPING
                 c.kill_reason = "restart requested"
                 actions += self._terminate(c)
             return actions
+        if c.held and not self._deps_up(c):
+            return actions  # it starts with its dependency, not before
         c.consecutive = 0
         c.restart_times.clear()
-        return actions + self._restart_dependents(c) + self._spawn(c)
+        return actions + self._restart_dependents(c) + self._spawn_or_wait(c)
 
     def request_stop(self, reason: str = "stop requested", exit_code: int = 0) -> list[Action]:
         """An orderly stop: children stop in reverse start order, each with its stop grace. Asking twice is harmless."""
@@ -408,8 +439,12 @@ class Supervision:
                     c.kill_sent = True
                     actions += [Signal(c.name, c.pid, signal.SIGKILL),
                                 Event(ev.KILLED, c.name, {"pid": c.pid, "after_s": round(now - c.kill_started_at, 2)})]
-            if c.state == BACKOFF and not c.held and now >= c.restart_at and not self.stopping:
+            if c.state == BACKOFF and not c.held and now >= c.restart_at and not self.stopping \
+                    and not self._held_dependents_alive(c):
                 actions += self._spawn(c)
+            if c.state == RUNNING and spec.max_age_s and now - c.started_at >= spec.max_age_s \
+                    and not c.restart_after_exit and not self.stopping:
+                actions += self._recycle(c, f"ran {now - c.started_at:.0f}s (max age {spec.max_age_s:g}s)")
             if c.state == RUNNING and spec.standby and not c.spare and not self.stopping:
                 c.spare = True  # asked for once the child runs, so it never slows the child's own start
                 actions.append(StartStandby(c.name))
@@ -452,7 +487,15 @@ class Supervision:
         c.held = False
         c.kill_reason = ""
         standby, c.spare = c.spare, False
-        return [Spawn(c.name, c.incarnation, standby)] + self._release_dependents(c)
+        return [Spawn(c.name, c.incarnation, standby)]
+
+    def _spawn_or_wait(self, c: Child) -> list[Action]:
+        """Spawn now, or as soon as the dependents stopped for it have exited (tick does it)."""
+        if self._held_dependents_alive(c):
+            c.state = BACKOFF
+            c.restart_at = self.clock()
+            return []
+        return self._spawn(c)
 
     def _stall(self, c: Child, reason: str, now: float) -> list[Action]:
         c.state = STALLED
@@ -466,6 +509,24 @@ class Supervision:
         # SIGCONT after SIGTERM: a stopped process cannot handle SIGTERM until it runs again
         return [Signal(c.name, c.pid, signal.SIGTERM), Signal(c.name, c.pid, signal.SIGCONT),
                 Event(ev.TERMINATING, c.name, {"pid": c.pid, "reason": c.kill_reason})]
+
+    def _replace_dependencies(self, c: Child, reason: str, stalled: bool) -> list[Action]:
+        """A dependent that exited asked for its dependencies' replacement; it waits for them (held)."""
+        actions: list[Action] = []
+        for name in c.spec.depends_on:
+            d = self.children[name]
+            if d.state not in UP or d.pid is None:
+                continue
+            c.held = True
+            actions += self._stall(d, reason, self.clock()) if stalled else self._recycle(d, reason)
+        return actions
+
+    def _recycle(self, c: Child, reason: str) -> list[Action]:
+        """A planned restart: no evidence, outside the intensity limit; dependents restart after it."""
+        c.state = STOPPING
+        c.kill_reason = f"recycled: {reason}"
+        c.restart_after_exit = True
+        return [Event(ev.RECYCLED, c.name, {"reason": reason})] + self._terminate(c)
 
     def _drop_spare(self, c: Child) -> list[Action]:
         if not c.spare:
@@ -486,7 +547,7 @@ class Supervision:
                 d.kill_reason = f"restarting with {c.name}"
                 actions.append(Event(ev.DEPENDENCY_RESTART, d.name, {"dependency": c.name}))
                 actions += self._terminate(d)
-            elif d.state in (BACKOFF, STARTING, FAILED) and d.pid is None:  # not running: wait for c
+            elif d.state in (BACKOFF, STARTING) and d.pid is None:  # not running: wait for c
                 actions += self._wait_for_dependencies(d)
         return actions
 
@@ -510,11 +571,17 @@ class Supervision:
         """Not running, held for a dependency that is down: failed with it, or waiting for it."""
         down = [d for d in c.spec.depends_on if self.children[d].state not in UP]
         failed = [d for d in down if self.children[d].state == FAILED]
+        ended = [d for d in down if self.children[d].state == STOPPED]
         c.restart_at = math.inf
         if failed:
             c.state = FAILED
             c.kill_reason = f"{failed[0]} failed"
-            return [Event(ev.FAILED, c.name, {"reason": c.kill_reason})]
+            return [Event(ev.FAILED, c.name, {"reason": c.kill_reason})] + self._drop_spare(c)
+        if ended:  # it finished and will not come back: neither will this
+            c.state = STOPPED
+            c.held = False
+            c.kill_reason = f"{ended[0]} finished"
+            return [Event(ev.FINISHED, c.name, {})] + self._drop_spare(c)
         c.state = BACKOFF
         c.kill_reason = f"waiting for {down[0]}" if down else ""
         return []
@@ -526,7 +593,7 @@ class Supervision:
             c.state = STOPPED
             return self._advance_stop() + self._check_end()
         if c.restart_after_exit:
-            return self._restart_dependents(c) + self._spawn(c)
+            return self._restart_dependents(c) + self._spawn_or_wait(c)
         if c.held:
             return self._hold(c)
         abnormal = code != 0 or c.state == STALLED  # a stalled child was killed by us, whatever its exit code
@@ -534,7 +601,11 @@ class Supervision:
             c.state = STOPPED
             if spec.significant:
                 return [Event(ev.RUN_COMPLETE, c.name, {})] + self.request_stop("run complete", 0)
-            return [Event(ev.FINISHED, c.name, {})]
+            actions: list[Action] = [Event(ev.FINISHED, c.name, {})] + self._drop_spare(c)
+            for d in self.dependents(c):  # held ones waiting for it will wait no more
+                if d.held and d.pid is None and d.state not in ALIVE:
+                    actions += self._wait_for_dependencies(d)
+            return actions
         if spec.restart == TEMPORARY:
             return self._fail(c, f"exited with code {code}; {TEMPORARY} children are not restarted", {})
         # to be restarted, within the intensity limit

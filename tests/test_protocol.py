@@ -127,3 +127,18 @@ def test_oversized_message_is_refused_by_the_socket():
         assert rx.recv(timeout_ms=3000).fields["cmd"] == "stop"
     finally:
         ctx.destroy(linger=0)
+
+
+HEARTBEAT_FIELDS = {"name": "learner", "role": "learner", "pid": 7, "incarnation": 0, "phase": "training",
+                    "phase_age_s": 0.1, "env_steps": 0, "episodes": 0, "updates": 3, "steps_per_s": 0.0,
+                    "rss_bytes": 1, "sent_at": 0.0}
+
+
+def test_heartbeat_alerts_must_be_a_short_list_of_strings():
+    ok = decode(encode("heartbeat", {**HEARTBEAT_FIELDS, "alerts": ["warning:q_high@5"]}))
+    assert ok["alerts"] == ["warning:q_high@5"]
+    for bad in ([{"level": "warning"}], ["x" * 201], ["a"] * 21, [3]):
+        frames = [msgpack.packb({"v": PROTOCOL_VERSION, "type": "heartbeat", **HEARTBEAT_FIELDS, "alerts": bad})]
+        with pytest.raises(ProtocolError) as err:
+            decode(frames)
+        assert err.value.reason == "bad_field"

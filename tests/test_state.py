@@ -463,13 +463,22 @@ def up(sup, *names):
 
 
 def respawn(sup, clock, pids, name):
-    """Let the backoff run out and report the spawn."""
+    """Let the backoff run out and report each spawn (and the spawns that one releases)."""
     c = sup.children[name]
     clock.advance(max(0.0, c.restart_at - clock.now))
-    spawns = [a for a in sup.tick() if isinstance(a, Spawn)]
-    for a in spawns:
-        sup.spawned(a.name, next(pids))
-    return spawns
+    return feed(sup, pids, sup.tick())
+
+
+def feed(sup, pids, actions):
+    """Carry out Spawn actions as a driver would; return every Spawn carried out."""
+    pending = [a for a in actions if isinstance(a, Spawn)]
+    done = []
+    while pending:
+        a = pending.pop(0)
+        if sup.wants_spawn(a):
+            done.append(a)
+            pending += [b for b in sup.spawned(a.name, next(pids)) if isinstance(b, Spawn)]
+    return done
 
 
 def sim_pair():
@@ -509,8 +518,8 @@ def test_dependency_restart_restarts_its_dependent_after_it():
     sup.exited("drv", drv_pid, 0)
     assert drv.state == BACKOFF and math.isinf(drv.restart_at), "it waits for sim, not for a timer"
     clock.advance(100)
-    spawns = [a for a in sup.tick() if isinstance(a, Spawn)]
-    assert [a.name for a in spawns] == ["sim", "drv"], "the dependency first, then its dependent"
+    assert of(sup.tick(), Spawn) == [Spawn("sim", 1)], "the dependency first"
+    assert of(sup.spawned("sim", next(pids)), Spawn) == [Spawn("drv", 1)], "then, once it has started, its dependent"
     assert drv.incarnation == 1 and drv.restarts == 1
     assert len(drv.restart_times) == 0, "restarting with a dependency does not count against its own intensity"
 
@@ -524,14 +533,30 @@ def test_dependent_not_yet_running_waits_for_a_failed_dependency_and_fails_with_
     assert not of(sup.tick(), Spawn)
 
 
-def test_dependent_still_stopping_starts_when_it_exits():
+def test_a_restarted_dependency_waits_until_its_stopping_dependents_are_gone():
     sup, clock, pids = sim_pair()
     up(sup)
     drv = sup.children["drv"]
     drv_pid = drv.pid
     sup.exited("sim", sup.children["sim"].pid, 1)
-    assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1)], "drv has not exited yet: not spawned"
-    assert of(sup.exited("drv", drv_pid, -15), Spawn) == [Spawn("drv", 1)]
+    assert respawn(sup, clock, pids, "sim") == [], "the old drv is still stopping: no new sim beside it"
+    clock.advance(30)
+    assert not of(sup.tick(), Spawn)
+    assert not of(sup.exited("drv", drv_pid, -15), Spawn), "drv waits for sim"
+    assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
+
+
+def test_a_spawn_the_machine_no_longer_wants_is_not_carried_out():
+    clock = FakeClock()
+    sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim")], clock)
+    actions = sup.start()
+    assert of(actions, Spawn) == [Spawn("sim", 0), Spawn("drv", 0)]
+    sup.spawn_failed("sim", "engine unavailable")
+    assert not sup.wants_spawn(Spawn("drv", 0)), "its dependency never started"
+    assert sup.children["drv"].state == BACKOFF and sup.children["drv"].held
+    assert of(sup.spawned("drv", 77), Signal) == [Signal("drv", 77, signal.SIGKILL)], "a late pid is killed"
+    assert sup.children["drv"].pid is None
+    assert respawn(sup, clock, iter(range(200, 300)), "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
 
 
 def test_dependents_restart_leaves_its_dependency_alone():
@@ -552,10 +577,20 @@ def test_user_restart_of_a_dependency_restarts_its_dependent():
     sim_pid, drv_pid = sim.pid, drv.pid
     sup.request_restart("sim")
     actions = sup.exited("sim", sim_pid, 0)
-    assert of(actions, Spawn) == [Spawn("sim", 1)]
+    assert not of(actions, Spawn), "sim waits until drv, stopped for it, is gone"
     assert drv.state == STOPPING and [a.name for a in of(actions, Signal)] == ["drv", "drv"]
-    sup.spawned("sim", next(pids))
-    assert of(sup.exited("drv", drv_pid, 0), Spawn) == [Spawn("drv", 1)]
+    assert not of(sup.exited("drv", drv_pid, 0), Spawn)
+    assert feed(sup, pids, sup.tick()) == [Spawn("sim", 1), Spawn("drv", 1)]
+    assert sim.restarts == 0, "a user's restart is outside the intensity limit"
+
+
+def test_a_user_restart_of_a_held_dependent_waits_for_its_dependency():
+    sup, clock, pids = sim_pair()
+    up(sup)
+    sup.exited("sim", sup.children["sim"].pid, 1)
+    sup.exited("drv", sup.children["drv"].pid, -15)
+    actions = sup.request_restart("drv")
+    assert not of(actions, Spawn) and sup.children["drv"].held
 
 
 def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_back():
@@ -564,9 +599,8 @@ def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_
     sim, drv = sup.children["sim"], sup.children["drv"]
     for _ in range(3):
         sup.exited("sim", sim.pid, 1)
-        respawn(sup, clock, pids, "sim")
-        for a in of(sup.exited("drv", drv.pid, -15), Spawn):
-            sup.spawned(a.name, next(pids))
+        sup.exited("drv", drv.pid, -15)
+        assert respawn(sup, clock, pids, "sim") == [Spawn("sim", sim.incarnation), Spawn("drv", drv.incarnation)]
         assert drv.state == STARTING and drv.pid is not None
     actions = sup.exited("sim", sim.pid, 1)
     assert sim.state == FAILED and drv.state == STOPPING
@@ -575,7 +609,8 @@ def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_
     assert [e.detail for e in of(actions, Event) if e.kind == ev.FAILED] == [{"reason": "sim failed"}]
     assert sup.children["other"].state != FAILED and not sup.stopping
     actions = sup.request_restart("sim")
-    assert [a.name for a in of(actions, Spawn)] == ["sim", "drv"]
+    assert not [e for e in of(actions, Event) if e.kind == ev.FAILED], "no second failed event for drv"
+    assert feed(sup, pids, actions) == [Spawn("sim", 4), Spawn("drv", 4)]
 
 
 def test_transient_is_restarted_after_a_crash_and_not_after_exit_zero():
@@ -772,3 +807,82 @@ def test_events_are_checked_against_the_vocabulary():
         Event("exploded", "a", {})
     with pytest.raises(ValueError, match="undocumented field"):
         Event(ev.SPAWNED, "a", {"pid": 1, "colour": "red"})
+
+
+def test_a_significant_child_cannot_be_permanent():
+    with pytest.raises(ValueError, match="significant"):
+        Supervision([spec("a", significant=True, restart=PERMANENT)], FakeClock())
+    Supervision([spec("a", significant=True, restart=TRANSIENT)], FakeClock())
+
+
+def test_alerts_that_are_not_strings_are_ignored():
+    sup, clock, pids = start([spec("a")])
+    c = sup.children["a"]
+    actions = sup.heartbeat({"name": "a", "pid": c.pid, "phase": "busy", "count": 1,
+                             "alerts": [{"level": "warning"}, "warning:x@1"]})
+    assert [e.detail for e in of(actions, Event) if e.kind == ev.ALERT] == [{"alert": "warning:x@1"}]
+
+
+def test_a_finished_child_drops_its_standby():
+    sup, clock, pids = start([spec("w", standby=True)])
+    up(sup)
+    assert of(sup.tick(), StartStandby)
+    assert of(sup.exited("w", sup.children["w"].pid, 0), DropStandby) == [DropStandby("w")]
+    assert not of(sup.tick(), StartStandby)
+
+
+def stalling_pair(**sim):
+    return start([spec("drv", depends_on=("sim",), stall_dependencies_on=frozenset({76}),
+                       recycle_dependencies_on=frozenset({75})), spec("sim", restart=PERMANENT, **sim)])
+
+
+def test_a_dependent_that_finds_its_dependency_stalled_gets_it_replaced_at_once():
+    sup, clock, pids = stalling_pair()
+    up(sup)
+    sim, drv = sup.children["sim"], sup.children["drv"]
+    actions = sup.exited("drv", drv.pid, 76)
+    assert sim.state == STALLED, "no waiting for sim's own deadline"
+    cap = of(actions, CaptureEvidence)
+    assert [c.name for c in cap] == ["sim"] and "drv found it stalled (exit 76)" in cap[0].reason
+    assert drv.state == BACKOFF and drv.held and len(drv.restart_times) == 0, "not drv's own failure"
+    sup.evidence_done("sim", "incidents/x-sim")
+    sup.exited("sim", sim.pid, -15)
+    assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
+
+
+def test_a_dependents_ordinary_crash_leaves_its_dependency_alone():
+    sup, clock, pids = stalling_pair()
+    up(sup)
+    sim, drv = sup.children["sim"], sup.children["drv"]
+    actions = sup.exited("drv", drv.pid, 1)
+    assert sim.state == RUNNING and not of(actions, CaptureEvidence)
+    assert drv.state == BACKOFF and not drv.held and len(drv.restart_times) == 1
+
+
+def test_a_dependent_asking_for_a_fresh_dependency_recycles_it_without_evidence():
+    sup, clock, pids = stalling_pair()
+    up(sup)
+    sim, drv = sup.children["sim"], sup.children["drv"]
+    actions = sup.exited("drv", drv.pid, 75)
+    assert sim.state == STOPPING and not of(actions, CaptureEvidence)
+    assert [e.kind for e in of(actions, Event) if e.name == "sim"] == [ev.RECYCLED, ev.TERMINATING]
+    assert feed(sup, pids, sup.exited("sim", sim.pid, -15)) == [Spawn("sim", 1), Spawn("drv", 1)]
+    assert len(sim.restart_times) == 0 and len(drv.restart_times) == 0, "planned: outside the intensity limit"
+
+
+def test_a_child_past_its_max_age_is_recycled_and_not_before():
+    sup, clock, pids = start([spec("drv", depends_on=("sim",)), spec("sim", restart=PERMANENT, max_age_s=3600)])
+    up(sup)
+    sim = sup.children["sim"]
+    for _ in range(35):
+        clock.advance(100)
+        for name in ("sim", "drv"):
+            sup.heartbeat({"name": name, "pid": sup.children[name].pid, "phase": "busy", "count": clock.now})
+        assert not [e for e in of(sup.tick(), Event) if e.kind == ev.RECYCLED]
+    clock.advance(100)
+    for name in ("sim", "drv"):
+        sup.heartbeat({"name": name, "pid": sup.children[name].pid, "phase": "busy", "count": clock.now})
+    actions = sup.tick()
+    assert [e.name for e in of(actions, Event) if e.kind == ev.RECYCLED] == ["sim"] and sim.state == STOPPING
+    actions = sup.exited("sim", sim.pid, -15)
+    assert sup.children["drv"].state == STOPPING, "its dependent restarts after it"
