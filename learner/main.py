@@ -119,7 +119,7 @@ class Learner:
     def on_episode(self, msg) -> None:
         if self.metrics is not None:
             self.metrics.episode(msg["eval"], msg["reward"], msg["length"], msg["env_steps"], msg["worker"],
-                                 self.progress.updates)
+                                 self.progress.updates, msg.get("reason"))
 
     # -- the rate limiter's learner side -------------------------------------------
 

@@ -43,14 +43,15 @@ class Metrics:
             w.add_scalar(tag, value, step)
 
     def episode(self, evaluation: bool, reward: float, length: int, env_steps: int, worker: str,
-                updates: int) -> None:
+                updates: int, reason: str | None = None) -> None:
         prefix = "eval" if evaluation else "train"
         self.writer.add_scalar(f"{prefix}/episode_reward", reward, env_steps)
         self.writer.add_scalar(f"{prefix}/episode_length", length, env_steps)
         if evaluation:
             with open(self.run_dir / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"env_steps": env_steps, "reward": reward, "length": length,
-                                    "worker": worker, "updates": updates}) + "\n")
+                                    "worker": worker, "updates": updates,
+                                    **({"reason": reason} if reason else {})}) + "\n")
 
     def close(self) -> None:
         self.writer.close()

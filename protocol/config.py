@@ -41,14 +41,95 @@ class FaultConfig(_Section):
     slow_s: float = Field(1.0, ge=0.0)
 
 
+class CameraConfig(_Section):
+    """The ego's RGB camera and the frame the worker makes of it."""
+
+    width: int = Field(84, gt=0, le=1024)
+    height: int = Field(84, gt=0, le=1024)
+    fov: float = Field(90.0, gt=0.0, lt=180.0)
+    grayscale: bool = True
+    x: float = 1.5  # mount, metres ahead of the vehicle's origin
+    z: float = 2.4  # mount height
+    pitch: float = -10.0
+
+
+class RewardConfig(_Section):
+    """Per-step reward terms; the sum stays within [-1, 1] (so ``env.reward_max`` 1 holds)."""
+
+    progress: float = Field(0.5, ge=0.0)  # route metres gained, per target-speed metres of one step
+    speed: float = Field(0.3, ge=0.0)  # 1 at the target speed, 0 at standstill or twice the target
+    centring: float = Field(0.2, ge=0.0)  # 1 on the lane centre, 0 at its edge
+    lane_invasion: float = Field(0.2, ge=0.0)  # penalty per step that crosses a lane marking
+    collision: float = Field(1.0, ge=0.0)  # penalty; the episode ends (terminal)
+    off_route: float = Field(1.0, ge=0.0)  # penalty; the episode ends (terminal)
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if self.progress + self.speed + self.centring > 1.0 + 1e-9:
+            raise ValueError("progress + speed + centring must not exceed 1 (rewards stay within reward_max)")
+        return self
+
+
+class ScenarioConfig(_Section):
+    """A named setting of map, traffic and route, chosen with ``env.carla.scenario`` (or ``--scenario``)."""
+
+    name: str
+    map: str | None = None
+    npcs: int | None = Field(None, ge=0, le=500)
+    route_length_m: float | None = Field(None, gt=0.0)
+
+
+class CarlaConfig(_Section):
+    """The CARLA env of each worker (``env.backend: carla``)."""
+
+    scenarios: list[ScenarioConfig] = Field(default_factory=list)
+    scenario: int | str | None = None  # an index or a name in scenarios; its settings override the ones below
+    map: str = "Town01"
+    fixed_delta_seconds: float = Field(0.05, gt=0.0, le=0.5)
+    connect_timeout_s: float = Field(2.0, gt=0.0)  # readiness: short, so a dead server is seen at once
+    client_timeout_s: float = Field(10.0, gt=0.0)  # every RPC after that (map loads take long)
+    tick_timeout_s: float = Field(5.0, gt=0.0)  # world.tick(seconds); past it the simulator is stalled
+    sensor_timeout_s: float = Field(2.0, gt=0.0)  # waiting for a sensor's data of the tick's frame
+    vehicle: str = "vehicle.tesla.model3"
+    npcs: int = Field(0, ge=0, le=500)
+    route_length_m: float = Field(200.0, gt=0.0)
+    waypoint_spacing_m: float = Field(2.0, gt=0.0)
+    target_speed_kmh: float = Field(30.0, gt=0.0)
+    max_off_route_m: float = Field(3.0, gt=0.0)
+    stuck_steps: int = Field(100, ge=1)  # truncate after this many steps without moving
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    recycle_episodes: int = Field(0, ge=0)  # ask for a fresh simulator after this many episodes; 0: never
+
+    @model_validator(mode="after")
+    def _scenario(self):
+        if self.scenario is None:
+            return self
+        names = [s.name for s in self.scenarios]
+        if isinstance(self.scenario, int):
+            if not 0 <= self.scenario < len(self.scenarios):
+                raise ValueError(f"scenario {self.scenario} is not an index of the {len(names)} scenarios {names}")
+            chosen = self.scenarios[self.scenario]
+        elif self.scenario in names:
+            chosen = self.scenarios[names.index(self.scenario)]
+        else:
+            raise ValueError(f"scenario {self.scenario!r} is not one of {names}")
+        for key in ("map", "npcs", "route_length_m"):
+            value = getattr(chosen, key)
+            if value is not None:
+                self.__dict__[key] = value  # already validated by the scenario's own field
+        return self
+
+
 class EnvConfig(_Section):
-    backend: Literal["gymnasium"] = "gymnasium"
+    backend: Literal["gymnasium", "carla"] = "gymnasium"
     id: str = "racetrack-v1"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     frame_stack: int = Field(4, ge=1)
     max_episode_steps: int | None = Field(None, gt=0)
     reward_max: float = Field(1.0, gt=0.0)  # largest |reward| per step: Qmax = reward_max / (1 - gamma)
     action_order: list[int] | None = None  # permutation from the actor's action order to the env's
+    carla: CarlaConfig = Field(default_factory=CarlaConfig)
 
     @model_validator(mode="after")
     def _permutation(self):
@@ -124,12 +205,66 @@ class SupervisorConfig(_Section):
         return self
 
 
+class SimulatorsConfig(_Section):
+    """Where the CARLA servers of a ``carla`` run come from: containers per slot, or servers the user runs."""
+
+    mode: Literal["container", "external"] = "container"
+    image: str = "carlasim/carla:0.9.16"
+    # {rpc_port}, {streaming_port}, {secondary_port} and {slot} are filled in per slot
+    command: str = "./CarlaUE4.sh -RenderOffScreen -nosound -quality-level=Low -carla-rpc-port={rpc_port}"
+    extra_args: list[str] = Field(default_factory=list)
+    pull: bool = False  # pull a missing image; off: a missing image is an error naming it
+    host: str = "127.0.0.1"  # where the containers' servers answer (host networking)
+    base_port: int = Field(2000, ge=1024, le=65000)
+    port_stride: int = Field(10, ge=3)  # slot i: RPC base + i*stride, streaming +1, secondary +2
+    tm_base_port: int = Field(8000, ge=1024, le=65000)  # Traffic Manager of slot i: tm_base_port + i
+    gpus: list[str] = Field(default_factory=list)  # GPU ids given to slots round-robin; empty: no GPU request
+    ready_timeout_s: float = Field(120.0, gt=0.0)  # from start to the first answered request (map loading)
+    probe_interval_s: float = Field(1.0, gt=0.0)
+    probe_timeout_s: float = Field(2.0, gt=0.0)
+    liveness_deadline_s: float = Field(10.0, gt=0.0)  # no answered request for this long: stalled
+    kill_grace_s: float = Field(5.0, ge=0.0)
+    recycle_hours: float = Field(0.0, ge=0.0)  # restart a slot's simulator after this long; 0: never
+    docker_timeout_s: float = Field(30.0, gt=0.0)  # every call to the Docker engine
+    external: list[str] = Field(default_factory=list)  # "host:port" of servers the user runs, one per slot
+
+    @model_validator(mode="after")
+    def _checked(self):
+        for entry in self.external:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"external entry {entry!r} is not host:port")
+        if self.liveness_deadline_s <= self.probe_interval_s:
+            raise ValueError("liveness_deadline_s must exceed probe_interval_s")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     workers: WorkerConfig = Field(default_factory=WorkerConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    simulators: SimulatorsConfig = Field(default_factory=SimulatorsConfig)
+
+    @model_validator(mode="after")
+    def _layered_carla_deadlines(self):
+        if self.env.backend != "carla":
+            return self
+        c, s = self.env.carla, self.supervisor
+        if s.progress_deadline_s <= c.tick_timeout_s + c.sensor_timeout_s:
+            raise ValueError(f"supervisor.progress_deadline_s ({s.progress_deadline_s:g}) must exceed "
+                             f"env.carla.tick_timeout_s + sensor_timeout_s ({c.tick_timeout_s + c.sensor_timeout_s:g}):"
+                             f" the worker's own timeouts fire first")
+        return self
+
+    @model_validator(mode="after")
+    def _enough_simulators(self):
+        if self.env.backend == "carla" and self.simulators.mode == "external" \
+                and len(self.simulators.external) < self.workers.count:
+            raise ValueError(f"simulators.external lists {len(self.simulators.external)} servers for "
+                             f"{self.workers.count} workers; give one host:port per worker")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -141,6 +276,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key")
+        elif err["type"] == "value_error":  # a cross-field check: its message says it all
+            lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{path}: {err['msg']} (got {err.get('input')!r:.60})")
     return f"config error in {source}: " + "; ".join(lines)
@@ -161,13 +298,54 @@ def apply_override(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     if not all(keys):
         raise ConfigError(f"config error: override {dotted!r} is not a dotted key path")
-    node = data
+    node: Any = data
     for key in keys[:-1]:
+        if isinstance(node, list):  # a list item by its index, e.g. env.carla.scenarios.0.npcs
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"config error: {dotted}: {key} is not an index of a list of {len(node)}")
+            node = node[int(key)]
+            continue
         child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"config error: {dotted}: {key} is not a section")
         node = child
-    node[keys[-1]] = value
+    if isinstance(node, list):
+        if not keys[-1].isdigit() or int(keys[-1]) >= len(node):
+            raise ConfigError(f"config error: {dotted}: {keys[-1]} is not an index of a list of {len(node)}")
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping; ``extends: OTHER.yaml`` (relative to it) is read first and overlaid."""
+    if not path.is_file():
+        raise ConfigError(f"config error: file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config error in {path}: extends itself (through {' -> '.join(map(str, seen))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config error in {path}: not valid YAML{where}") from None
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config error in {path}: extends: expected a file name")
+    return deep_merge(read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None) -> Config:
@@ -175,18 +353,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     data: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config error: file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config error in {path}: not valid YAML{where}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+        data = read_yaml(Path(path))
     for dotted, value in overrides or []:
         apply_override(data, dotted, value)
     try:

@@ -150,6 +150,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
             "reward": _f(*_NUM), "length": _f(*_INT, nonnegative=True),
             "eval": _f(bool), "env_steps": _f(*_INT, nonnegative=True),
+            "reason": _f(*_STR, required=False),  # why it ended: collision, route_done, time_limit, ...
         }),
         MessageSchema(WEIGHTS, {
             "version": _f(*_INT, nonnegative=True), "updates": _f(*_INT, nonnegative=True),

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--seed", type=int)
     up.add_argument("--eval-freq", type=int)
     up.add_argument("--debug", action="store_true", default=None)
+    up.add_argument("--scenario", help="CARLA: a scenario of env.carla.scenarios, by index or name")
+    up.add_argument("--npcs", type=int, help="CARLA: NPC vehicles per slot")
     up.add_argument("--run-id", help="run id (an existing run is resumed)")
     up.add_argument("--runs-dir", help="where run directories go (default: runs)")
     up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -50,13 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _index_or_name(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def overrides_from(args) -> list[tuple[str, object]]:
     from protocol.config import ConfigError, parse_value
 
     out: list[tuple[str, object]] = []
     for key, value in (("run.max_timesteps", args.max_timesteps), ("workers.count", args.workers),
                        ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
-                       ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir)):
+                       ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir),
+                       ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs)):
         if value is not None:
             out.append((key, value))
     for item in args.set:
@@ -73,18 +80,40 @@ def cmd_up(args) -> int:
     from supervisor.run import Supervisor, create_run_dir
 
     try:
-        cfg = load_config(args.config, overrides_from(args))
+        overrides = overrides_from(args)
+        cfg = load_config(args.config, overrides)
+        carla = cfg.env.carla
+        if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
+            index = carla.scenario if isinstance(carla.scenario, int) else \
+                [s.name for s in carla.scenarios].index(carla.scenario)
+            cfg = load_config(args.config, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    missing = build_plan(cfg).missing_modules()
+    from supervisor.evidence import py_spy_path
+
+    plan = build_plan(cfg, cfg.run.run_id or "")
+    missing = plan.missing_modules() + ([] if py_spy_path() else ["py-spy (stacks of stalled children)"])
     if missing:
         print(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
               "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", file=sys.stderr)
         return EXIT_USAGE
+    containers = [s for s in plan.specs if s.kind == "container"]
+    if containers:
+        from supervisor.containers import ContainerDriver, EngineError
+        from supervisor.drivers import SpawnError
+
+        resuming = cfg.run.run_id is not None and (Path(cfg.run.runs_dir) / cfg.run.run_id).exists()
+        try:
+            ContainerDriver(Path("."), "", 1.0, 1.0, cfg.simulators.docker_timeout_s).preflight(
+                containers, check_ports=not resuming)
+        except (EngineError, SpawnError) as exc:
+            print(f"supervisor up: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     run_dir = create_run_dir(cfg)
     live = sys.stdout.isatty() if args.live is None else args.live
-    print(f"run {run_dir.name}: {cfg.workers.count} workers on {cfg.env.id}, learner on {cfg.learner.device}; "
+    env = f"CARLA {cfg.env.carla.map} ({cfg.simulators.mode} simulators)" if cfg.env.backend == "carla" else cfg.env.id
+    print(f"run {run_dir.name}: {cfg.workers.count} workers on {env}, learner on {cfg.learner.device}; "
           f"run dir {run_dir}", flush=True)
     try:
         code = Supervisor(cfg, run_dir, live=live).run()

@@ -10,18 +10,32 @@ their labels, never role names.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 from protocol.config import Config
 from protocol.messages import LEARNER_PROGRESSING_PHASES, PROGRESSING_PHASES, STARTUP_PHASES
-from supervisor.state import TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
+from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, slot_server
+from supervisor.containers import CHILD_LABEL, RUN_LABEL, SLOT_LABEL
+from supervisor.state import PERMANENT, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
 
 LEARNER = "learner"
 WORKER = "worker"
+SIMULATOR = "carla"
 
 
 def worker_name(slot: int) -> str:
     return f"{WORKER}-{slot}"
+
+
+def simulator_name(slot: int) -> str:
+    return f"{SIMULATOR}-{slot}"
+
+
+def container_name(run_id: str, slot: int) -> str:
+    """A stable name per run and slot (Docker allows letters, digits, '_', '.', '-')."""
+    safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", run_id) or "run"
+    return f"rlstack-{safe}-{simulator_name(slot)}"
 
 
 @dataclass(frozen=True)
@@ -55,12 +69,15 @@ class Plan:
         return next((int(r["env_steps"]) for r in rows if r["name"] == LEARNER), 0)
 
 
-def build_plan(cfg: Config) -> Plan:
+def build_plan(cfg: Config, run_id: str = "") -> Plan:
     """The learner, then one env-worker per slot; both ``transient``, the learner ``significant``.
 
     Workers do not depend on the learner: a learner restart leaves them stepping
     with their last weights (ZeroMQ queues their steps), and a worker restart
-    never touches the learner.
+    never touches the learner. With the ``carla`` backend in container mode, each
+    slot also has its simulator, ``carla-N`` (``permanent``), and worker-N depends
+    on it: a simulator restart restarts its worker after it, and a worker that
+    exits with :data:`EXIT_SIMULATOR_STALLED` gets its simulator replaced at once.
     """
     sup = cfg.supervisor
     backoff = Backoff(initial_s=sup.backoff_initial_s, max_s=sup.backoff_max_s, jitter=sup.backoff_jitter,
@@ -84,4 +101,35 @@ def build_plan(cfg: Config) -> Plan:
         launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
                 "needs": ("torch", "gymnasium")},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]
-    return Plan((learner, *workers))
+    if cfg.env.backend != "carla":
+        return Plan((learner, *workers))
+    workers = [replace(w, launch={**w.launch, "needs": (*w.launch["needs"], "carla")},
+                       stall_dependencies_on=frozenset({EXIT_SIMULATOR_STALLED}),
+                       recycle_dependencies_on=frozenset({EXIT_SIMULATOR_RECYCLE})) for w in workers]
+    if cfg.simulators.mode != "container":
+        return Plan((learner, *workers))  # servers the user runs: the workers' own health handling only
+    sims = [simulator_spec(cfg, run_id, slot, backoff, intensity) for slot in range(cfg.workers.count)]
+    workers = [replace(w, depends_on=(s.name,)) for w, s in zip(workers, sims)]
+    return Plan((learner, *[c for pair in zip(sims, workers) for c in pair]))
+
+
+def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intensity: Intensity) -> ChildSpec:
+    """A slot's CARLA server container: healthy while it answers a real request (``version``)."""
+    sims = cfg.simulators
+    server = slot_server(cfg, slot)
+    command = sims.command.format(rpc_port=server.rpc_port, streaming_port=server.streaming_port,
+                                  secondary_port=server.secondary_port, slot=slot).split() + list(sims.extra_args)
+    name = simulator_name(slot)
+    return ChildSpec(
+        name=name, kind="container", restart=PERMANENT, significant=False,
+        deadlines=Deadlines(heartbeat_s=sims.liveness_deadline_s, progress_s=sims.liveness_deadline_s,
+                            startup_s=sims.ready_timeout_s, evidence_s=cfg.supervisor.evidence_timeout_s),
+        progress_phases=frozenset({"serving"}), startup_phases=frozenset(), progress_counters=("probes",),
+        kill_grace_s=sims.kill_grace_s, stop_grace_s=sims.kill_grace_s, backoff=backoff, intensity=intensity,
+        max_age_s=sims.recycle_hours * 3600.0 or None,
+        launch={"image": sims.image, "command": command, "container_name": container_name(run_id, slot),
+                "labels": {RUN_LABEL: run_id, SLOT_LABEL: str(slot), CHILD_LABEL: name},
+                "ports": {f"{name} {what}": port for what, port in server.ports.items()},
+                "host": server.host, "rpc_port": server.rpc_port, "pull": sims.pull,
+                "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "needs": ("docker",)},
+        labels={"role": "simulator", "slot": str(slot)})

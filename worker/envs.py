@@ -11,8 +11,16 @@ import numpy as np
 from protocol.config import Config
 
 
-def make_env(cfg: Config, render_mode: str | None = None):
-    """A gymnasium environment from the config (highway-env's ids are registered)."""
+class SimulatorStalled(RuntimeError):
+    """The simulator stopped answering: a tick or a sensor timed out, or the connection was lost."""
+
+
+def make_env(cfg: Config, slot: int = 0, incarnation: int = 0, seed: int = 0):
+    """The env of a worker slot: CARLA (``env.backend: carla``) or a gymnasium id (highway-env's registered)."""
+    if cfg.env.backend == "carla":
+        from worker.carla_env import CarlaEnv  # the only place carla is imported
+
+        return CarlaEnv(cfg, slot, incarnation, seed)
     # highway-env renders camera frames with pygame off-screen; its "dummy" video
     # driver switches rendering off entirely, so ask SDL for its off-screen driver.
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")

@@ -12,7 +12,7 @@ from worker.envs import FrameStack, frame_of
 
 def evaluate(env, act: Callable[[np.ndarray], np.ndarray], episodes: int, frame_stack: int, seed: int,
              progress: Progress, stopping: Callable[[], bool], env_call,
-             on_episode: Callable[[float, int], None]) -> None:
+             on_episode: Callable[..., None]) -> None:
     """Run ``episodes`` episodes, reporting each finished one. Steps count as progress (``eval_steps``).
 
     ``env_call`` marks each call into the simulator (a stop may interrupt it); an
@@ -24,10 +24,10 @@ def evaluate(env, act: Callable[[np.ndarray], np.ndarray], episodes: int, frame_
         with env_call():
             obs, _ = env.reset(seed=seed + i)
         stack = stacker.reset(frame_of(obs))
-        total, length, done = 0.0, 0, False
+        total, length, done, info = 0.0, 0, False, {}
         while not done and not stopping():
             with env_call():
-                obs, reward, term, trunc, _ = env.step(act(stack))
+                obs, reward, term, trunc, info = env.step(act(stack))
             stack = stacker.push(frame_of(obs))
             total += float(reward)
             length += 1
@@ -35,4 +35,4 @@ def evaluate(env, act: Callable[[np.ndarray], np.ndarray], episodes: int, frame_
             progress.eval_steps += 1
         if not done:
             return
-        on_episode(total, length)
+        on_episode(total, length, info.get("reason"))

@@ -103,11 +103,13 @@ class LearnerLink:
             self.progress.set_phase("waiting_learner")
             self.poll(timeout_ms=100)
 
-    def episode(self, reward: float, length: int, evaluation: bool, env_steps: int | None = None) -> None:
+    def episode(self, reward: float, length: int, evaluation: bool, env_steps: int | None = None,
+                reason: str | None = None) -> None:
+        fields = {"worker": self.name, "incarnation": self.incarnation, "reward": float(reward), "length": int(length),
+                  "eval": evaluation, "env_steps": self.run_steps() if env_steps is None else env_steps}
+        if reason:
+            fields["reason"] = reason[:64]
         try:
-            send(self.steps_sock, EPISODE, {"worker": self.name, "incarnation": self.incarnation,
-                                            "reward": float(reward), "length": int(length), "eval": evaluation,
-                                            "env_steps": self.run_steps() if env_steps is None else env_steps},
-                 flags=zmq.NOBLOCK)
+            send(self.steps_sock, EPISODE, fields, flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # the learner is gone; an episode summary is not worth blocking for

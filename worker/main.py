@@ -22,8 +22,9 @@ import zmq
 from protocol.config import Config, load_config
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
+from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
 from protocol.sockets import load_endpoints
-from worker.envs import ActionScaler, FrameStack, frame_of, make_env
+from worker.envs import ActionScaler, FrameStack, SimulatorStalled, frame_of, make_env
 from worker.evaluation import evaluate
 from worker.faults import FaultInjector
 from worker.learner_link import LearnerLink
@@ -34,6 +35,10 @@ EVAL_SEED_OFFSET = 10_000
 
 class Interrupted(Exception):
     """Raised by the SIGTERM handler when the worker is blocked inside the environment."""
+
+
+class RecycleSimulator(Exception):
+    """The slot's simulator has served its share of episodes: ask for a fresh one."""
 
 
 class EnvWorker:
@@ -71,7 +76,8 @@ class EnvWorker:
         from policy.network import build_policy, load_policy_arrays
 
         torch.set_num_threads(self.cfg.workers.torch_threads)
-        env = make_env(self.cfg)
+        env = make_env(self.cfg, self.slot, self.incarnation, self.seed)
+        self.raw_env = env
         self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log)
         self.scaler = ActionScaler(env.action_space)
         with self.env_call():
@@ -108,12 +114,13 @@ class EnvWorker:
 
     def evaluate(self) -> None:
         if self.eval_env is None:
-            self.eval_env = make_env(self.cfg)
+            # one simulator per slot: a CARLA worker evaluates in its own world (the training episode is cut)
+            self.eval_env = self.env if self.cfg.env.backend == "carla" else make_env(self.cfg)
         at = self.link.run_steps()  # one x-axis point for the whole round
 
-        def report(total: float, length: int) -> None:
-            self.link.episode(total, length, evaluation=True, env_steps=at)
-            self.log.info("evaluation episode", reward=total, length=length)
+        def report(total: float, length: int, reason: str | None = None) -> None:
+            self.link.episode(total, length, evaluation=True, env_steps=at, reason=reason)
+            self.log.info("evaluation episode", reward=total, length=length, reason=reason)
 
         evaluate(self.eval_env, lambda stack: self.scaler.to_env(self.act(stack, explore=False)),
                  self.cfg.workers.eval_episodes, self.cfg.env.frame_stack, self.seed + EVAL_SEED_OFFSET,
@@ -131,6 +138,17 @@ class EnvWorker:
             self.link.flush()
             self.log.info("worker interrupted in the environment", env_steps=self.progress.env_steps)
             return 0
+        except SimulatorStalled as exc:
+            # what was collected is kept; the episode is cut (truncated) and the slot's simulator replaced
+            self.progress.set_phase("closing")
+            self.link.flush()
+            self.log.error("simulator stalled", error=str(exc), env_steps=self.progress.env_steps)
+            return EXIT_SIMULATOR_STALLED
+        except RecycleSimulator:
+            self.progress.set_phase("closing")
+            self.link.flush()
+            self.log.info("asking for a fresh simulator", episodes=self.progress.episodes)
+            return EXIT_SIMULATOR_RECYCLE
 
     def _run(self) -> int:
         self.heartbeat.start()
@@ -145,6 +163,7 @@ class EnvWorker:
         stack = self.stacker.reset(frame_of(self._first_obs))
         batch.add(frame_of(self._first_obs), no_action, first=True)
         ep_reward, ep_len = 0.0, 0
+        recycle_after = self.cfg.env.carla.recycle_episodes if self.recycles_simulator() else 0
         while not self.stopping and not link.done:
             link.wait_for_allowance()
             if self.stopping or link.done:
@@ -152,27 +171,29 @@ class EnvWorker:
             self.progress.set_phase("stepping")
             action = self.act(stack, explore=True)
             with self.env_call():
-                obs, reward, term, trunc, _ = self.env.step(self.scaler.to_env(action))
+                obs, reward, term, trunc, info = self.env.step(self.scaler.to_env(action))
             frame = frame_of(obs)
             stack = self.stacker.push(frame)
             batch.add(frame, action, float(reward), bool(term), bool(trunc))
             self.progress.env_steps += 1
+            self.progress.frame = info.get("frame")
             ep_reward += float(reward)
             ep_len += 1
             if term or trunc:
                 self.progress.episodes += 1
-                link.episode(ep_reward, ep_len, evaluation=False)
+                link.episode(ep_reward, ep_len, evaluation=False, reason=info.get("reason"))
                 ep_reward, ep_len = 0.0, 0
-                self.progress.set_phase("resetting")
-                with self.env_call():
-                    obs, _ = self.env.reset()
-                stack = self.stacker.reset(frame_of(obs))
-                batch.add(frame_of(obs), no_action, first=True)
+                if recycle_after and self.progress.episodes >= recycle_after:
+                    raise RecycleSimulator()
+                stack = self.begin_episode()
             if batch.due(wcfg.batch_steps, wcfg.batch_interval_s):
                 link.flush()
             if eval_every and self.progress.env_steps % eval_every == 0:
                 link.flush()
                 self.evaluate()
+                if self.eval_env is self.env:  # the training episode was cut: it ends truncated here
+                    ep_reward, ep_len = 0.0, 0
+                    stack = self.begin_episode()
         self.progress.set_phase("closing")
         # An episode cut here is truncated, not terminal: the learner keeps bootstrapping it.
         link.flush()
@@ -180,7 +201,25 @@ class EnvWorker:
                       dropped=dict(link.inbox.dropped))
         return 0
 
+    def begin_episode(self) -> np.ndarray:
+        """Reset the env and open a new episode in the batch; returns the first frame stack."""
+        self.progress.set_phase("resetting")
+        with self.env_call():
+            obs, _ = self.env.reset()
+        self.link.batch.add(frame_of(obs), np.zeros(self.scaler.dim, np.float32), first=True)
+        return self.stacker.reset(frame_of(obs))
+
+    def recycles_simulator(self) -> bool:
+        """Only a simulator the supervisor runs can be recycled on request."""
+        return self.cfg.env.backend == "carla" and self.cfg.simulators.mode == "container"
+
     def close(self) -> None:
+        env = getattr(self, "raw_env", None)
+        if env is not None and not self.in_env_call:
+            try:
+                env.close()  # bounded: a hung simulator is not waited for
+            except Exception as exc:
+                self.log.warning("env close failed", error=repr(exc))
         self.heartbeat.stop()
         self.ctx.destroy(linger=0)
 

@@ -1,0 +1,390 @@
+"""The driver of ``container`` children: one CARLA server per slot, through the Docker SDK.
+
+A container runs with host networking on its slot's ports, labelled with the run
+and slot, under a stable name. Its health is a real request answered: a prober
+thread calls CARLA's ``version`` RPC (what ``client.get_server_version()`` sends)
+every ``probe_interval_s`` and turns each answer into a heartbeat for the state
+machine. A paused or hung server still accepts TCP connections but answers
+nothing, so its heartbeats stop and the machine stalls it. A waiter thread turns
+the container's exit into an exit code. Evidence of a stall is the container's
+state (exit code, OOM kill, paused) and its log tail. Every Docker call runs with
+a timeout; kills run off the main loop.
+
+Errors an operator can cause end in one line naming what to do: no engine, an
+image that is missing, a port in use (and who holds it), a GPU request refused
+(the container left in ``created`` is removed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from supervisor.drivers import Beat, Exited, Observation, SpawnError
+from supervisor.state import CaptureEvidence, ChildSpec
+
+RUN_LABEL = "rlstack.run"
+SLOT_LABEL = "rlstack.slot"
+CHILD_LABEL = "rlstack.child"
+LOG_TAIL_LINES = 200
+
+
+class EngineError(RuntimeError):
+    """No Docker engine answers; the message says how to start one."""
+
+
+def connect_engine(timeout_s: float):
+    """A Docker client whose engine has answered a ping, or EngineError in one line."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=int(max(1, timeout_s)))
+        client.ping()
+        return client
+    except Exception as exc:  # the SDK raises DockerException, requests errors, FileNotFoundError ...
+        raise EngineError(f"no Docker engine answers ({_first_line(exc)}): start one (`sudo systemctl start docker`, "
+                          f"or `sudo dockerd &`) or point DOCKER_HOST at it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+# -- readiness and liveness: a real request answered ---------------------------------------------------
+
+_msgids = itertools.count(1)
+
+
+def server_version(host: str, port: int, timeout_s: float) -> str:
+    """CARLA's ``version`` RPC over msgpack-rpc; raises OSError or ValueError when no valid answer comes."""
+    msgid = next(_msgids) % (2**31)
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.settimeout(timeout_s)
+        sock.sendall(msgpack.packb([0, msgid, "version", [[False]]]))
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * 1024)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionError("connection closed before an answer")
+            unpacker.feed(data)
+            for reply in unpacker:
+                if not (isinstance(reply, list) and len(reply) == 4 and reply[0] == 1 and reply[1] == msgid):
+                    raise ValueError(f"not a msgpack-rpc reply: {reply!r:.80}")
+                if reply[2] is not None:
+                    raise ValueError(f"rpc error: {reply[2]!r:.80}")
+                return _unwrap_string(reply[3])
+        raise TimeoutError(f"no answer within {timeout_s:g}s")
+
+
+def _unwrap_string(value) -> str:
+    """CARLA wraps results in Response<T> (``[[1, value]]``); take the string wherever it is."""
+    while isinstance(value, list) and value:
+        value = value[-1]
+    if not isinstance(value, str):
+        raise ValueError(f"version is not a string: {value!r:.80}")
+    return value
+
+
+# -- ports ------------------------------------------------------------------------------------------
+
+def port_holder(port: int) -> str:
+    """Who listens on ``port``, where it can be found."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status in ("LISTEN", "NONE") and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid} ({' '.join(proc.cmdline())[:80]})"
+    except Exception:  # no permission to see other users' sockets, or the holder just left
+        pass
+    return "another process"
+
+
+def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
+    """Raise SpawnError naming the first port in use and its holder."""
+    for what, port in ports.items():
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    raise SpawnError(f"port {port} ({what}) is in use by {port_holder(port)}: free it, or move the "
+                                     f"slots with simulators.base_port / simulators.tm_base_port") from None
+
+
+# -- the driver -------------------------------------------------------------------------------------
+
+@dataclass
+class Running:
+    name: str
+    container_id: str
+    pid: int
+    host: str
+    rpc_port: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    killed: bool = False
+    probes: int = 0
+    last_answer: float | None = None
+    last_error: str = ""
+
+
+class ContainerDriver:
+    """Starts a slot's simulator container from its spec's ``launch``.
+
+    ``launch`` holds ``image``, ``command`` (a list), ``container_name``, ``labels``,
+    ``ports`` (name -> port, all checked free before launch), ``host`` and
+    ``rpc_port`` (probed), ``gpu`` (an id, or None for no GPU request), ``pull``.
+    """
+
+    def __init__(self, run_dir: Path, run_id: str, probe_interval_s: float, probe_timeout_s: float,
+                 docker_timeout_s: float, engine=None):
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.docker_timeout_s = docker_timeout_s
+        self._engine = engine
+        self.running: dict[str, Running] = {}
+        self.removing: set[str] = set()  # exited containers whose removal runs in the background
+        self.seen: queue.SimpleQueue[Observation] = queue.SimpleQueue()
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = connect_engine(self.docker_timeout_s)
+        return self._engine
+
+    def _fresh_engine(self):
+        """A client of its own for a thread (the SDK's HTTP sessions are not shared across threads)."""
+        import docker
+
+        return docker.from_env(timeout=int(max(1, self.docker_timeout_s)))
+
+    # -- starting -----------------------------------------------------------------------------
+
+    def ensure_image(self, image: str, pull: bool) -> None:
+        import docker
+
+        try:
+            self.engine.images.get(image)
+        except docker.errors.ImageNotFound:
+            if not pull:
+                raise SpawnError(f"image {image} is not on this Docker engine: `docker pull {image}` (or build it), "
+                                 f"or set simulators.pull: true") from None
+            try:
+                self.engine.images.pull(image)
+            except docker.errors.APIError as exc:
+                raise SpawnError(f"image {image} could not be pulled: {_first_line(exc)}") from None
+
+    def preflight(self, specs: list[ChildSpec], check_ports: bool) -> None:
+        """Before a run starts: the engine answers, every image is there, and (for a new run) every port is free."""
+        for image, pull in {(s.launch["image"], s.launch.get("pull", False)) for s in specs}:
+            self.ensure_image(image, pull)
+        if check_ports:
+            for spec in specs:
+                check_ports_free(spec.launch["ports"])
+
+    def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int, bool]:
+        import docker
+
+        launch = spec.launch
+        try:
+            engine = self.engine
+        except EngineError as exc:
+            raise SpawnError(str(exc)) from None
+        self._remove_named(launch["container_name"])  # an earlier incarnation's, if its removal was cut short
+        check_ports_free(launch["ports"])
+        self.ensure_image(launch["image"], launch.get("pull", False))
+        labels = {**launch["labels"], "rlstack.incarnation": str(incarnation)}
+        requests = ([docker.types.DeviceRequest(device_ids=[str(launch["gpu"])], capabilities=[["gpu"]])]
+                    if launch.get("gpu") is not None else None)
+        try:
+            container = engine.containers.run(launch["image"], launch["command"], name=launch["container_name"],
+                                              detach=True, network_mode="host", labels=labels,
+                                              device_requests=requests, auto_remove=False)
+        except docker.errors.APIError as exc:
+            self._remove_named(launch["container_name"])  # never leave one behind in `created`
+            text = _first_line(exc)
+            if requests and ("gpu" in text.lower() or "device driver" in text.lower()):
+                raise SpawnError(f"GPU request for {spec.name} (device {launch['gpu']}) refused: {text}; install the "
+                                 f"NVIDIA container runtime, or set simulators.gpus: [] to run without") from None
+            raise SpawnError(f"container {launch['container_name']} could not start: {text}") from None
+        container.reload()
+        pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+        if pid <= 0:  # it exited at once; report it as an exit the machine handles
+            pid = -abs(hash(container.id)) % (2**31) or 1
+        run = Running(spec.name, container.id, pid, launch["host"], launch["rpc_port"])
+        self.running[spec.name] = run
+        threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
+        threading.Thread(target=self._wait_loop, args=(run,), name=f"wait-{spec.name}", daemon=True).start()
+        return pid, False
+
+    def _remove_named(self, name: str) -> None:
+        import docker
+
+        try:
+            self.engine.containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                raise SpawnError(f"container {name} of an earlier start could not be removed: {_first_line(exc)}") \
+                    from None
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def _probe_loop(self, run: Running) -> None:
+        """Each answered ``version`` request is a heartbeat; silence is what the machine judges."""
+        while not run.stop.is_set():
+            started = time.monotonic()
+            try:
+                server_version(run.host, run.rpc_port, self.probe_timeout_s)
+                run.probes += 1
+                run.last_answer = time.time()
+                self.seen.put(Beat({"name": run.name, "pid": run.pid, "phase": "serving", "probes": run.probes,
+                                    "phase_age_s": 0.0}))
+            except (OSError, ValueError) as exc:
+                run.last_error = _first_line(exc)
+            run.stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - started)))
+
+    def _wait_loop(self, run: Running) -> None:
+        """Report the container's exit; an engine that does not answer for a while is asked again."""
+        import docker
+
+        code: int | None = None
+        while True:
+            try:
+                result = self._fresh_engine().containers.get(run.container_id).wait(timeout=None)
+                code = int(result.get("StatusCode", -1))
+                break
+            except docker.errors.NotFound:  # removed under us: by our kill, or by someone else
+                code = -int(signal.SIGKILL) if run.killed else None
+                break
+            except Exception:  # the engine went away or timed out: its liveness probes judge the server
+                if run.stop.wait(1.0):
+                    code = -int(signal.SIGKILL) if run.killed else None
+                    break
+        run.stop.set()
+        if run.killed and code == 137:
+            code = -int(signal.SIGKILL)
+        self.seen.put(Exited(run.name, run.pid, code))
+
+    def poll(self) -> list[Observation]:
+        seen = []
+        while not self.seen.empty():
+            obs = self.seen.get()
+            if isinstance(obs, Exited):
+                run = self.running.get(obs.name)
+                if run is not None and run.pid == obs.pid:
+                    del self.running[obs.name]
+                    self.removing.add(run.container_id)
+                    threading.Thread(target=self._remove, args=(run.container_id,), daemon=True).start()
+            seen.append(obs)
+        return seen
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def signal(self, name: str, pid: int, signum: int) -> None:
+        """SIGTERM and SIGKILL kill the container (a CARLA server is not worth a graceful stop); SIGCONT is moot."""
+        run = self.running.get(name)
+        if run is None or run.pid != pid or signum == signal.SIGCONT or run.killed:
+            return
+        run.killed = True
+        threading.Thread(target=self._kill, args=(run.container_id,), daemon=True).start()
+
+    def _kill(self, container_id: str) -> None:
+        try:
+            self._fresh_engine().containers.get(container_id).kill()  # works on a paused container too
+        except Exception:
+            pass  # already gone: the waiter reports the exit
+
+    def _remove(self, container_id: str) -> None:
+        import docker
+
+        try:
+            self._fresh_engine().containers.get(container_id).remove(force=True)
+            self.removing.discard(container_id)
+        except docker.errors.NotFound:
+            self.removing.discard(container_id)
+        except Exception:
+            pass  # kill_all tries again
+
+    def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
+        """The container's state and log tail, and the prober's last word, before the kill."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
+        out = Path(run_dir) / "incidents" / f"{stamp}-{action.name}"
+        out.mkdir(parents=True, exist_ok=True)
+        run = self.running.get(action.name)
+        state: dict = {}
+        logs = ""
+        if run is not None:
+            try:
+                container = self._fresh_engine().containers.get(run.container_id)
+                s = container.attrs.get("State", {})
+                state = {k: s.get(k) for k in ("Status", "Paused", "ExitCode", "OOMKilled", "Error", "StartedAt",
+                                               "FinishedAt")}
+                logs = container.logs(tail=LOG_TAIL_LINES).decode("utf-8", "replace")
+            except Exception as exc:
+                state = {"error": _first_line(exc)}
+        (out / "incident.json").write_text(json.dumps({
+            "name": action.name, "pid": action.pid, "reason": action.reason, "time": time.time(),
+            "last_heartbeat": action.heartbeat, "container": state,
+            "last_probe_answer": run.last_answer if run else None, "last_probe_error": run.last_error if run else None,
+        }, indent=2, default=str))
+        (out / "log_tail.txt").write_text(f"== docker logs --tail {LOG_TAIL_LINES} {action.name} ==\n{logs}\n")
+        (out / "stack.txt").write_text(_gpu_note())
+        return out
+
+    def kill_leftovers(self, saved: dict) -> list[int]:
+        """Remove every container labelled for this run (a supervisor that died left them)."""
+        try:
+            found = self.engine.containers.list(all=True, filters={"label": [f"{RUN_LABEL}={self.run_id}"]})
+        except EngineError:
+            return []
+        gone = []
+        for container in found:
+            pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+            try:
+                container.remove(force=True)
+                gone.append(pid)
+            except Exception:
+                continue
+        return gone
+
+    def pids(self) -> list[int]:
+        return [r.pid for r in self.running.values()]
+
+    def kill_all(self) -> None:
+        """Remove every container of this driver, running or exited, before the supervisor leaves."""
+        for run in list(self.running.values()):
+            run.stop.set()
+            run.killed = True
+            self.removing.add(run.container_id)
+        self.running.clear()
+        for container_id in list(self.removing):
+            self._remove(container_id)
+
+
+def _gpu_note() -> str:
+    """A CARLA server's stack is not readable from here; what the GPUs were doing is the next best thing."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "no stack for a container; no nvidia-smi on this host\n"
+    try:
+        return subprocess.run([smi], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi failed: {exc}\n"
