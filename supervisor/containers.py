@@ -115,15 +115,19 @@ def port_holder(port: int) -> str:
 
 
 def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
-    """Raise SpawnError naming the first port in use and its holder."""
+    """Raise SpawnError naming the first port something listens on, and its holder.
+
+    Bound as the servers bind (SO_REUSEADDR): connections of a killed server lingering
+    in TIME_WAIT do not hold its port, a listener does.
+    """
     for what, port in ports.items():
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            with socket.socket(socket.AF_INET, kind) as sock:
-                try:
-                    sock.bind((host, port))
-                except OSError:
-                    raise SpawnError(f"port {port} ({what}) is in use by {port_holder(port)}: free it, or move the "
-                                     f"slots with simulators.base_port / simulators.tm_base_port") from None
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                raise SpawnError(f"port {port} ({what}) is in use by {port_holder(port)}: free it, or move the "
+                                 f"slots with simulators.base_port / simulators.tm_base_port") from None
 
 
 # -- the driver -------------------------------------------------------------------------------------
@@ -313,15 +317,24 @@ class ContainerDriver:
             pass  # already gone: the waiter reports the exit
 
     def _remove(self, container_id: str) -> None:
+        """Remove it, and wait for a removal already under way to finish (bounded by the Docker timeout)."""
         import docker
 
+        deadline = time.monotonic() + self.docker_timeout_s
         try:
-            self._fresh_engine().containers.get(container_id).remove(force=True)
-            self.removing.discard(container_id)
-        except docker.errors.NotFound:
-            self.removing.discard(container_id)
+            engine = self._fresh_engine()
+            while time.monotonic() < deadline:
+                try:
+                    engine.containers.get(container_id).remove(force=True)
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError as exc:
+                    if "in progress" not in str(exc):
+                        return  # kill_all tries again
+                    time.sleep(0.2)
         except Exception:
-            pass  # kill_all tries again
+            return
+        self.removing.discard(container_id)
 
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         """The container's state and log tail, and the prober's last word, before the kill."""

@@ -102,12 +102,12 @@ class Supervisor:
     def clean_leftovers(self) -> None:
         """Kill children of an earlier supervisor of this run that died without cleaning up."""
         state_file = self.run_dir / "supervisor.json"
-        if not state_file.exists():
-            return
-        try:
-            old = json.loads(state_file.read_text())
-        except ValueError:
-            return
+        old: dict = {}
+        if state_file.exists():
+            try:
+                old = json.loads(state_file.read_text())
+            except ValueError:
+                old = {}  # torn by a crash: the drivers still find what is labelled for this run
         if old.get("pid") and old["pid"] != os.getpid() and _alive(old["pid"]):
             raise RuntimeError(f"another supervisor (pid {old['pid']}) is running this run in {self.run_dir}")
         killed = [pid for driver in self.drivers.values() for pid in driver.kill_leftovers(old)]

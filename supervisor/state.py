@@ -257,8 +257,8 @@ class Supervision:
         return out
 
     def _deps_up(self, c: Child) -> bool:
-        """Every dependency is started (it has a pid) and not being stopped."""
-        return all(self.children[d].state in UP and self.children[d].pid is not None for d in c.spec.depends_on)
+        """Every dependency is ready: running (past its start-up), not being stopped."""
+        return all(self.children[d].state == RUNNING and self.children[d].pid is not None for d in c.spec.depends_on)
 
     def _held_dependents_alive(self, c: Child) -> bool:
         """rest_for_one: a restarted child waits until the dependents stopped for it are gone."""
@@ -272,8 +272,15 @@ class Supervision:
     # -- inputs ------------------------------------------------------------
 
     def start(self) -> list[Action]:
-        """Spawn every child, dependencies first."""
-        return [a for c in self.children.values() for a in self._spawn(c)]
+        """Spawn every child without dependencies; the others start as their dependencies become ready."""
+        actions: list[Action] = []
+        for c in self.children.values():
+            if c.spec.depends_on:
+                c.held = True
+                actions += self._wait_for_dependencies(c)
+            else:
+                actions += self._spawn(c)
+        return actions
 
     def spawned(self, name: str, pid: int, standby: bool = False) -> list[Action]:
         """The driver started it. Held dependents waiting for it start now, after it."""
@@ -281,8 +288,7 @@ class Supervision:
         if c.state != STARTING or c.pid is not None:
             return [Signal(name, pid, signal.SIGKILL)]  # not wanted any more: nothing may run unwatched
         c.pid = pid
-        return ([Event(ev.SPAWNED, name, {"pid": pid, "incarnation": c.incarnation, "standby": standby})]
-                + self._release_dependents(c))
+        return [Event(ev.SPAWNED, name, {"pid": pid, "incarnation": c.incarnation, "standby": standby})]
 
     def spawn_failed(self, name: str, error: str) -> list[Action]:
         """The driver could not start it: handled as an abnormal exit (backoff, intensity)."""
@@ -313,6 +319,7 @@ class Supervision:
         if c.state == STARTING and phase not in c.spec.startup_phases:
             c.state = RUNNING
             actions.append(Event(ev.RUNNING, c.name, {"pid": c.pid, "phase": phase}))
+            actions += self._release_dependents(c)  # ready: what waits for it starts now
         return actions
 
     def evidence_done(self, name: str, incident: str | None) -> list[Action]:
@@ -556,7 +563,7 @@ class Supervision:
         actions: list[Action] = []
         for d in self.dependents(c):
             if d.held and d.pid is None and d.state not in ALIVE and self._deps_up(d):
-                d.restarts += 1
+                d.restarts += d.incarnation >= 0  # its first start is no restart
                 actions += self._spawn(d)
         return actions
 
@@ -569,7 +576,7 @@ class Supervision:
 
     def _wait_for_dependencies(self, c: Child) -> list[Action]:
         """Not running, held for a dependency that is down: failed with it, or waiting for it."""
-        down = [d for d in c.spec.depends_on if self.children[d].state not in UP]
+        down = [d for d in c.spec.depends_on if self.children[d].state != RUNNING]
         failed = [d for d in down if self.children[d].state == FAILED]
         ended = [d for d in down if self.children[d].state == STOPPED]
         c.restart_at = math.inf

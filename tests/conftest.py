@@ -30,3 +30,61 @@ def stack_factory(tmp_path):
         except AssertionError as exc:
             errors.append(str(exc))
     assert not errors, errors
+
+
+# -- Docker: a real engine and the fake CARLA image, for the container tests -----------------------------
+
+def _fakecarla_tag() -> str:
+    """The image's tag names the fake server's sources, so a changed server gets a fresh image."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "tests" / "fakecarla").glob("*.py")) + [ROOT / "deploy" / "fakecarla-image.sh"]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"rlstack/fakecarla:{digest.hexdigest()[:12]}"
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """The Docker engine (`deploy/docker-engine.sh start` starts one; CI's .ci/run does)."""
+    from supervisor.containers import EngineError, connect_engine
+
+    try:
+        return connect_engine(30)
+    except EngineError as exc:
+        pytest.fail(f"{exc}\n(the container tests need one: `bash deploy/docker-engine.sh start`)")
+
+
+@pytest.fixture(scope="session")
+def fakecarla_image(docker_engine):
+    """The fake CARLA server as an image, built locally without any registry when missing."""
+    import subprocess
+
+    import docker
+
+    tag = _fakecarla_tag()
+    try:
+        docker_engine.images.get(tag)
+    except docker.errors.ImageNotFound:
+        res = subprocess.run(["bash", str(ROOT / "deploy" / "fakecarla-image.sh"), tag], capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, f"building {tag} failed:\n{res.stdout}\n{res.stderr}"
+    return tag
+
+
+def free_port_block(size: int, start: int = 20000, end: int = 40000) -> int:
+    """A port P with P .. P+size-1 free on 127.0.0.1 (TCP and UDP), taken from a range random per call."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(start, end - size)
+        try:
+            for port in range(base, base + size):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")

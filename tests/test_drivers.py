@@ -126,9 +126,11 @@ def events(sup):
 
 def test_a_second_kind_of_child_is_driven_by_its_own_driver(setup):
     sup, poller, drivers, log, clock = setup
-    assert [(k, n) for k, what, n, _ in log if what == "spawn"] == \
-        [("process", "learner"), ("simulator", "sim-0"), ("process", "worker-0")], "the simulator before its worker"
+    assert [(k, n) for k, what, n, _ in log if what == "spawn"] == [("process", "learner"), ("simulator", "sim-0")], \
+        "the worker waits for its simulator"
     loop(sup, poller, clock, 2)
+    assert [(k, n) for k, what, n, _ in log if what == "spawn"][2:] == [("process", "worker-0")], \
+        "and starts once the simulator answers"
     rows = {r["name"]: r for r in sup.status()["processes"]}
     assert {n: r["state"] for n, r in rows.items()} == {"learner": "running", "sim-0": "running",
                                                          "worker-0": "running"}

@@ -1,5 +1,6 @@
 """The supervisor's state machine, driven by a fake clock: no processes, no sleeping."""
 
+import itertools
 import math
 import random
 import signal
@@ -455,11 +456,20 @@ def spec(name, **kw):
     return ChildSpec(**{**base, **kw})
 
 
+PIDS = itertools.count(50_000)
+
+
 def up(sup, *names):
+    """Beat every started child into running; what waited for them starts and is beaten too."""
+    for _ in range(len(sup.children) + 1):
+        pending = []
+        for name in names or list(sup.children):
+            c = sup.children[name]
+            if c.pid is not None and c.state in (STARTING, RUNNING):
+                pending += sup.heartbeat({"name": name, "pid": c.pid, "phase": "busy", "count": 0})
+        feed(sup, PIDS, pending)
     for name in names or list(sup.children):
-        c = sup.children[name]
-        sup.heartbeat({"name": name, "pid": c.pid, "phase": "busy", "count": 0})
-        assert c.state == RUNNING
+        assert sup.children[name].state == RUNNING, name
 
 
 def respawn(sup, clock, pids, name):
@@ -469,15 +479,19 @@ def respawn(sup, clock, pids, name):
     return feed(sup, pids, sup.tick())
 
 
-def feed(sup, pids, actions):
-    """Carry out Spawn actions as a driver would; return every Spawn carried out."""
+def feed(sup, pids, actions, ready=True):
+    """Carry out Spawn actions as a driver would (and, when ``ready``, see each new child's first beat,
+    which starts what waits for it); return every Spawn carried out."""
     pending = [a for a in actions if isinstance(a, Spawn)]
     done = []
     while pending:
         a = pending.pop(0)
         if sup.wants_spawn(a):
             done.append(a)
-            pending += [b for b in sup.spawned(a.name, next(pids)) if isinstance(b, Spawn)]
+            pid = next(pids)
+            sup.spawned(a.name, pid)
+            if ready:
+                pending += of(sup.heartbeat({"name": a.name, "pid": pid, "phase": "busy", "count": 0}), Spawn)
     return done
 
 
@@ -489,7 +503,11 @@ def sim_pair():
 def test_start_order_follows_dependencies():
     clock = FakeClock()
     sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim"), spec("other")], clock)
-    assert [a.name for a in sup.start()] == ["sim", "drv", "other"]
+    assert [a.name for a in of(sup.start(), Spawn)] == ["sim", "other"], "drv waits until sim is ready"
+    assert sup.children["drv"].state == BACKOFF and sup.children["drv"].kill_reason == "waiting for sim"
+    sup.spawned("sim", 10)
+    assert not of(sup.heartbeat({"name": "sim", "pid": 10, "phase": "booting"}), Spawn), "still starting up"
+    assert of(sup.heartbeat({"name": "sim", "pid": 10, "phase": "busy", "count": 1}), Spawn) == [Spawn("drv", 0)]
 
 
 def test_unknown_dependency_cycle_and_duplicates_are_refused():
@@ -519,7 +537,9 @@ def test_dependency_restart_restarts_its_dependent_after_it():
     assert drv.state == BACKOFF and math.isinf(drv.restart_at), "it waits for sim, not for a timer"
     clock.advance(100)
     assert of(sup.tick(), Spawn) == [Spawn("sim", 1)], "the dependency first"
-    assert of(sup.spawned("sim", next(pids)), Spawn) == [Spawn("drv", 1)], "then, once it has started, its dependent"
+    assert not of(sup.spawned("sim", 77), Spawn)
+    assert of(sup.heartbeat({"name": "sim", "pid": 77, "phase": "busy", "count": 0}), Spawn) == [Spawn("drv", 1)], \
+        "then, once it is ready, its dependent"
     assert drv.incarnation == 1 and drv.restarts == 1
     assert len(drv.restart_times) == 0, "restarting with a dependency does not count against its own intensity"
 
@@ -549,10 +569,12 @@ def test_a_restarted_dependency_waits_until_its_stopping_dependents_are_gone():
 def test_a_spawn_the_machine_no_longer_wants_is_not_carried_out():
     clock = FakeClock()
     sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim")], clock)
-    actions = sup.start()
-    assert of(actions, Spawn) == [Spawn("sim", 0), Spawn("drv", 0)]
-    sup.spawn_failed("sim", "engine unavailable")
-    assert not sup.wants_spawn(Spawn("drv", 0)), "its dependency never started"
+    sup.start()
+    sup.spawned("sim", 10)
+    release = sup.heartbeat({"name": "sim", "pid": 10, "phase": "busy", "count": 0})
+    assert of(release, Spawn) == [Spawn("drv", 0)]
+    sup.exited("sim", 10, 1)  # before the driver got to drv's spawn
+    assert not sup.wants_spawn(Spawn("drv", 0)), "its dependency is down again"
     assert sup.children["drv"].state == BACKOFF and sup.children["drv"].held
     assert of(sup.spawned("drv", 77), Signal) == [Signal("drv", 77, signal.SIGKILL)], "a late pid is killed"
     assert sup.children["drv"].pid is None
@@ -601,7 +623,7 @@ def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_
         sup.exited("sim", sim.pid, 1)
         sup.exited("drv", drv.pid, -15)
         assert respawn(sup, clock, pids, "sim") == [Spawn("sim", sim.incarnation), Spawn("drv", drv.incarnation)]
-        assert drv.state == STARTING and drv.pid is not None
+        assert drv.state == RUNNING and drv.pid is not None
     actions = sup.exited("sim", sim.pid, 1)
     assert sim.state == FAILED and drv.state == STOPPING
     actions = sup.exited("drv", drv.pid, -15)

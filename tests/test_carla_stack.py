@@ -1,0 +1,71 @@
+"""The whole stack on the CARLA backend: simulator containers (the fake server's image) and their workers.
+
+A simulator frozen with ``docker pause`` costs its slot one deadline: evidence, a
+new container, a new worker; the other slot never stops, and training goes on.
+"""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import free_port_block
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+
+def row(status, name):
+    return next(p for p in status["processes"] if p["name"] == name)
+
+
+def carla_overrides(image):
+    base = free_port_block(20)
+    return {
+        "env": {"max_episode_steps": 300, "carla": {
+            "npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 5.0, "tick_timeout_s": 1.5,
+            "sensor_timeout_s": 0.5, "route_length_m": 100.0, "camera": {"width": 64, "height": 64}}},
+        "workers": {"count": 2, "eval_freq": 0, "start_steps": 300, "torch_threads": 1},
+        "simulators": {"image": image, "gpus": [], "base_port": base, "port_stride": 10, "tm_base_port": base + 5,
+                       "command": "python3 -m fakecarla -carla-rpc-port={rpc_port}",
+                       "ready_timeout_s": 30.0, "probe_interval_s": 0.5, "probe_timeout_s": 2.0,
+                       "liveness_deadline_s": 6.0, "kill_grace_s": 1.0},
+        "supervisor": {"heartbeat_deadline_s": 5.0, "progress_deadline_s": 4.0},
+    }
+
+
+def test_a_paused_simulator_costs_its_slot_one_deadline_and_the_other_slot_never_stops(
+        stack_factory, docker_engine, fakecarla_image):
+    stack = stack_factory(carla_overrides(fakecarla_image), base="configs/carla.yaml")
+    try:
+        s = stack.wait_for(lambda s: all(p["state"] == "running" for p in s["processes"])
+                           and row(s, "worker-0")["env_steps"] > 200 and row(s, "worker-1")["env_steps"] > 200,
+                           150, "both slots stepping")
+        assert [p["name"] for p in s["processes"]] == ["learner", "carla-0", "worker-0", "carla-1", "worker-1"]
+        other = row(s, "worker-1")
+        container = docker_engine.containers.get("rlstack-test-carla-0")
+        paused_at = time.monotonic()
+        container.pause()
+        s = stack.wait_for(lambda s: row(s, "carla-0")["incarnation"] >= 1 and row(s, "worker-0")["incarnation"] >= 1
+                           and row(s, "worker-0")["state"] == "running" and row(s, "worker-0")["env_steps"] > 0,
+                           90, "slot 0 replaced and stepping")
+        recovered_s = time.monotonic() - paused_at
+        w1 = row(s, "worker-1")
+        assert w1["pid"] == other["pid"] and w1["incarnation"] == 0 and w1["restarts"] == 0
+        assert w1["env_steps"] > other["env_steps"], "the other slot kept stepping"
+        assert row(s, "carla-1")["incarnation"] == 0 and row(s, "learner")["incarnation"] == 0
+        events = stack.events()
+        stalled = next(e for e in events if e["event"] == "stalled" and e["name"] == "carla-0")
+        assert "worker-0 found it stalled (exit 76)" in stalled["reason"] or "no heartbeat" in stalled["reason"]
+        incident = stack.run_dir / row(s, "carla-0")["last_incident"]
+        assert json.loads((incident / "incident.json").read_text())["container"]["Paused"] is True
+        assert not [e for e in events if e["event"] in ("stalled", "exited") and e["name"] in ("worker-1", "carla-1")]
+        assert recovered_s < 30.0
+        # training goes on: a few thousand steps in all
+        stack.wait_for(lambda s: s["env_steps"] >= 2500 and row(s, "learner")["updates"] > 500, 150,
+                       "a few thousand steps")
+        assert stack.cli("stop").returncode == 0
+        assert stack.proc.wait(timeout=60) == 0
+        assert not docker_engine.containers.list(all=True, filters={"label": ["rlstack.run=test"]})
+    finally:
+        for c in docker_engine.containers.list(all=True, filters={"label": ["rlstack.run=test"]}):
+            c.remove(force=True)
