@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BENCHES = ("freeze", "pendulum", "updates", "memory", "stability")
+BENCHES = ("freeze", "pendulum", "updates", "memory", "stability", "carla")
 
 
 def main() -> int:

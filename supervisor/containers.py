@@ -38,6 +38,8 @@ RUN_LABEL = "rlstack.run"
 SLOT_LABEL = "rlstack.slot"
 CHILD_LABEL = "rlstack.child"
 LOG_TAIL_LINES = 200
+# While a server starts, its readiness is asked for this often (then every probe_interval_s).
+STARTUP_PROBE_S = 0.1
 
 
 class EngineError(RuntimeError):
@@ -164,6 +166,7 @@ class ContainerDriver:
         self._engine = engine
         self.running: dict[str, Running] = {}
         self.removing: set[str] = set()  # exited containers whose removal runs in the background
+        self.images_seen: set[str] = set()  # checked present once: a respawn does not ask again
         self.seen: queue.SimpleQueue[Observation] = queue.SimpleQueue()
 
     @property
@@ -183,8 +186,11 @@ class ContainerDriver:
     def ensure_image(self, image: str, pull: bool) -> None:
         import docker
 
+        if image in self.images_seen:
+            return
         try:
             self.engine.images.get(image)
+            self.images_seen.add(image)
         except docker.errors.ImageNotFound:
             if not pull:
                 raise SpawnError(f"image {image} is not on this Docker engine: `docker pull {image}` (or build it), "
@@ -252,9 +258,13 @@ class ContainerDriver:
     # -- watching ------------------------------------------------------------------------------
 
     def _probe_loop(self, run: Running) -> None:
-        """Each answered ``version`` request is a heartbeat; silence is what the machine judges."""
+        """Each answered ``version`` request is a heartbeat; silence is what the machine judges.
+
+        Until the first answer it asks often, so a slot's worker starts as soon as its server is ready.
+        """
         while not run.stop.is_set():
             started = time.monotonic()
+            interval = self.probe_interval_s if run.probes else min(self.probe_interval_s, STARTUP_PROBE_S)
             try:
                 server_version(run.host, run.rpc_port, self.probe_timeout_s)
                 run.probes += 1
@@ -263,7 +273,7 @@ class ContainerDriver:
                                     "phase_age_s": 0.0}))
             except (OSError, ValueError) as exc:
                 run.last_error = _first_line(exc)
-            run.stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - started)))
+            run.stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
     def _wait_loop(self, run: Running) -> None:
         """Report the container's exit; an engine that does not answer for a while is asked again."""

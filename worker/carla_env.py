@@ -104,6 +104,7 @@ class CarlaEnv(gym.Env):
         self.queues: dict[str, queue.Queue] = {}
         self.frame: int | None = None
         self.steps = 0
+        self.stalled = False  # the server stopped answering: close() does not wait on it again
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -116,9 +117,11 @@ class CarlaEnv(gym.Env):
             client.get_server_version()
             client.set_timeout(c.client_timeout_s)
             world = client.get_world()
-            if world.get_map().name.split("/")[-1] != c.map:
+            town = world.get_map()  # parsed once: the client builds it from the OpenDRIVE document
+            if town.name.split("/")[-1] != c.map:
                 world = client.load_world(c.map)
-            self.client, self.world = client, world
+                town = world.get_map()
+            self.client, self.world, self.town = client, world, town
             self.destroy_leftovers()
             if c.npcs:
                 self.tm = client.get_trafficmanager(self.server.tm_port)
@@ -127,7 +130,7 @@ class CarlaEnv(gym.Env):
             self.apply_sync()
             client.set_timeout(c.tick_timeout_s)  # from now on every call is bounded like a tick
         except RuntimeError as exc:
-            raise SimulatorStalled(f"CARLA at {self.server.host}:{self.server.rpc_port}: {exc}") from None
+            raise self._stalled(f"CARLA at {self.server.host}:{self.server.rpc_port}: {exc}") from None
 
     def apply_sync(self) -> None:
         """Synchronous mode with the configured fixed delta; applied, then checked."""
@@ -140,7 +143,7 @@ class CarlaEnv(gym.Env):
             self.world.apply_settings(settings)
         got = self.world.get_settings()
         if not got.synchronous_mode or got.fixed_delta_seconds is None or abs(got.fixed_delta_seconds - want) > 1e-6:
-            raise SimulatorStalled(f"synchronous mode with fixed_delta_seconds={want} did not hold "
+            raise self._stalled(f"synchronous mode with fixed_delta_seconds={want} did not hold "
                                    f"(server reports {got.synchronous_mode}, {got.fixed_delta_seconds})")
 
     def destroy_leftovers(self) -> None:
@@ -173,7 +176,7 @@ class CarlaEnv(gym.Env):
         except RuntimeError as exc:
             if isinstance(exc, SimulatorStalled):
                 raise
-            raise SimulatorStalled(f"reset: {exc}") from None
+            raise self._stalled(f"reset: {exc}") from None
         self.steps = 0
         self.still_steps = 0
         self.progress_m, _ = self.route.locate(*self._xy())
@@ -183,7 +186,7 @@ class CarlaEnv(gym.Env):
         c = self.ccfg
         world = self.world
         library = world.get_blueprint_library()
-        town = world.get_map()
+        town = self.town
         points = town.get_spawn_points()
         ego_bp = library.find(c.vehicle)
         ego_bp.set_attribute("role_name", f"{self.role}-ego")
@@ -197,7 +200,7 @@ class CarlaEnv(gym.Env):
             if ego is not None:
                 break
         if ego is None:
-            raise SimulatorStalled("no free spawn point with a route ahead for the ego vehicle in 20 tries")
+            raise self._stalled("no free spawn point with a route ahead for the ego vehicle in 20 tries")
         self.route = route
         self.actors = [ego]
         self.ego = ego
@@ -265,7 +268,7 @@ class CarlaEnv(gym.Env):
         except RuntimeError as exc:
             if isinstance(exc, SimulatorStalled):
                 raise
-            raise SimulatorStalled(f"step: {exc}") from None
+            raise self._stalled(f"step: {exc}") from None
         self.steps += 1
         reward, terminated, truncated, reason = self.judge(x, y, speed, events)
         info = {"frame": frame, "speed": speed, "progress_m": self.progress_m, **({"reason": reason} if reason else {})}
@@ -304,7 +307,7 @@ class CarlaEnv(gym.Env):
         try:
             self.frame = int(self.world.tick(self.ccfg.tick_timeout_s))
         except RuntimeError as exc:
-            raise SimulatorStalled(f"world.tick() did not complete within {self.ccfg.tick_timeout_s:g}s: {exc}") \
+            raise self._stalled(f"world.tick() did not complete within {self.ccfg.tick_timeout_s:g}s: {exc}") \
                 from None
         return self.frame
 
@@ -319,7 +322,7 @@ class CarlaEnv(gym.Env):
                 return frame, self.observe(frame, timeout_s=per_tick)
             except SimulatorStalled:
                 if time.monotonic() >= deadline:
-                    raise SimulatorStalled(f"the new camera delivered no image within "
+                    raise self._stalled(f"the new camera delivered no image within "
                                            f"{self.ccfg.sensor_timeout_s:g}s of ticking") from None
 
     def observe(self, frame: int, timeout_s: float | None = None) -> np.ndarray:
@@ -330,12 +333,12 @@ class CarlaEnv(gym.Env):
             try:
                 image = q.get(timeout=deadline_s)
             except queue.Empty:
-                raise SimulatorStalled(f"the camera delivered no image for frame {frame} within {deadline_s:g}s") \
+                raise self._stalled(f"the camera delivered no image for frame {frame} within {deadline_s:g}s") \
                     from None
             if image.frame == frame:
                 return to_frame(image, self.ccfg.camera.grayscale)
             if image.frame > frame:
-                raise SimulatorStalled(f"the camera skipped frame {frame} (got {image.frame})")
+                raise self._stalled(f"the camera skipped frame {frame} (got {image.frame})")
 
     def drain_events(self, frame: int) -> dict[str, list]:
         """Collision, lane invasion and obstacle events up to ``frame`` (they come only when something happens)."""
@@ -356,6 +359,10 @@ class CarlaEnv(gym.Env):
         loc = self.ego.get_location()
         return float(loc.x), float(loc.y)
 
+    def _stalled(self, message: str) -> SimulatorStalled:
+        self.stalled = True
+        return SimulatorStalled(message)
+
     # -- cleaning up --------------------------------------------------------------------------
 
     def destroy_episode(self) -> None:
@@ -373,8 +380,8 @@ class CarlaEnv(gym.Env):
 
     def close(self) -> None:
         """Destroy what this env spawned and restore asynchronous mode, if the server still answers."""
-        if self.client is None:
-            return
+        if self.client is None or self.stalled:
+            return  # nothing to clean, or a server that just stopped answering: the supervisor replaces it
         client, self.client = self.client, None
         try:
             client.set_timeout(min(self.ccfg.connect_timeout_s, 2.0))
