@@ -74,19 +74,27 @@ def overrides_from(args) -> list[tuple[str, object]]:
     return out
 
 
+def config_from(args):
+    """The run's config from ``up``'s arguments; raises ConfigError."""
+    from protocol.config import load_config
+
+    overrides = overrides_from(args)
+    cfg = load_config(args.config, overrides)
+    carla = cfg.env.carla
+    if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
+        index = carla.scenario if isinstance(carla.scenario, int) else \
+            [s.name for s in carla.scenarios].index(carla.scenario)
+        cfg = load_config(args.config, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+    return cfg
+
+
 def cmd_up(args) -> int:
     from protocol.config import ConfigError, load_config
     from supervisor.plan import build_plan
     from supervisor.run import Supervisor, create_run_dir
 
     try:
-        overrides = overrides_from(args)
-        cfg = load_config(args.config, overrides)
-        carla = cfg.env.carla
-        if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
-            index = carla.scenario if isinstance(carla.scenario, int) else \
-                [s.name for s in carla.scenarios].index(carla.scenario)
-            cfg = load_config(args.config, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+        cfg = config_from(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
@@ -167,7 +175,8 @@ def cmd_status(args) -> int:
     status = reply["data"]
     if args.json:
         keys = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
-                "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason")
+                "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason",
+                "gpu_memory_bytes")
         out = {"run_id": status["run_id"], "run_dir": status["run_dir"],
                "processes": [{k: p.get(k) for k in keys} for p in status["processes"]],
                "env_steps": status["env_steps"], "max_timesteps": status["max_timesteps"],

@@ -40,6 +40,8 @@ CHILD_LABEL = "rlstack.child"
 LOG_TAIL_LINES = 200
 # While a server starts, its readiness is asked for this often (then every probe_interval_s).
 STARTUP_PROBE_S = 0.1
+# GPU memory of each simulator is read (nvidia-smi, where there is one) every this many answered probes.
+GPU_EVERY_PROBES = 10
 
 
 class EngineError(RuntimeError):
@@ -146,6 +148,7 @@ class Running:
     probes: int = 0
     last_answer: float | None = None
     last_error: str = ""
+    gpu_memory_bytes: int | None = None
 
 
 class ContainerDriver:
@@ -269,8 +272,12 @@ class ContainerDriver:
                 server_version(run.host, run.rpc_port, self.probe_timeout_s)
                 run.probes += 1
                 run.last_answer = time.time()
-                self.seen.put(Beat({"name": run.name, "pid": run.pid, "phase": "serving", "probes": run.probes,
-                                    "phase_age_s": 0.0}))
+                if run.probes % GPU_EVERY_PROBES == 1:
+                    run.gpu_memory_bytes = gpu_memory_of(run.pid)
+                beat = {"name": run.name, "pid": run.pid, "phase": "serving", "probes": run.probes, "phase_age_s": 0.0}
+                if run.gpu_memory_bytes is not None:
+                    beat["gpu_memory_bytes"] = run.gpu_memory_bytes
+                self.seen.put(Beat(beat))
             except (OSError, ValueError) as exc:
                 run.last_error = _first_line(exc)
             run.stop.wait(max(0.0, interval - (time.monotonic() - started)))
@@ -306,7 +313,7 @@ class ContainerDriver:
                 if run is not None and run.pid == obs.pid:
                     del self.running[obs.name]
                     self.removing.add(run.container_id)
-                    threading.Thread(target=self._remove, args=(run.container_id,), daemon=True).start()
+                    threading.Thread(target=self._record_exit_and_remove, args=(run, obs.code), daemon=True).start()
             seen.append(obs)
         return seen
 
@@ -346,12 +353,27 @@ class ContainerDriver:
             return
         self.removing.discard(container_id)
 
+    def _record_exit_and_remove(self, run: Running, code: int | None) -> None:
+        """A container that died on its own (crash, OOM kill) leaves its state and log tail, then goes."""
+        if not run.killed:
+            try:
+                self.write_incident(self.run_dir, run, f"exited on its own (code {code})", run.pid, None,
+                                    suffix="exited")
+            except OSError:
+                pass  # evidence is best effort
+        self._remove(run.container_id)
+
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         """The container's state and log tail, and the prober's last word, before the kill."""
+        return self.write_incident(Path(run_dir), self.running.get(action.name), action.reason, action.pid,
+                                   action.heartbeat, name=action.name)
+
+    def write_incident(self, run_dir: Path, run: Running | None, reason: str, pid: int, heartbeat: dict | None,
+                       name: str | None = None, suffix: str = "") -> Path:
+        name = name or run.name
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
-        out = Path(run_dir) / "incidents" / f"{stamp}-{action.name}"
+        out = Path(run_dir) / "incidents" / f"{stamp}-{name}{'-' + suffix if suffix else ''}"
         out.mkdir(parents=True, exist_ok=True)
-        run = self.running.get(action.name)
         state: dict = {}
         logs = ""
         if run is not None:
@@ -364,11 +386,11 @@ class ContainerDriver:
             except Exception as exc:
                 state = {"error": _first_line(exc)}
         (out / "incident.json").write_text(json.dumps({
-            "name": action.name, "pid": action.pid, "reason": action.reason, "time": time.time(),
-            "last_heartbeat": action.heartbeat, "container": state,
+            "name": name, "pid": pid, "reason": reason, "time": time.time(),
+            "last_heartbeat": heartbeat, "container": state,
             "last_probe_answer": run.last_answer if run else None, "last_probe_error": run.last_error if run else None,
         }, indent=2, default=str))
-        (out / "log_tail.txt").write_text(f"== docker logs --tail {LOG_TAIL_LINES} {action.name} ==\n{logs}\n")
+        (out / "log_tail.txt").write_text(f"== docker logs --tail {LOG_TAIL_LINES} {name} ==\n{logs}\n")
         (out / "stack.txt").write_text(_gpu_note())
         return out
 
@@ -400,6 +422,33 @@ class ContainerDriver:
         self.running.clear()
         for container_id in list(self.removing):
             self._remove(container_id)
+
+
+def parse_gpu_apps(text: str) -> dict[int, int]:
+    """``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`` as pid -> bytes."""
+    used: dict[int, int] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            used[int(parts[0])] = used.get(int(parts[0]), 0) + int(parts[1]) * 1024 * 1024
+    return used
+
+
+def gpu_memory_of(pid: int) -> int | None:
+    """GPU memory held by a container's processes (its main pid and descendants); None without nvidia-smi."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None or pid <= 0:
+        return None
+    try:
+        import psutil
+
+        out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=5).stdout
+        root = psutil.Process(pid)
+        pids = {pid} | {p.pid for p in root.children(recursive=True)}
+    except (OSError, subprocess.TimeoutExpired, Exception):
+        return None
+    return sum(b for p, b in parse_gpu_apps(out).items() if p in pids)
 
 
 def _gpu_note() -> str:

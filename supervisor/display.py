@@ -26,17 +26,24 @@ def fmt_duration(seconds: float | None) -> str:
 
 def process_table(status: dict) -> Table:
     table = Table(title=f"run {status['run_id']}", title_justify="left", expand=False)
-    for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "PHASE"):
-        table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS") else "left")
+    gpu = any(p.get("gpu_memory_bytes") is not None for p in status["processes"])
+    columns = ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "PHASE") + \
+        (("GPU MEM",) if gpu else ())
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS", "GPU MEM") else "left")
     for p in status["processes"]:
         counter = (p.get("progress_counters") or ["env_steps"])[0]  # the child's own measure of work
-        steps = p.get(counter, p["progress"])
+        steps = {"env_steps": f"{p['env_steps']}", "updates": f"{p['updates']} upd"}.get(
+            counter, f"{p['progress']} {counter}")
         hb = "-" if p["heartbeat_age_s"] is None else f"{p['heartbeat_age_s']:.1f}s ago"
         state = p["state"]
-        table.add_row(p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
-                      fmt_duration(p["uptime_s"] if p["pid"] else None),
-                      f"{steps}{' upd' if counter == 'updates' else ''}", f"{p['steps_per_s']:.1f}", hb,
-                      str(p["restarts"]), p["phase"] or (p["reason"] or "-"))
+        row = [p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
+               fmt_duration(p["uptime_s"] if p["pid"] else None), steps, f"{p['steps_per_s']:.1f}", hb,
+               str(p["restarts"]), p["phase"] or (p["reason"] or "-")]
+        if gpu:
+            mem = p.get("gpu_memory_bytes")
+            row.append("-" if mem is None else f"{mem / 2**30:.2f} GiB")
+        table.add_row(*row)
     return table
 
 

@@ -688,6 +688,7 @@ class Supervision:
                 "progress": c.count(), "progress_counters": list(c.spec.progress_counters),
                 "env_steps": int(hb.get("env_steps", 0)), "updates": int(hb.get("updates", 0)),
                 "steps_per_s": float(hb.get("steps_per_s", 0.0)), "rss_bytes": int(hb.get("rss_bytes", 0)),
+                "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
                 "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
                 "last_incident": c.last_incident, "reason": c.kill_reason or None,
                 "depends_on": list(c.spec.depends_on),

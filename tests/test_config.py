@@ -72,3 +72,65 @@ def test_cli_bad_config_is_one_line_and_exit_2(tmp_path):
     res = run_cli("up", "--set", "workers.count=lots", "--runs-dir", str(tmp_path / "runs"), cwd=".")
     assert res.returncode == 2 and "workers.count" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "runs").exists(), "a bad config creates no run"
+
+
+def test_carla_configs_extend_their_base_and_stage_the_validation():
+    stages = {name: load_config(f"configs/{name}.yaml") for name in ("carla", "stage1", "stage2", "stage3")}
+    assert all(c.env.backend == "carla" and c.simulators.mode == "container" for c in stages.values())
+    assert (stages["stage1"].env.carla.map, stages["stage1"].env.carla.npcs, stages["stage1"].run.max_timesteps) == \
+        ("Town01", 5, 1000)
+    assert (stages["stage2"].env.carla.npcs, stages["stage2"].run.max_timesteps) == (20, 5000)
+    assert (stages["stage3"].env.carla.npcs, stages["stage3"].run.max_timesteps, stages["stage3"].workers.eval_freq) \
+        == (20, 50000, 10000)
+    assert stages["stage1"].learner.batch_size == stages["carla"].learner.batch_size, "the rest comes from the base"
+
+
+def test_extends_cycles_and_missing_bases_are_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_scenario_sets_map_npcs_and_route_and_an_unknown_one_is_named():
+    scenarios = [{"name": "quiet", "map": "Town02", "npcs": 3}, {"name": "busy", "npcs": 40, "route_length_m": 500}]
+    cfg = load_config(None, [("env.carla.scenarios", scenarios), ("env.carla.scenario", "busy")])
+    assert (cfg.env.carla.map, cfg.env.carla.npcs, cfg.env.carla.route_length_m) == ("Town01", 40, 500)
+    cfg = load_config(None, [("env.carla.scenarios", scenarios), ("env.carla.scenario", 0)])
+    assert (cfg.env.carla.map, cfg.env.carla.npcs) == ("Town02", 3)
+    with pytest.raises(ConfigError, match="'rush' is not one of"):
+        load_config(None, [("env.carla.scenarios", scenarios), ("env.carla.scenario", "rush")])
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(None, [("env.carla.scenarios", scenarios), ("env.carla.scenario", 5)])
+
+
+def test_carla_deadlines_are_layered_and_external_servers_counted():
+    with pytest.raises(ConfigError, match="progress_deadline_s .* must exceed env.carla.tick_timeout_s"):
+        load_config(None, [("env.backend", "carla"), ("supervisor.progress_deadline_s", 6.0)])
+    with pytest.raises(ConfigError, match="lists 1 servers for 2 workers"):
+        load_config(None, [("env.backend", "carla"), ("simulators.mode", "external"),
+                           ("simulators.external", ["127.0.0.1:2000"]), ("supervisor.progress_deadline_s", 20)])
+    with pytest.raises(ConfigError, match="is not host:port"):
+        load_config(None, [("simulators.external", ["localhost"])])
+
+
+def test_list_items_can_be_overridden_by_index():
+    cfg = load_config("configs/carla.yaml", [("env.carla.scenarios.0.npcs", 9), ("env.carla.scenario", 0)])
+    assert cfg.env.carla.npcs == 9
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config("configs/carla.yaml", [("env.carla.scenarios.7.npcs", 9)])
+
+
+def test_scenario_and_npcs_flags_the_npcs_flag_wins():
+    from supervisor.cli import build_parser, config_from
+
+    def cfg(*argv):
+        return config_from(build_parser().parse_args(["up", "--config", "configs/carla.yaml", *argv]))
+
+    assert cfg("--scenario", "town01_minimal_traffic").env.carla.npcs == 5
+    assert cfg("--scenario", "2").env.carla.map == "Town02"
+    assert cfg("--scenario", "town01_minimal_traffic", "--npcs", "11").env.carla.npcs == 11
+    assert cfg("--npcs", "3").env.carla.npcs == 3

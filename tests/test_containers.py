@@ -141,6 +141,13 @@ def test_a_killed_container_and_one_that_exits_are_replaced(sims, docker_engine)
     assert exits["carla-0"] == 137 and exits["carla-1"] in (0, 137, 143)
     assert not [e for e in loop.events() if e["event"] == ev.STALLED], "an exit is seen as an exit, not a stall"
     assert rows["carla-0"]["restarts"] == 1
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(list((loop.run_dir / "incidents").glob("*-exited"))) < 2:
+        time.sleep(0.2)
+    exited = {json.loads((d / "incident.json").read_text())["name"]: json.loads((d / "incident.json").read_text())
+              for d in (loop.run_dir / "incidents").glob("*-exited")}
+    assert exited["carla-0"]["container"]["ExitCode"] == 137 and exited["carla-0"]["container"]["OOMKilled"] is False
+    assert "exited on its own" in exited["carla-1"]["reason"]
 
 
 def test_a_container_whose_server_dies_on_start_backs_off_and_fails(sims):
@@ -219,3 +226,28 @@ def test_supervisor_up_refuses_a_missing_image_or_engine_before_writing_anything
     res = up(env={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
     assert res.returncode == 2 and "no Docker engine answers" in res.stderr, res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(10)
+def test_gpu_memory_is_read_per_process_from_nvidia_smi_output():
+    from supervisor.containers import parse_gpu_apps
+
+    out = "1234, 2048\n1234, 512\n99, 100\n[Not Supported], 0\n"
+    assert parse_gpu_apps(out) == {1234: 2560 * 2**20, 99: 100 * 2**20}
+
+
+@pytest.mark.timeout(10)
+def test_status_table_shows_gpu_memory_only_where_known():
+    from supervisor.display import plain_table
+
+    def proc(name, counters, gpu=None, **kw):
+        return {"name": name, "state": "running", "pid": 1, "uptime_s": 5.0, "heartbeat_age_s": 0.1,
+                "progress_counters": counters, "progress": 7, "env_steps": 40, "updates": 9, "steps_per_s": 1.0,
+                "restarts": 0, "phase": "serving", "reason": None, "gpu_memory_bytes": gpu, **kw}
+
+    status = {"run_id": "r", "processes": [proc("learner", ["updates"]), proc("carla-0", ["probes"], 3 * 2**30),
+                                           proc("worker-0", ["env_steps", "eval_steps"])]}
+    table = plain_table(status)
+    assert "GPU MEM" in table and "3.00 GiB" in table and "7 probes" in table and "9 upd" in table
+    status["processes"][1]["gpu_memory_bytes"] = None
+    assert "GPU MEM" not in plain_table(status)
