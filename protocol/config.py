@@ -6,6 +6,8 @@ the key path (``config error: learner.batch_sise: unknown key``), not hours late
 
 from __future__ import annotations
 
+import shlex
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,6 +238,15 @@ class SimulatorsConfig(_Section):
                 raise ValueError(f"external entry {entry!r} is not host:port")
         if self.liveness_deadline_s <= self.probe_interval_s:
             raise ValueError("liveness_deadline_s must exceed probe_interval_s")
+        try:
+            keys = {name for _, name, _, _ in string.Formatter().parse(self.command) if name is not None}
+            shlex.split(self.command)
+        except ValueError as exc:
+            raise ValueError(f"command {self.command!r}: {exc}") from None
+        unknown = keys - {"rpc_port", "streaming_port", "secondary_port", "slot"}
+        if unknown:
+            raise ValueError(f"command: unknown placeholder(s) {sorted(unknown)}; "
+                             "use {rpc_port}, {streaming_port}, {secondary_port}, {slot}")
         return self
 
 
@@ -256,6 +267,29 @@ class Config(_Section):
             raise ValueError(f"supervisor.progress_deadline_s ({s.progress_deadline_s:g}) must exceed "
                              f"env.carla.tick_timeout_s + sensor_timeout_s ({c.tick_timeout_s + c.sensor_timeout_s:g}):"
                              f" the worker's own timeouts fire first")
+        if s.heartbeat_deadline_s <= c.client_timeout_s:
+            raise ValueError(f"supervisor.heartbeat_deadline_s ({s.heartbeat_deadline_s:g}) must exceed "
+                             f"env.carla.client_timeout_s ({c.client_timeout_s:g}): get_world() and load_world() "
+                             f"hold the worker's heartbeat thread while they wait")
+        return self
+
+    @model_validator(mode="after")
+    def _simulator_ports(self):
+        if self.env.backend != "carla" or self.simulators.mode != "container":
+            return self
+        sims, used = self.simulators, {}
+        for slot in range(self.workers.count):
+            rpc = sims.base_port + slot * sims.port_stride
+            for what, port in ((f"slot {slot} rpc", rpc), (f"slot {slot} streaming", rpc + 1),
+                               (f"slot {slot} secondary", rpc + 2), (f"slot {slot} traffic manager",
+                                                                     sims.tm_base_port + slot)):
+                if port > 65535:
+                    raise ValueError(f"simulators: {what} port {port} is past 65535; lower base_port, port_stride "
+                                     f"or tm_base_port, or use fewer workers")
+                if port in used:
+                    raise ValueError(f"simulators: {what} port {port} is also {used[port]}'s; move tm_base_port or "
+                                     f"base_port apart")
+                used[port] = what
         return self
 
     @model_validator(mode="after")

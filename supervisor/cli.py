@@ -101,7 +101,7 @@ def cmd_up(args) -> int:
     from supervisor.evidence import py_spy_path
 
     plan = build_plan(cfg, cfg.run.run_id or "")
-    missing = plan.missing_modules() + ([] if py_spy_path() else ["py-spy (stacks of stalled children)"])
+    missing = plan.missing_modules()
     if missing:
         print(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
               "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", file=sys.stderr)
@@ -118,6 +118,9 @@ def cmd_up(args) -> int:
         except (EngineError, SpawnError) as exc:
             print(f"supervisor up: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if py_spy_path() is None:
+        print("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled processes "
+              "(pip install 'carla-rl-stack[supervisor]')", file=sys.stderr)
     run_dir = create_run_dir(cfg)
     live = sys.stdout.isatty() if args.live is None else args.live
     env = f"CARLA {cfg.env.carla.map} ({cfg.simulators.mode} simulators)" if cfg.env.backend == "carla" else cfg.env.id

@@ -57,7 +57,11 @@ def connect_engine(timeout_s: float):
         client.ping()
         return client
     except Exception as exc:  # the SDK raises DockerException, requests errors, FileNotFoundError ...
-        raise EngineError(f"no Docker engine answers ({_first_line(exc)}): start one (`sudo systemctl start docker`, "
+        text = _first_line(exc)
+        if "permission denied" in text.lower():
+            raise EngineError(f"the Docker engine refused this user ({text}): add the user to the `docker` group "
+                              f"(`sudo usermod -aG docker $USER`, then log in again)") from None
+        raise EngineError(f"no Docker engine answers ({text}): start one (`sudo systemctl start docker`, "
                           f"or `sudo dockerd &`) or point DOCKER_HOST at it") from None
 
 
@@ -129,7 +133,7 @@ def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
-            except OSError:
+            except (OSError, OverflowError):
                 raise SpawnError(f"port {port} ({what}) is in use by {port_holder(port)}: free it, or move the "
                                  f"slots with simulators.base_port / simulators.tm_base_port") from None
 
@@ -226,9 +230,16 @@ class ContainerDriver:
         requests = ([docker.types.DeviceRequest(device_ids=[str(launch["gpu"])], capabilities=[["gpu"]])]
                     if launch.get("gpu") is not None else None)
         try:
-            container = engine.containers.run(launch["image"], launch["command"], name=launch["container_name"],
-                                              detach=True, network_mode="host", labels=labels,
-                                              device_requests=requests, auto_remove=False)
+            # create, then start: `containers.run` would pull a missing image on its own
+            container = engine.containers.create(launch["image"], launch["command"], name=launch["container_name"],
+                                                 network_mode="host", labels=labels,
+                                                 device_requests=requests, auto_remove=False)
+            container.start()
+        except docker.errors.ImageNotFound:
+            self.images_seen.discard(launch["image"])
+            self._remove_named(launch["container_name"])
+            raise SpawnError(f"image {launch['image']} is not on this Docker engine (any more): "
+                             f"`docker pull {launch['image']}`, or set simulators.pull: true") from None
         except docker.errors.APIError as exc:
             self._remove_named(launch["container_name"])  # never leave one behind in `created`
             text = _first_line(exc)
@@ -236,7 +247,12 @@ class ContainerDriver:
                 raise SpawnError(f"GPU request for {spec.name} (device {launch['gpu']}) refused: {text}; install the "
                                  f"NVIDIA container runtime, or set simulators.gpus: [] to run without") from None
             raise SpawnError(f"container {launch['container_name']} could not start: {text}") from None
-        container.reload()
+        try:
+            container.reload()
+        except Exception as exc:  # started but not readable: never leave it running untracked
+            self._remove_named(launch["container_name"])
+            raise SpawnError(f"container {launch['container_name']} started but could not be inspected: "
+                             f"{_first_line(exc)}") from None
         pid = int(container.attrs.get("State", {}).get("Pid") or 0)
         if pid <= 0:  # it exited at once; report it as an exit the machine handles
             pid = -abs(hash(container.id)) % (2**31) or 1
@@ -278,7 +294,7 @@ class ContainerDriver:
                 if run.gpu_memory_bytes is not None:
                     beat["gpu_memory_bytes"] = run.gpu_memory_bytes
                 self.seen.put(Beat(beat))
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # whatever answers badly (garbage, an oversized reply) is no answer
                 run.last_error = _first_line(exc)
             run.stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
@@ -320,18 +336,29 @@ class ContainerDriver:
     # -- stopping ------------------------------------------------------------------------------
 
     def signal(self, name: str, pid: int, signum: int) -> None:
-        """SIGTERM and SIGKILL kill the container (a CARLA server is not worth a graceful stop); SIGCONT is moot."""
+        """SIGTERM kills the container (a CARLA server is not worth a graceful stop); SIGKILL, the machine's
+        second word after the grace period, tries again and removes it by force; SIGCONT is moot."""
         run = self.running.get(name)
-        if run is None or run.pid != pid or signum == signal.SIGCONT or run.killed:
+        if run is None or run.pid != pid or signum == signal.SIGCONT or (run.killed and signum != signal.SIGKILL):
             return
+        force = run.killed  # the first kill did not end it in time
         run.killed = True
-        threading.Thread(target=self._kill, args=(run.container_id,), daemon=True).start()
+        threading.Thread(target=self._kill, args=(run.container_id, force), daemon=True).start()
 
-    def _kill(self, container_id: str) -> None:
+    def _kill(self, container_id: str, force: bool) -> None:
+        import docker
+
         try:
-            self._fresh_engine().containers.get(container_id).kill()  # works on a paused container too
-        except Exception:
+            container = self._fresh_engine().containers.get(container_id)
+            if force:
+                container.remove(force=True)  # the waiter reports the exit
+            else:
+                container.kill()  # works on a paused container too
+        except docker.errors.NotFound:
             pass  # already gone: the waiter reports the exit
+        except Exception:
+            if not force:
+                self._kill(container_id, True)
 
     def _remove(self, container_id: str) -> None:
         """Remove it, and wait for a removal already under way to finish (bounded by the Docker timeout)."""
@@ -398,7 +425,7 @@ class ContainerDriver:
         """Remove every container labelled for this run (a supervisor that died left them)."""
         try:
             found = self.engine.containers.list(all=True, filters={"label": [f"{RUN_LABEL}={self.run_id}"]})
-        except EngineError:
+        except Exception:  # no engine, or one that does not answer: a spawn reports it in one line
             return []
         gone = []
         for container in found:
@@ -414,14 +441,18 @@ class ContainerDriver:
         return [r.pid for r in self.running.values()]
 
     def kill_all(self) -> None:
-        """Remove every container of this driver, running or exited, before the supervisor leaves."""
+        """Remove every container of this driver, running or exited, at once, before the supervisor leaves."""
         for run in list(self.running.values()):
             run.stop.set()
             run.killed = True
             self.removing.add(run.container_id)
         self.running.clear()
-        for container_id in list(self.removing):
-            self._remove(container_id)
+        threads = [threading.Thread(target=self._remove, args=(cid,), daemon=True) for cid in list(self.removing)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + self.docker_timeout_s
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def parse_gpu_apps(text: str) -> dict[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 from dataclasses import dataclass, replace
 
 from protocol.config import Config
@@ -117,8 +118,8 @@ def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intens
     """A slot's CARLA server container: healthy while it answers a real request (``version``)."""
     sims = cfg.simulators
     server = slot_server(cfg, slot)
-    command = sims.command.format(rpc_port=server.rpc_port, streaming_port=server.streaming_port,
-                                  secondary_port=server.secondary_port, slot=slot).split() + list(sims.extra_args)
+    command = shlex.split(sims.command.format(rpc_port=server.rpc_port, streaming_port=server.streaming_port,
+                                              secondary_port=server.secondary_port, slot=slot)) + list(sims.extra_args)
     name = simulator_name(slot)
     return ChildSpec(
         name=name, kind="container", restart=PERMANENT, significant=False,

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 
 def env_config(port, slots=1, **carla_cfg):
-    values = {"npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 5.0, "tick_timeout_s": 2.0,
+    values = {"npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 4.0, "tick_timeout_s": 2.0,
               "sensor_timeout_s": 1.0, "route_length_m": 60.0, **carla_cfg}
     return load_config(None, [("env.backend", "carla"), ("workers.count", slots), ("simulators.mode", "external"),
                               ("simulators.external", [f"127.0.0.1:{port}"] * slots),
@@ -78,6 +78,28 @@ def test_episodes_observations_rewards_and_reasons(fake_carla):
         env2.close()
     finally:
         env.close()
+
+
+def test_seeded_evaluation_resets_leave_the_training_episodes_alone(fake_carla):
+    server = fake_carla()
+
+    def spawns(env, seeds):
+        out = []
+        for seed in seeds:
+            env.reset(seed=seed)
+            out.append(env.route.points[0].round(1).tolist())
+        return out
+
+    a = make(server)
+    plain = spawns(a, [1, None, None, None])
+    a.close()
+    b = make(server)
+    with_eval = spawns(b, [1, None, 99, None, None])
+    b.close()
+    assert with_eval[:2] == plain[:2] and with_eval[3:] == plain[2:], "an evaluation reset does not reseed training"
+    c = make(server)
+    assert spawns(c, [1, 99])[1] == with_eval[2], "evaluation episodes start where their seed says"
+    c.close()
 
 
 def test_a_tick_that_never_completes_raises_within_the_tick_timeout(fake_carla):

@@ -22,7 +22,7 @@ def carla_overrides(image):
     base = free_port_block(20)
     return {
         "env": {"max_episode_steps": 300, "carla": {
-            "npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 5.0, "tick_timeout_s": 1.5,
+            "npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 4.0, "tick_timeout_s": 1.5,
             "sensor_timeout_s": 0.5, "route_length_m": 100.0, "camera": {"width": 64, "height": 64}}},
         "workers": {"count": 2, "eval_freq": 0, "start_steps": 300, "torch_threads": 1},
         "simulators": {"image": image, "gpus": [], "base_port": base, "port_stride": 10, "tm_base_port": base + 5,

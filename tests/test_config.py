@@ -110,9 +110,20 @@ def test_a_scenario_sets_map_npcs_and_route_and_an_unknown_one_is_named():
 def test_carla_deadlines_are_layered_and_external_servers_counted():
     with pytest.raises(ConfigError, match="progress_deadline_s .* must exceed env.carla.tick_timeout_s"):
         load_config(None, [("env.backend", "carla"), ("supervisor.progress_deadline_s", 6.0)])
+    with pytest.raises(ConfigError, match="heartbeat_deadline_s .* must exceed env.carla.client_timeout_s"):
+        load_config(None, [("env.backend", "carla"), ("supervisor.progress_deadline_s", 20)])
     with pytest.raises(ConfigError, match="lists 1 servers for 2 workers"):
         load_config(None, [("env.backend", "carla"), ("simulators.mode", "external"),
-                           ("simulators.external", ["127.0.0.1:2000"]), ("supervisor.progress_deadline_s", 20)])
+                           ("simulators.external", ["127.0.0.1:2000"]), ("supervisor.progress_deadline_s", 20),
+                           ("supervisor.heartbeat_deadline_s", 30)])
+    with pytest.raises(ConfigError, match="unknown placeholder"):
+        load_config(None, [("simulators.command", "./CarlaUE4.sh -carla-rpc-port={rpc}")])
+    carla = [("env.backend", "carla"), ("supervisor.progress_deadline_s", 20), ("supervisor.heartbeat_deadline_s", 30)]
+    with pytest.raises(ConfigError, match="slot 1 streaming port 65536 is past 65535"):
+        load_config(None, carla + [("simulators.base_port", 65000), ("simulators.port_stride", 535),
+                                   ("workers.count", 2)])
+    with pytest.raises(ConfigError, match="slot 0 traffic manager port 2001 is also slot 0 streaming's"):
+        load_config(None, carla + [("simulators.tm_base_port", 2001)])
     with pytest.raises(ConfigError, match="is not host:port"):
         load_config(None, [("simulators.external", ["localhost"])])
 

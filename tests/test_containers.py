@@ -35,6 +35,7 @@ def sim_config(tmp_path, image, slots=1, **simulators):
               "tm_base_port": base + 5, "ready_timeout_s": 30.0, "probe_interval_s": 0.25,
               "probe_timeout_s": 1.0, "liveness_deadline_s": 2.0, "kill_grace_s": 1.0, **simulators}
     overrides = [("env.backend", "carla"), ("workers.count", slots), ("run.runs_dir", str(tmp_path)),
+                 ("env.carla.client_timeout_s", 4.0),
                  ("supervisor.backoff_initial_s", 0.2), ("supervisor.evidence_timeout_s", 2.0)]
     return load_config(None, overrides + [(f"simulators.{k}", v) for k, v in values.items()])
 

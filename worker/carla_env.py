@@ -105,6 +105,8 @@ class CarlaEnv(gym.Env):
         self.frame: int | None = None
         self.steps = 0
         self.stalled = False  # the server stopped answering: close() does not wait on it again
+        self.episodes = 0
+        self.pending_events: dict[str, list] = {"collision": [], "lane_invasion": [], "obstacle": []}
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -163,14 +165,18 @@ class CarlaEnv(gym.Env):
 
     def reset(self, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
+        # a seeded reset (the first one, or an evaluation episode's) draws from its own generator;
+        # the training episodes' spawn points go on from where they were
+        episode_rng = np.random.default_rng(seed) if seed is not None else self.rng
+        if self.episodes == 0:
+            self.rng = episode_rng
+        self.episodes += 1
         try:
             if self.client is None:
                 self.connect()
             self.destroy_episode()
             self.apply_sync()
-            self.spawn_episode()
+            self.spawn_episode(episode_rng)
             frame, obs = self.first_observation()
             self.drain_events(frame)
         except RuntimeError as exc:
@@ -182,7 +188,7 @@ class CarlaEnv(gym.Env):
         self.progress_m, _ = self.route.locate(*self._xy())
         return obs, {"frame": frame}
 
-    def spawn_episode(self) -> None:
+    def spawn_episode(self, rng: np.random.Generator) -> None:
         c = self.ccfg
         world = self.world
         library = world.get_blueprint_library()
@@ -190,13 +196,13 @@ class CarlaEnv(gym.Env):
         points = town.get_spawn_points()
         ego_bp = library.find(c.vehicle)
         ego_bp.set_attribute("role_name", f"{self.role}-ego")
-        order = self.rng.permutation(len(points))
-        ego = None
+        order = rng.permutation(len(points))
+        ego, ego_at = None, -1
         for i in order[:20]:  # a free spawn point with a road ahead of it
             route = self.route_from(town.get_waypoint(points[i].location))
             if route is None:
                 continue
-            ego = world.try_spawn_actor(ego_bp, points[i])
+            ego, ego_at = world.try_spawn_actor(ego_bp, points[i]), i
             if ego is not None:
                 break
         if ego is None:
@@ -207,8 +213,8 @@ class CarlaEnv(gym.Env):
         if c.npcs:
             vehicles = library.filter("vehicle.*")
             batch = []
-            for i in order[1:c.npcs + 1]:
-                bp = vehicles[int(self.rng.integers(len(vehicles)))]
+            for i in [j for j in order if j != ego_at][:c.npcs]:
+                bp = vehicles[int(rng.integers(len(vehicles)))]
                 bp.set_attribute("role_name", f"{self.role}-npc")
                 batch.append(carla.command.SpawnActor(bp, points[i]).then(
                     carla.command.SetAutopilot(carla.command.FutureActor, True, self.server.tm_port)))
@@ -227,10 +233,13 @@ class CarlaEnv(gym.Env):
             nxt = waypoints[-1].next(c.waypoint_spacing_m)
             if not nxt:
                 break
-            waypoints.append(nxt[0])
-        if len(waypoints) < 2:
-            return None
-        return Route.from_waypoints(waypoints, float(wp.lane_width) or 3.5)
+            yaw = waypoints[-1].transform.rotation.yaw
+            # at a junction, the straightest way on: the camera carries no route command to follow a turn
+            waypoints.append(min(nxt, key=lambda w: abs((w.transform.rotation.yaw - yaw + 180.0) % 360.0 - 180.0)))
+        route = Route.from_waypoints(waypoints, float(wp.lane_width) or 3.5) if len(waypoints) >= 2 else None
+        if route is None or route.length < c.route_length_m / 2:
+            return None  # a road that ends soon: no episode worth starting here
+        return route
 
     def spawn_sensors(self, library) -> None:
         cam = self.ccfg.camera
@@ -321,9 +330,10 @@ class CarlaEnv(gym.Env):
             try:
                 return frame, self.observe(frame, timeout_s=per_tick)
             except SimulatorStalled:
+                self.stalled = False  # not yet: a lost first frame is no stall
                 if time.monotonic() >= deadline:
                     raise self._stalled(f"the new camera delivered no image within "
-                                           f"{self.ccfg.sensor_timeout_s:g}s of ticking") from None
+                                        f"{self.ccfg.sensor_timeout_s:g}s of ticking") from None
 
     def observe(self, frame: int, timeout_s: float | None = None) -> np.ndarray:
         """The camera's image of ``frame``: older ones are dropped, none in time is a stalled simulator."""
@@ -341,18 +351,21 @@ class CarlaEnv(gym.Env):
                 raise self._stalled(f"the camera skipped frame {frame} (got {image.frame})")
 
     def drain_events(self, frame: int) -> dict[str, list]:
-        """Collision, lane invasion and obstacle events up to ``frame`` (they come only when something happens)."""
+        """Collision, lane invasion and obstacle events up to ``frame`` (they come only when something happens).
+
+        One of a later frame is kept for the step of that frame; one that arrives after its frame's step was
+        judged counts in the next step.
+        """
         out = {}
         for key in ("collision", "lane_invasion", "obstacle"):
-            q, got = self.queues[key], []
+            q, pending = self.queues[key], self.pending_events[key]
             while True:
                 try:
-                    event = q.get_nowait()
+                    pending.append(q.get_nowait())
                 except queue.Empty:
                     break
-                if event.frame <= frame:
-                    got.append(event)
-            out[key] = got
+            out[key] = [e for e in pending if e.frame <= frame]
+            self.pending_events[key] = [e for e in pending if e.frame > frame]
         return out
 
     def _xy(self) -> tuple[float, float]:
@@ -369,6 +382,7 @@ class CarlaEnv(gym.Env):
         for sensor in self.sensors.values():  # one by one: the client must know its sensors are gone
             sensor.stop()
             sensor.destroy()
+        self.pending_events = {key: [] for key in self.pending_events}
         npcs = [a.id for a in self.actors[1:]]
         if npcs and self.tm is not None:  # the Traffic Manager lets go of them first (it aborts on a vanished actor)
             self.client.apply_batch_sync([carla.command.SetAutopilot(i, False, self.server.tm_port) for i in npcs],
