@@ -1,9 +1,10 @@
-"""Stability from pixels: many TD3 updates in ``shared`` mode against the older ``separate`` mode.
+"""Stability from pixels: many TD3 updates of each design on one fixed replay.
 
 The replay is filled once from the embedded default (racetrack-v1, 84x84 grayscale
-camera, uniform random actions), then two learners train on it side by side, one
-per core: ``shared`` (the default) and ``separate`` with ``actor_cnn_lr`` 1e-4 (the
-setting whose actor loss went to -2.7e9 for our users). Each records Q, actor
+camera, uniform random actions), then learners train on it side by side: ``shared``
+with the Polyak-averaged target encoder (the default), ``shared`` with the online
+encoder for the TD target (DrQ-v2's design), and the older ``separate`` mode with
+``actor_cnn_lr`` 1e-4 (the setting whose actor loss went to -2.7e9 for our users). Each records Q, actor
 loss, pre-clip gradient norms and every alert, with the update at which it fired.
 Training on a fixed replay is a harsher test than online collection: nothing new
 corrects an over-estimate.
@@ -54,7 +55,11 @@ def collect(replay_dir: Path, steps: int, seed: int = 0) -> None:
     rb.flush()
 
 
-def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> None:
+VARIANTS = {"shared": ("shared", "polyak"), "shared-online": ("shared", "online"), "separate": ("separate", "polyak")}
+
+
+def train(replay_dir: Path, variant: str, updates: int, batch: int, out: Path, device: str = "cpu",
+          amp: bool = False) -> None:
     import torch
 
     from learner.alerts import AlertMonitor
@@ -64,12 +69,14 @@ def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> N
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    mode, target_encoder = VARIANTS[variant]
     cfg = load_config(ROOT / "configs/default.yaml", [("learner.encoder_mode", mode),
+                                                      ("learner.target_encoder", target_encoder),
                                                       ("learner.actor_cnn_lr", 1e-4),
-                                                      ("learner.batch_size", batch)])
+                                                      ("learner.batch_size", batch), ("learner.amp", amp)])
     meta = json.loads((replay_dir / "meta.json").read_text())
     rb = ReplayBuffer(replay_dir, meta["capacity"], tuple(meta["frame_shape"]), np.uint8, 2)
-    agent = TD3Agent((4, 84, 84), 2, cfg.learner, torch.device("cpu"))
+    agent = TD3Agent((4, 84, 84), 2, cfg.learner, torch.device(device))
     monitor = AlertMonitor(q_max(cfg.env.reward_max, cfg.learner.gamma), cfg.learner)
     rng = np.random.default_rng(0)
     trace, alerts = [], []
@@ -83,8 +90,8 @@ def train(replay_dir: Path, mode: str, updates: int, batch: int, out: Path) -> N
                           "critic_norm": m["gradients/critic_norm_before_clip"],
                           "actor_norm": m.get("gradients/actor_norm_before_clip"),
                           "actor_cnn_norm": m.get("gradients/actor_cnn_norm"), "elapsed_s": time.time() - t0})
-            out.write_text(json.dumps({"mode": mode, "trace": trace, "alerts": alerts,
-                                       "counters": monitor.counters()}))
+            out.write_text(json.dumps({"mode": variant + (" (bf16)" if amp else ""), "trace": trace,
+                                       "alerts": alerts, "counters": monitor.counters()}))
 
 
 def summarize(result: dict) -> str:
@@ -98,14 +105,15 @@ def summarize(result: dict) -> str:
             f"final Q {qs[-1]:.2f}, final actor loss {losses[-1]:.2f}, alerts: {alerts}")
 
 
-def run(updates: int = 20_000, batch: int = 64, steps: int = 20_000) -> dict:
+def run(updates: int = 20_000, batch: int = 64, steps: int = 20_000, variants=("shared", "shared-online")) -> dict:
+    """Two at a time on two cores (the ``separate`` comparison: ``python -m bench.stability --variants ...``)."""
     with tempfile.TemporaryDirectory(prefix="bench-stability-") as d:
         d = Path(d)
         t0 = time.time()
         collect(d / "replay", steps)
         print(f"collected {steps} racetrack steps with random actions in {time.time() - t0:.0f}s", flush=True)
         procs = {}
-        for mode in ("shared", "separate"):
+        for mode in variants:
             out = d / f"{mode}.json"
             procs[mode] = (subprocess.Popen([sys.executable, "-m", "bench.stability", "--train", str(d / "replay"),
                                              "--mode", mode, "--updates", str(updates), "--batch", str(batch),
@@ -114,7 +122,7 @@ def run(updates: int = 20_000, batch: int = 64, steps: int = 20_000) -> dict:
             proc.wait()
         results = {mode: json.loads(out.read_text()) for mode, (_, out) in procs.items()}
     print(f"stability, {updates} updates at batch {batch} on a fixed racetrack replay (Qmax = 100):")
-    for mode in ("shared", "separate"):
+    for mode in variants:
         print("  " + summarize(results[mode]))
     return results
 
@@ -122,10 +130,19 @@ def run(updates: int = 20_000, batch: int = 64, steps: int = 20_000) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     p = argparse.ArgumentParser()
-    p.add_argument("--train", type=Path)
-    p.add_argument("--mode")
+    p.add_argument("--train", type=Path, help="train one variant on this replay (else: collect, then train all)")
+    p.add_argument("--collect", type=Path, help="only fill a replay in this directory")
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--mode", choices=sorted(VARIANTS), default="shared")
     p.add_argument("--updates", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    train(a.train, a.mode, a.updates, a.batch, a.out)
+    if a.collect:
+        collect(a.collect, a.steps)
+    elif a.train:
+        train(a.train, a.mode, a.updates, a.batch, a.out, a.device, a.amp)
+    else:
+        run(a.updates, a.batch, a.steps)

@@ -30,10 +30,12 @@ class Checkpoints:
     def save_spec(self, spec: dict) -> None:
         atomic_write(self.dir / "spec.json", json.dumps(spec))
 
-    def save(self, label: str, agent_state: dict, weights_version: int, replay_index: dict) -> Path:
-        """Write ``<label>.pt``: the agent (model, optimizers, update count), weights version and replay index."""
+    def save(self, label: str, agent_state: dict, weights_version: int, replay_index: dict,
+             rng: dict | None = None) -> Path:
+        """Write ``<label>.pt``: the agent (model, optimizers, update count), weights version, replay index and
+        the random generators' states."""
         state = {"agent": agent_state, "weights_version": weights_version, "replay": replay_index,
-                 "time": time.time()}
+                 "rng": rng, "time": time.time()}
         path = self.dir / f"{label}.pt"
         atomic_write(path, lambda f: torch.save(state, f))
         return path

@@ -70,6 +70,6 @@ class Intake:
                 for msg in msgs:
                     self.handle(msg)
                 if any(m.type == STEPS for m in msgs):
-                    self.replay.save_index()
+                    self.replay.save_index()  # atomic, no fsync: guards against a killed learner
                     self.progress.env_steps = self.replay.transitions_total  # reported only once it is durable
             self.data_arrived.set()

@@ -43,6 +43,29 @@ from protocol.sockets import Receiver, load_endpoints, make_socket, send
 PROGRESS_EVERY_S = 0.2
 
 
+def learner_seed(run_seed: int, incarnation: int) -> int:
+    return run_seed + 17 * incarnation
+
+
+def seed_torch(seed: int) -> None:
+    torch.manual_seed(seed)  # every device's generator, CUDA's included
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    """The learner's random streams (torch's, CUDA's, the sampler's numpy one), for a checkpoint."""
+    state = {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, rng: np.random.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    rng.bit_generator.state = state["numpy"]
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,7 +92,9 @@ class Learner:
         self.replay: ReplayBuffer | None = None
         self.sampler: Sampler | None = None
         self.metrics: Metrics | None = None
-        self.rng = np.random.default_rng(cfg.run.seed + 17 * incarnation)
+        self.seed = learner_seed(cfg.run.seed, incarnation)
+        self.rng = np.random.default_rng(self.seed)
+        seed_torch(self.seed)  # network initialisation, target smoothing noise, device-side shifts
         self.stopping = False
         self.done = False
         self.weights_version = 0
@@ -106,12 +131,14 @@ class Learner:
         if state is not None:
             self.agent.load_state_dict(state["agent"])
             self.weights_version = int(state.get("weights_version", 0))
+            if state.get("rng"):  # a resumed run draws on where its random streams were
+                restore_rng(state["rng"], self.rng)
             self.log.info("resumed from checkpoint", updates=self.agent.updates, replay_entries=self.replay.total,
                           transitions=self.replay.transitions_total)
         self.progress.updates = self.agent.updates
         self.progress.env_steps = self.replay.transitions_total
         self.sampler = Sampler(self.replay, self.lock, self.lcfg, self.cfg.env.frame_stack, self.rng,
-                               self.agent.augment_on_host)
+                               self.agent.augment_on_host, self.log)
         self.metrics = Metrics(self.run_dir)
         self.log.info("learner ready", device=str(self.device), obs_shape=obs_shape, action_dim=spec["action_dim"],
                       encoder=self.lcfg.encoder, encoder_mode=self.lcfg.encoder_mode)
@@ -151,7 +178,8 @@ class Learner:
         with self.lock:
             self.replay.flush()
             replay_index = self.replay.index()
-        path = self.checkpoints.save(label, self.agent.state_dict(), self.weights_version, replay_index)
+        path = self.checkpoints.save(label, self.agent.state_dict(), self.weights_version, replay_index,
+                                     rng_state(self.rng))
         self.log.info("checkpoint written", path=path.name, updates=self.agent.updates)
         return path
 
@@ -183,7 +211,7 @@ class Learner:
                 "buffer/utilization": self.replay.size / self.replay.capacity,
                 "buffer/transitions": self.replay.transitions_total,
                 "buffer/lost_steps": self.intake.lost_steps,
-                "perf/update_to_data": step / max(1, self.replay.transitions_total)})
+                "perf/update_to_data": self.ratio.ratio(step, self.replay.transitions_total)})
         scalars["protocol/dropped_messages"] = self.inbox.dropped_total
         scalars["agent/actor_lr"] = self.agent.actor_opt.param_groups[0]["lr"]
         scalars["agent/critic_lr"] = self.agent.critic_opt.param_groups[0]["lr"]
@@ -225,6 +253,7 @@ class Learner:
                 last_progress = now
             if self.agent.updates < self.updates_due():
                 self.progress.set_phase("training")
+                self.progress.detail = self.sampler.failing  # why no batch comes, if it does not
                 if not self.train_step():
                     continue
                 updates = self.agent.updates

@@ -4,8 +4,12 @@ The buffer is one ring of *entries*. An entry is either an episode start (its
 first frame) or a transition (action, reward, terminated, truncated, and the
 frame after the step). Entries of one worker incarnation form a *stream*, linked
 by ``prev``/``next`` serial numbers (a serial counts entries ever written; the
-slot is ``serial % capacity``; an entry is alive while ``serial >= total -
-capacity``). Frame stacks and n-step returns are rebuilt at sample time by
+slot is ``serial % capacity``). Every slot also stores the serial of the entry it
+holds, so an entry is alive only while its slot still proves to hold it: within
+the last ``capacity`` serials *and* ``serials[slot] == serial``. That keeps a
+reopened replay honest after a crash: entries written after the last index save
+may have overwritten slots the index still counts, and those slots then hold
+another serial and are never served as the entry the index names. Frame stacks and n-step returns are rebuilt at sample time by
 walking those links, so they never cross an episode start (``prev`` is -1
 there) or the write cursor (``next`` only points at entries already written).
 
@@ -90,6 +94,10 @@ class ReplayBuffer:
         self.flags = self._map("flags", mode, (n,), np.uint8)
         self.prev = self._map("prev", mode, (n,), np.int64)
         self.next = self._map("next", mode, (n,), np.int64)
+        older = not fresh and not (self.dir / "serials.npy").exists()  # a replay from before per-slot serials
+        self.serials = self._map("serials", "w+" if fresh or older else mode, (n,), np.int64)
+        if fresh or older:
+            self.serials[:] = -1
         self.total = 0
         self.streams: dict[str, Stream] = {}
         self.transitions_total = 0
@@ -97,6 +105,9 @@ class ReplayBuffer:
             atomic_write(meta_path, json.dumps(meta))
         else:
             self._load_index()
+            if older:  # trust its index, as it was trusted before
+                held = np.arange(max(0, self.total - n), self.total)
+                self.serials[held % n] = held
 
     def _map(self, name: str, mode: str, shape: tuple, dtype) -> np.memmap:
         return np.lib.format.open_memmap(self.dir / f"{name}.npy", mode=mode, dtype=dtype, shape=shape)
@@ -107,23 +118,30 @@ class ReplayBuffer:
     def size(self) -> int:
         return min(self.total, self.capacity)
 
-    def alive(self, serial: np.ndarray | int):
-        return (serial >= 0) & (serial >= self.total - self.capacity) & (serial < self.total)
+    def alive(self, serial: np.ndarray | int, total: int | None = None):
+        """Entries that are still stored: recent enough, and their slot proves it holds them."""
+        total = self.total if total is None else total
+        serial = np.asarray(serial)
+        in_range = (serial >= 0) & (serial >= total - self.capacity) & (serial < total)
+        held = self.serials[np.where(in_range, serial, 0) % self.capacity] == serial
+        return in_range & held
 
     def bytes_per_entry(self) -> int:
-        return int(self.frames.itemsize * np.prod(self.frame_shape) + 4 * self.action_dim + 4 + 1 + 8 + 8)
+        return int(self.frames.itemsize * np.prod(self.frame_shape) + 4 * self.action_dim + 4 + 1 + 8 + 8 + 8)
 
     def index(self) -> dict:
         return {"total": self.total, "transitions_total": self.transitions_total,
                 "streams": {k: [s.last, s.seq, s.transitions, s.lost] for k, s in self.streams.items()}}
 
-    def save_index(self) -> None:
-        atomic_write(self.dir / "index.json", json.dumps(self.index()))
+    def save_index(self, fsync: bool = False) -> None:
+        """Atomic; without fsync after each batch (that guards against a killed learner, not a dead host)."""
+        atomic_write(self.dir / "index.json", json.dumps(self.index()), fsync=fsync)
 
     def flush(self) -> None:
-        for arr in (self.frames, self.actions, self.rewards, self.flags, self.prev, self.next):
+        """The maps and the index to disk, fsynced: what a checkpoint promises survives a host crash too."""
+        for arr in (self.frames, self.actions, self.rewards, self.flags, self.prev, self.next, self.serials):
             arr.flush()
-        self.save_index()
+        self.save_index(fsync=True)
 
     def _load_index(self) -> None:
         path = self.dir / "index.json"
@@ -158,7 +176,8 @@ class ReplayBuffer:
             flag = ((FIRST if first[i] else 0) | (TERMINATED if terminated[i] else 0)
                     | (TRUNCATED if truncated[i] else 0))
             prev = st.last if (not first[i] and not gap and st.last >= 0) else -1
-            if prev >= 0 and not self.alive(prev):
+            # alive *after* this write: the slot being overwritten (serial - capacity) is no predecessor
+            if prev >= 0 and not self.alive(prev, total=serial + 1):
                 prev = -1
             if not first[i] and prev < 0:
                 flag |= ORPHAN  # its predecessor is lost: a state to start from, not a transition
@@ -168,6 +187,7 @@ class ReplayBuffer:
             self.flags[slot] = flag
             self.prev[slot] = prev
             self.next[slot] = -1
+            self.serials[slot] = serial
             if prev >= 0:
                 self.next[prev % self.capacity] = serial
             st.last = serial
@@ -204,7 +224,8 @@ class ReplayBuffer:
         chosen = np.empty(0, np.int64)
         for _ in range(100):
             cand = rng.integers(lo, self.total, size=2 * batch_size)
-            cand = cand[self.next[cand % self.capacity] >= 0]  # has a successor: a transition starts here
+            # a stored entry with a stored successor: a transition starts here
+            cand = cand[self.alive(cand) & self.alive(self.next[cand % self.capacity])]
             chosen = np.concatenate([chosen, cand])[:batch_size]
             if len(chosen) == batch_size:
                 break
@@ -226,7 +247,7 @@ class ReplayBuffer:
             running &= ~terminal
             if m + 1 < n_step:
                 nxt = self.next[step]
-                running &= nxt >= 0
+                running &= self.alive(nxt)
                 step = np.where(running, nxt % self.capacity, step)
         return Batch(obs=self.stack(start, k), action=action, reward=reward,
                      discount=discount.astype(np.float32), next_obs=self.stack(last, k),

@@ -1,4 +1,10 @@
-"""The sampler thread: keeps a couple of batches ready, so an update never waits for the gather."""
+"""The sampler thread: keeps a couple of batches ready, so an update never waits for the gather.
+
+A failure to sample (too few live transitions, a damaged replay) never ends the
+thread: it is logged at a limited rate and retried with a growing pause, and the
+learner's heartbeat says why no batch comes (``failing``), so a learner stalled
+for it shows the reason in ``supervisor status``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,15 @@ from typing import Callable
 
 import numpy as np
 
+# Pauses between failed attempts grow from the first to the last, doubling.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 5.0
+LOG_EVERY_S = 10.0
+
 
 class Sampler:
     def __init__(self, replay, lock: threading.Lock, lcfg, frame_stack: int, rng: np.random.Generator,
-                 shift_on_host: bool):
+                 shift_on_host: bool, log=None):
         self.replay = replay
         self.lock = lock
         self.lcfg = lcfg
@@ -20,16 +31,30 @@ class Sampler:
         self.rng = rng
         self.shift_on_host = shift_on_host  # on a CPU, DrQ's random shift happens here, off the update's path
         self.batches: queue.Queue = queue.Queue(maxsize=2)
+        self.log = log
+        self.failing: str | None = None  # the last error while sampling fails; None while it works
+        self.failing_since: float | None = None
+        self._last_log = -1e9
 
     def ready(self) -> bool:
-        return self.replay.transitions_total >= max(1, min(self.lcfg.learning_starts, self.lcfg.batch_size))
+        """Sampling starts with learning: once ``learning_starts`` transitions are stored."""
+        return self.replay.transitions_total >= max(1, self.lcfg.learning_starts)
 
     def run(self, stopping: Callable[[], bool]) -> None:
         lcfg = self.lcfg
+        pause = RETRY_FIRST_S
         while not stopping():
-            with self.lock:
-                batch = self.replay.sample(lcfg.batch_size, self.frame_stack, lcfg.n_step, lcfg.gamma,
-                                           self.rng) if self.ready() else None
+            try:
+                with self.lock:
+                    batch = self.replay.sample(lcfg.batch_size, self.frame_stack, lcfg.n_step, lcfg.gamma,
+                                               self.rng) if self.ready() else None
+            except Exception as exc:  # never die silently: say why, wait, try again
+                self.note_failure(exc)
+                time.sleep(pause)
+                pause = min(RETRY_MAX_S, pause * 2)
+                continue
+            pause = RETRY_FIRST_S
+            self.failing = self.failing_since = None
             if batch is None:
                 time.sleep(0.01)
                 continue
@@ -41,6 +66,15 @@ class Sampler:
                     break
                 except queue.Full:
                     continue
+
+    def note_failure(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failing = f"sampling fails for {now - self.failing_since:.0f}s: {type(exc).__name__}: {exc}"[:300]
+        if self.log is not None and now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            self.log.error("sampling failed; retrying", error=repr(exc)[:500])
 
     def next(self, timeout_s: float = 0.1):
         """A ready batch, or None when none came in time."""

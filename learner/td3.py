@@ -6,6 +6,18 @@ Encoder modes:
 - ``separate``: the actor has its own encoder trained by the actor loss at
   ``actor_cnn_lr`` (the older design, kept for comparison).
 
+Target encoder (``target_encoder``), for the TD target's ``next_obs``:
+- ``polyak``: a Polyak-averaged copy of the encoder, updated with the other targets
+  on actor steps only (every ``policy_delay`` updates: an effective tau of
+  ``tau / policy_delay`` per update), as in SAC-AE and DrQ.
+- ``online``: the online encoder under ``no_grad``, as in DrQ-v2 (only the heads
+  have targets there).
+
+With ``amp`` on a GPU, only the convolutional encoder runs in bf16; its features,
+the heads, the TD targets and the losses are fp32, and backward and the optimizer
+steps run outside autocast (near Q = 100 bf16's spacing is 0.5, larger than a step's
+reward).
+
 ``update`` returns a dict of metrics named as TensorBoard tags.
 """
 
@@ -54,6 +66,9 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
         oy = torch.randint(0, 2 * pad + 1, (n,)).tolist()
         ox = torch.randint(0, 2 * pad + 1, (n,)).tolist()
         return torch.stack([padded[i, :, y:y + h, x_:x_ + w] for i, (y, x_) in enumerate(zip(oy, ox))])
+    if h != w:  # the grid below is built for square frames; the sampler's host shift takes any shape
+        raise ValueError(f"random_shift on the device needs square frames, got {h}x{w}; "
+                         f"use a square camera, or learner.augment_pad: 0")
     eps = 1.0 / (h + 2 * pad)
     arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=x.device, dtype=x.dtype)[:h]
     arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
@@ -165,6 +180,13 @@ class TD3Agent:
             x = random_shift(x, self.cfg.augment_pad).contiguous(memory_format=torch.channels_last)
         return x
 
+    def encode(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features in fp32; with ``amp`` the convolutions alone run in bf16."""
+        if not self.amp:
+            return encoder(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return encoder(x).float()
+
     # -- update --------------------------------------------------------------
 
     def modules(self) -> dict[str, list[nn.Parameter]]:
@@ -186,14 +208,13 @@ class TD3Agent:
         m: dict[str, torch.Tensor] = {}
         before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
                   for k, ps in self.modules().items()} if detailed else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            aug = getattr(batch, "augmented", False)
-            obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
-            h = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
-            self.updates += 1
-            if self.updates % cfg.policy_delay == 0:
-                self.update_actor(obs, h.detach(), m)
-                self.soft_update()
+        aug = getattr(batch, "augmented", False)
+        obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
+        h = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
+        self.updates += 1
+        if self.updates % cfg.policy_delay == 0:
+            self.update_actor(obs, h.detach(), m)
+            self.soft_update()
         if detailed:
             for name, params in self.modules().items():
                 after = torch.cat([p.detach().flatten() for p in params])
@@ -220,17 +241,18 @@ class TD3Agent:
         cfg = self.cfg
         with torch.no_grad():
             # target policy smoothing: clipped noise on the target actor's action
-            next_h = self.critic_encoder_target(next_obs)
-            next_action = self.actor_target(self.actor_encoder_target(next_obs) if self.separate else next_h)
+            next_h = self.encode(self.critic_encoder if cfg.target_encoder == "online" else
+                                 self.critic_encoder_target, next_obs)
+            next_action = self.actor_target(self.encode(self.actor_encoder_target, next_obs) if self.separate
+                                            else next_h)
             noise = (torch.randn_like(next_action) * cfg.target_noise).clamp(-cfg.target_noise_clip,
                                                                               cfg.target_noise_clip)
             next_action = (next_action + noise).clamp(-1.0, 1.0)
             tq1, tq2 = self.critic_target(next_h, next_action)
-            target_q = reward + discount * torch.min(tq1, tq2).float()
+            target_q = reward + discount * torch.min(tq1, tq2)
         # encode
-        h = self.critic_encoder(obs)
+        h = self.encode(self.critic_encoder, obs)
         q1, q2 = self.critic(h, action)
-        q1, q2 = q1.float(), q2.float()
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         # optimize encoder and critic
         self.critic_opt.zero_grad(set_to_none=True)
@@ -250,10 +272,10 @@ class TD3Agent:
         cfg = self.cfg
         actor = self.policy.actor
         # shared: the encoder learns from the critic only, so the actor reads the critic's features, detached
-        h_actor = self.policy.encoder(obs) if self.separate else h_detached
+        h_actor = self.encode(self.policy.encoder, obs) if self.separate else h_detached
         action = actor(h_actor)
         q1, _ = self.critic(h_detached, action)
-        actor_loss = -q1.float().mean()
+        actor_loss = -q1.mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         groups = {"actor_mlp": list(actor.parameters()),
@@ -267,8 +289,9 @@ class TD3Agent:
     @torch.no_grad()
     def soft_update(self) -> None:
         tau = self.cfg.tau
-        pairs = [(self.critic_encoder, self.critic_encoder_target), (self.critic, self.critic_target),
-                 (self.policy.actor, self.actor_target)]
+        pairs = [(self.critic, self.critic_target), (self.policy.actor, self.actor_target)]
+        if self.cfg.target_encoder == "polyak":
+            pairs.append((self.critic_encoder, self.critic_encoder_target))
         if self.separate:
             pairs.append((self.policy.encoder, self.actor_encoder_target))
         for online, target in pairs:

@@ -156,6 +156,7 @@ class LearnerConfig(_Section):
     device: str = "auto"
     encoder: Literal["nature", "drqv2"] = "nature"
     encoder_mode: Literal["shared", "separate"] = "shared"
+    target_encoder: Literal["polyak", "online"] = "polyak"  # next_obs for the TD target: see learner/td3.py
     feature_dim: int = Field(50, gt=0)
     hidden_dim: int = Field(256, gt=0)
     batch_size: int = Field(256, gt=0)

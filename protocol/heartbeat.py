@@ -15,7 +15,7 @@ from collections import deque
 import psutil
 import zmq
 
-from protocol.messages import HEARTBEAT
+from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS
 from protocol.sockets import make_socket, send
 
 
@@ -31,6 +31,7 @@ class Progress:
         self.eval_steps = 0  # steps of evaluation episodes: progress too, but not training data
         self.frame: int | None = None
         self.alerts: list[str] = []
+        self.detail: str | None = None  # why the process cannot progress, in its own words, for `status`
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -72,6 +73,8 @@ class HeartbeatSender(threading.Thread):
                       rss_bytes=self._proc.memory_info().rss, sent_at=time.time(), alerts=list(p.alerts))
         if p.frame is not None:
             fields["frame"] = p.frame
+        if p.detail:
+            fields["detail"] = p.detail[:MAX_DETAIL_CHARS]
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:

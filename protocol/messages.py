@@ -112,6 +112,7 @@ def _check_steps(msg) -> None:
 # A heartbeat names at most this many recent alerts, each a short "level:rule@update" string.
 MAX_ALERTS = 20
 MAX_ALERT_CHARS = 200
+MAX_DETAIL_CHARS = 300
 
 
 def _check_heartbeat(msg) -> None:
@@ -120,6 +121,8 @@ def _check_heartbeat(msg) -> None:
     alerts = msg.get("alerts") or []
     if len(alerts) > MAX_ALERTS or not all(isinstance(a, str) and len(a) <= MAX_ALERT_CHARS for a in alerts):
         raise ProtocolError("bad_field", f"heartbeat.alerts: at most {MAX_ALERTS} strings of {MAX_ALERT_CHARS} chars")
+    if len(msg.get("detail") or "") > MAX_DETAIL_CHARS:
+        raise ProtocolError("bad_field", f"heartbeat.detail: longer than {MAX_DETAIL_CHARS} chars")
 
 
 def _check_weights(msg) -> None:
@@ -169,6 +172,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "eval_steps": _f(*_INT, nonnegative=True, required=False),
             "steps_per_s": _f(*_NUM, nonnegative=True), "rss_bytes": _f(*_INT, nonnegative=True),
             "sent_at": _f(*_NUM), "alerts": _f(list, required=False),
+            "detail": _f(*_STR, required=False),  # why it cannot progress, when it knows
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),

@@ -28,6 +28,10 @@ class UpdateToData:
         """Env steps the run may have collected after ``updates`` updates."""
         return int(self.learning_starts + updates / self.updates_per_step + self.slack)
 
+    def ratio(self, updates: int, collected: int) -> float:
+        """The update-to-data ratio the limiter enforces: updates per step collected since learning started."""
+        return updates / max(1, collected - self.learning_starts)
+
     def updates_due(self, collected: int) -> int:
         """Updates that ``collected`` env steps pay for (none before ``learning_starts``)."""
         if collected < max(self.learning_starts, 1):

@@ -179,7 +179,7 @@ def cmd_status(args) -> int:
     if args.json:
         keys = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
                 "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason",
-                "gpu_memory_bytes")
+                "gpu_memory_bytes", "detail")
         out = {"run_id": status["run_id"], "run_dir": status["run_dir"],
                "processes": [{k: p.get(k) for k in keys} for p in status["processes"]],
                "env_steps": status["env_steps"], "max_timesteps": status["max_timesteps"],
@@ -194,6 +194,8 @@ def cmd_status(args) -> int:
         for p in status["processes"]:
             for alert in p.get("alerts") or []:
                 print(f"alert from {p['name']}: {alert}")
+            if p.get("detail"):
+                print(f"{p['name']} reports: {p['detail']}")
     all_running = all(p["state"] == "running" for p in status["processes"])
     return EXIT_OK if all_running else EXIT_DEGRADED
 

@@ -473,8 +473,9 @@ class Supervision:
         if phase in c.spec.startup_phases and in_phase > d.startup_s:
             return f"in phase {phase} for {in_phase:.1f}s (startup deadline {d.startup_s:g}s)"
         if phase in c.spec.progress_phases and now - c.progress_at > d.progress_s:
+            said = (c.heartbeat or {}).get("detail")
             return (f"no progress for {now - c.progress_at:.1f}s in phase {phase} at count {c.progress_count} "
-                    f"(deadline {d.progress_s:g}s)")
+                    f"(deadline {d.progress_s:g}s)" + (f"; it reports: {said}" if said else ""))
         return ""
 
     # -- transitions -----------------------------------------------------------
@@ -690,6 +691,7 @@ class Supervision:
                 "steps_per_s": float(hb.get("steps_per_s", 0.0)), "rss_bytes": int(hb.get("rss_bytes", 0)),
                 "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
                 "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
+                "detail": hb.get("detail") if alive else None,
                 "last_incident": c.last_incident, "reason": c.kill_reason or None,
                 "depends_on": list(c.spec.depends_on),
             })

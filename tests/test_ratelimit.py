@@ -55,3 +55,9 @@ def test_another_incarnations_count_is_not_ours():
     a = Allowance("worker-0/2")
     a.hear(received=300, allowed=1000, streams={"worker-0/1": 300})
     assert a.seen_mine == 0 and a.run_steps() == 300
+
+
+def test_the_reported_ratio_is_the_enforced_one():
+    ratio = UpdateToData(updates_per_step=0.25, learning_starts=1000, slack=0)
+    collected = 41_000
+    assert ratio.ratio(ratio.updates_due(collected), collected) == pytest.approx(0.25, abs=1e-4)

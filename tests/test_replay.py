@@ -241,3 +241,113 @@ def test_replay_survives_sigkill_of_its_process(tmp_path):
                         worker_env_steps=259)
     assert lost == 50
     assert rb.prev[200] == -1
+
+
+def add_steps(rb, key, seq, ts, first=False, stream=1):
+    """A batch of a stream whose frames encode (stream, t) for each t in ts."""
+    n = len(ts)
+    f = np.zeros(n, np.uint8)
+    f[0] = first
+    return rb.add_batch(key, seq, f, np.stack([frame(stream, t) for t in ts]),
+                        np.array([[t, -t] for t in ts], np.float32), np.ones(n, np.float32),
+                        np.zeros(n, np.uint8), np.zeros(n, np.uint8))
+
+
+def test_an_idle_stream_never_links_to_the_slot_being_overwritten(tmp_path):
+    """Stream a is idle while b writes about a ring's worth: a's next entry must not take itself as its past."""
+    rb = make(tmp_path, capacity=8)
+    add_steps(rb, "a", 0, [0, 1, 2], first=True, stream=1)
+    add_steps(rb, "b", 0, list(range(100, 105)), first=True, stream=2)
+    add_steps(rb, "b", 1, [105, 106], stream=2)
+    add_steps(rb, "a", 1, [3], stream=1)  # serial 10 overwrites slot 2, which held a's last entry (serial 2)
+    assert rb.prev[10 % 8] == -1 and rb.flags[10 % 8] & 8, "an orphan: its predecessor is gone"
+    batch = rb.sample(256, 1, 1, 0.9, np.random.default_rng(0))
+    pairs = [(ident(o)[-1], ident(n)[-1]) for o, n in zip(batch.obs, batch.next_obs)]
+    assert all(o != n for o, n in pairs), "no fake s -> s transition"
+    assert all(n[1] == o[1] + 1 and n[0] == o[0] for o, n in pairs)
+
+
+def test_every_sample_is_a_real_transition_through_many_wraps(tmp_path):
+    rng = np.random.default_rng(1)
+    rb = make(tmp_path, capacity=16)
+    seqs, ts = {1: 0, 2: 0, 3: 0}, {1: 0, 2: 0, 3: 0}
+    for _ in range(300):  # streams of very different rates, so some idle across whole wraps
+        s = int(rng.choice([1, 2, 3], p=[0.8, 0.15, 0.05]))
+        n = int(rng.integers(1, 4))
+        add_steps(rb, f"s{s}", seqs[s], list(range(ts[s], ts[s] + n)), first=seqs[s] == 0, stream=s)
+        seqs[s] += 1
+        ts[s] += n
+        if rb.transitions_total > 4:
+            batch = rb.sample(32, 2, 2, 0.9, rng)
+            for o, nx in zip(batch.obs, batch.next_obs):
+                (so, to), (sn, tn) = ident(o)[-1], ident(nx)[-1]
+                assert so == sn and tn > to, ((so, to), (sn, tn))
+                assert ident(o)[0][0] == so, "a stack never mixes streams"
+
+
+WRAP_CHILD = textwrap.dedent("""
+    import sys, time, numpy as np
+    sys.path.insert(0, {root!r})
+    from learner.replay import ReplayBuffer
+    from tests.test_replay import add_steps
+    rb = ReplayBuffer({path!r}, 16, (1, 6, 6), np.uint8, 2)
+    t = {{1: 0, 2: 0}}
+    for seq in range(12):  # two streams, 3 steps a batch: 36 entries through a ring of 16
+        for s in (1, 2):
+            add_steps(rb, f"s{{s}}", seq, list(range(t[s], t[s] + 3)), first=seq == 0, stream=s)
+            t[s] += 3
+    rb.save_index()  # what the learner reports as stored
+    print("stored", rb.total, rb.transitions_total, flush=True)
+    for seq in range(12, 14):  # after the last index write: overwrites slots the index still counts
+        add_steps(rb, "s2", seq, list(range(t[2], t[2] + 3)), stream=2)
+        t[2] += 3
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.e2e
+def test_replay_survives_sigkill_after_the_ring_wrapped(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = str(tmp_path / "replay")
+    proc = subprocess.Popen([sys.executable, "-c", WRAP_CHILD.format(root=root, path=path)], stdout=subprocess.PIPE,
+                            text=True, cwd=root)
+    try:
+        stored = proc.stdout.readline().split()
+        assert stored[0] == "stored", stored
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    total, transitions = int(stored[1]), int(stored[2])
+    rb = ReplayBuffer(tmp_path / "replay", 16, (1, 6, 6), np.uint8, 2)
+    assert rb.total == total and rb.transitions_total == transitions, "what was reported stored is still counted"
+    held = [s for s in range(total - 16, total) if rb.alive(s)]
+    overwritten = set(range(total - 16, total)) - set(held)
+    assert len(overwritten) == 6, "the 6 entries written after the index took 6 slots the index still counted"
+    for s in held:  # every slot that proves its entry holds exactly that entry
+        assert rb.serials[s % 16] == s
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batch = rb.sample(16, K, 2, 0.9, rng)
+        for o, nx in zip(batch.obs, batch.next_obs):
+            got, nxt = ident(o), ident(nx)
+            assert len({stream for stream, _ in got}) == 1, f"a stack mixes streams: {got}"
+            assert nxt[-1][0] == got[-1][0] and nxt[-1][1] > got[-1][1]
+    # the streams go on: the next batches link to what is still there, never to an overwritten slot
+    add_steps(rb, "s1", 12, [36, 37, 38], stream=1)
+    assert rb.alive(rb.prev[total % 16]) or rb.prev[total % 16] == -1
+
+
+def test_the_index_is_fsynced_with_checkpoints_not_after_every_batch(tmp_path, monkeypatch):
+    rb = make(tmp_path, capacity=64)
+    add_steps(rb, "a", 0, [0, 1, 2], first=True)
+    calls = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    rb.save_index()
+    assert calls == [], "after a batch: atomic, no fsync"
+    rb.flush()
+    assert len(calls) == 1, "with a checkpoint: fsynced"

@@ -908,3 +908,15 @@ def test_a_child_past_its_max_age_is_recycled_and_not_before():
     assert [e.name for e in of(actions, Event) if e.kind == ev.RECYCLED] == ["sim"] and sim.state == STOPPING
     actions = sup.exited("sim", sim.pid, -15)
     assert sup.children["drv"].state == STOPPING, "its dependent restarts after it"
+
+
+def test_a_stall_reason_carries_what_the_child_says_of_itself():
+    sup, clock, pids = start([spec("a")])
+    c = sup.children["a"]
+    for _ in range(12):
+        clock.advance(1.0)
+        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "busy", "count": 3,
+                       "detail": "sampling fails for 11s: RuntimeError: too few transitions"})
+        sup.tick()
+    assert c.state == STALLED and "it reports: sampling fails" in c.kill_reason
+    assert "sampling fails" in sup.snapshot()[0]["detail"]

@@ -235,3 +235,73 @@ def test_norms_growing_from_their_initial_values_are_not_an_alert():
     for i in range(8000):  # 0.03 -> 1.2 over the first 3,000 updates, as a healthy actor does, then steady
         norm = 0.03 * 40 ** min(1.0, i / 3000)
         assert not mon.observe(i, {**healthy_metrics(0), "gradients/actor_norm_before_clip": norm})
+
+
+def image_batch(n=8, shape=(4, 84, 84), seed=0):
+    rng = np.random.default_rng(seed)
+    return Batch(obs=rng.integers(0, 255, (n,) + shape, dtype=np.uint8), action=rng.uniform(-1, 1, (n, 2)).astype(
+        np.float32), reward=np.ones(n, np.float32), discount=np.full(n, 0.99, np.float32),
+        next_obs=rng.integers(0, 255, (n,) + shape, dtype=np.uint8), age=np.ones(n, np.int64))
+
+
+def test_with_amp_only_the_encoder_runs_in_bf16():
+    torch.manual_seed(0)
+    agent = TD3Agent((4, 84, 84), 2, cfg(policy_delay=1), torch.device("cpu"))
+    agent.amp = True  # CPU autocast does bf16 too, so the dtypes can be checked here
+    seen = {}
+
+    def record(name):
+        return lambda module, inputs, output: seen.setdefault(name, set()).add(
+            (output[0] if isinstance(output, tuple) else output).dtype)
+
+    agent.critic_encoder.convs.register_forward_hook(record("convs"))
+    agent.critic.q1.register_forward_hook(record("q1"))
+    agent.critic_target.q1.register_forward_hook(record("target_q1"))
+    agent.policy.actor.policy.register_forward_hook(record("actor"))
+    metrics = agent.update(image_batch())
+    assert seen["convs"] == {torch.bfloat16}
+    assert seen["q1"] == {torch.float32} and seen["target_q1"] == {torch.float32} and seen["actor"] == {torch.float32}
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("design", ["polyak", "online"])
+def test_the_target_encoder_design_is_a_choice(design):
+    torch.manual_seed(0)
+    agent = TD3Agent((4, 84, 84), 2, cfg(target_encoder=design, policy_delay=1), torch.device("cpu"))
+    calls = {"online": 0, "target": 0}
+    agent.critic_encoder.register_forward_hook(lambda *a: calls.__setitem__("online", calls["online"] + 1))
+    agent.critic_encoder_target.register_forward_hook(lambda *a: calls.__setitem__("target", calls["target"] + 1))
+    before = [p.clone() for p in agent.critic_encoder_target.parameters()]
+    for i in range(3):
+        agent.update(image_batch(seed=i))
+    moved = any(not torch.equal(a, b) for a, b in zip(before, agent.critic_encoder_target.parameters()))
+    if design == "polyak":
+        assert calls["target"] == 3 and moved, "next_obs through the averaged encoder, which follows the online one"
+    else:
+        assert calls["target"] == 0 and not moved, "next_obs through the online encoder (no_grad); no target copy"
+        assert calls["online"] == 6
+
+
+def test_seeds_make_the_networks_and_their_noise_reproducible():
+    from learner.main import restore_rng, rng_state, seed_torch
+
+    def build(seed):
+        seed_torch(seed)
+        return TD3Agent((3,), 2, cfg(), torch.device("cpu"))
+
+    a, b, c = build(5), build(5), build(6)
+    pa, pb, pc = (torch.cat([p.flatten() for p in x.critic.parameters()]) for x in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    rng = np.random.default_rng(3)
+    state = rng_state(rng)
+    draws = (torch.randn(4), rng.random(3))
+    torch.randn(10)
+    rng.random(7)
+    restore_rng(state, rng)
+    assert torch.equal(torch.randn(4), draws[0]) and np.array_equal(rng.random(3), draws[1])
+
+
+def test_the_device_shift_refuses_frames_that_are_not_square():
+    with pytest.raises(ValueError, match="square"):
+        random_shift(torch.zeros(2, 1, 8, 6, device="meta"), 2)
+    assert random_shift(torch.zeros(2, 1, 8, 6), 2).shape == (2, 1, 8, 6), "the CPU path takes any shape"

@@ -76,6 +76,7 @@ class EnvWorker:
         from policy.network import build_policy, load_policy_arrays
 
         torch.set_num_threads(self.cfg.workers.torch_threads)
+        torch.manual_seed(self.seed)  # the local actor's first weights, before the learner's arrive
         env = make_env(self.cfg, self.slot, self.incarnation, self.seed)
         self.raw_env = env
         self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log)
