@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BENCHES = ("freeze", "pendulum", "updates", "memory", "stability", "carla")
+BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "carla")
 
 
 def main() -> int:
@@ -19,9 +19,9 @@ def main() -> int:
     for name in args.names:
         if name not in BENCHES:
             parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
-        module = __import__(f"bench.{name}", fromlist=["run"])
+        module = __import__(f"bench.{name.split('_')[0]}", fromlist=["run"])
         print(f"== {name}", flush=True)
-        result = module.run()
+        result = module.run_seeds() if name == "pendulum_seeds" else module.run()
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -112,3 +112,32 @@ def run(config: str = "configs/pendulum.yaml", extra: list[str] | None = None) -
           f"(difference {final - sb3:+.1f})")
     return {"wall_s": wall, "rounds": rounds, "best": best, "baseline": baseline, "target": TARGET,
             "final": final, "sb3": sb3, "sb3_wall_s": sb3_wall}
+
+
+def ours_pendulum(seed: int, config: str = "configs/pendulum.yaml") -> tuple[float, float]:
+    """One full-stack run with ``run.seed`` = seed: (final policy's mean return, wall seconds)."""
+    with tempfile.TemporaryDirectory(prefix="bench-pendulum-") as d:
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "supervisor", "up", "--config", config, "--runs-dir", d, "--run-id", "bench",
+               "--no-live", "--seed", str(seed), "--eval-freq", "0"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0:
+            raise RuntimeError(f"pendulum run failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        return ours_final(Path(d) / "bench"), time.monotonic() - t0
+
+
+def run_seeds(seeds=(0, 1, 2)) -> dict:
+    """Three seeds of ours and of SB3's TD3, each final policy on the same 50 start states."""
+    import numpy as np
+
+    ours, sb3 = [], []
+    for seed in seeds:
+        final, wall = ours_pendulum(seed)
+        ours.append(final)
+        sb3.append(sb3_pendulum(seed=seed))
+        print(f"  seed {seed}: ours {final:.1f} ({wall:.0f}s), SB3 TD3 {sb3[-1]:.1f}", flush=True)
+    o, s = np.array(ours), np.array(sb3)
+    print(f"pendulum, final policies at 20,000 env steps over seeds {list(seeds)}: ours {o.mean():.1f} +- {o.std():.1f}"
+          f" (min {o.min():.1f}), SB3 TD3 (baseline) {s.mean():.1f} +- {s.std():.1f} (min {s.min():.1f}) -> "
+          f"{'no worse' if o.mean() >= s.mean() else 'WORSE'}")
+    return {"seeds": list(seeds), "ours": ours, "sb3": sb3}

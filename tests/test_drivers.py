@@ -19,16 +19,9 @@ from supervisor.drivers import Beat, Exited, SpawnError
 from supervisor.plan import Plan, build_plan
 from supervisor.run import Supervisor
 from supervisor.state import PERMANENT, ChildSpec
+from tests.test_state import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 class RecordingDriver:

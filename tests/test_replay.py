@@ -216,20 +216,30 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.e2e
-def test_replay_survives_sigkill_of_its_process(tmp_path):
+def killed_writer(script: str, path) -> list[str]:
+    """Run a script that writes a replay and prints lines up to "ready"; SIGKILL it there; return its lines."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = str(tmp_path / "replay")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, path=path)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script.format(root=root, path=str(path))],
+                            stdout=subprocess.PIPE, text=True, cwd=root)
+    lines = []
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        while not lines or lines[-1] != "ready":
+            line = proc.stdout.readline()
+            assert line, f"the writer ended early after {lines}"
+            lines.append(line.strip())
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+    return lines
+
+
+@pytest.mark.e2e
+def test_replay_survives_sigkill_of_its_process(tmp_path):
+    killed_writer(CHILD, tmp_path / "replay")
     rb = ReplayBuffer(tmp_path / "replay", 1000, (1, 6, 6), np.uint8, 2)
     assert rb.total == 200 and rb.streams["w/0"].seq == 19
     assert (rb.frames[:200, 0, 0, 0] == np.repeat(np.arange(20), 10)).all()
@@ -308,20 +318,8 @@ WRAP_CHILD = textwrap.dedent("""
 
 @pytest.mark.e2e
 def test_replay_survives_sigkill_after_the_ring_wrapped(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = str(tmp_path / "replay")
-    proc = subprocess.Popen([sys.executable, "-c", WRAP_CHILD.format(root=root, path=path)], stdout=subprocess.PIPE,
-                            text=True, cwd=root)
-    try:
-        stored = proc.stdout.readline().split()
-        assert stored[0] == "stored", stored
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stored = killed_writer(WRAP_CHILD, tmp_path / "replay")[0].split()
+    assert stored[0] == "stored", stored
     total, transitions = int(stored[1]), int(stored[2])
     rb = ReplayBuffer(tmp_path / "replay", 16, (1, 6, 6), np.uint8, 2)
     assert rb.total == total and rb.transitions_total == transitions, "what was reported stored is still counted"
