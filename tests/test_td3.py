@@ -305,3 +305,18 @@ def test_the_device_shift_refuses_frames_that_are_not_square():
     with pytest.raises(ValueError, match="square"):
         random_shift(torch.zeros(2, 1, 8, 6, device="meta"), 2)
     assert random_shift(torch.zeros(2, 1, 8, 6), 2).shape == (2, 1, 8, 6), "the CPU path takes any shape"
+
+
+def test_checkpoints_carry_the_random_generators_through_a_restart(tmp_path):
+    from learner.checkpoints import Checkpoints
+    from learner.main import restore_rng, rng_state
+
+    ckpt = Checkpoints(tmp_path)
+    rng = np.random.default_rng(5)
+    torch.manual_seed(5)
+    ckpt.save("latest", {"w": torch.zeros(2)}, 1, {}, rng_state(rng))
+    expected = (torch.rand(3), rng.random(3))
+    fresh = np.random.default_rng(0)  # a restarted learner, seeded afresh
+    torch.manual_seed(0)
+    restore_rng(ckpt.load(torch.device("cpu"))["rng"], fresh)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(fresh.random(3), expected[1])
