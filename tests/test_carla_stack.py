@@ -51,7 +51,10 @@ def test_a_paused_simulator_costs_its_slot_one_deadline_and_the_other_slot_never
         recovered_s = time.monotonic() - paused_at
         w1 = row(s, "worker-1")
         assert w1["pid"] == other["pid"] and w1["incarnation"] == 0 and w1["restarts"] == 0
-        assert w1["env_steps"] > other["env_steps"], "the other slot kept stepping"
+        # it steps whenever the learner's allowance lets it (it may be waiting on the learner right now)
+        s = stack.wait_for(lambda s: row(s, "worker-1")["env_steps"] > other["env_steps"] + 50, 60,
+                           "the other slot stepping on")
+        assert row(s, "worker-1")["pid"] == other["pid"] and row(s, "worker-1")["restarts"] == 0
         assert row(s, "carla-1")["incarnation"] == 0 and row(s, "learner")["incarnation"] == 0
         events = stack.events()
         stalled = next(e for e in events if e["event"] == "stalled" and e["name"] == "carla-0")
