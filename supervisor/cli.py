@@ -89,7 +89,7 @@ def config_from(args):
 
 
 def cmd_up(args) -> int:
-    from protocol.config import ConfigError, load_config
+    from protocol.config import ConfigError
     from supervisor.plan import build_plan
     from supervisor.run import Supervisor, create_run_dir
 

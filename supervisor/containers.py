@@ -32,6 +32,7 @@ from pathlib import Path
 import msgpack
 
 from supervisor.drivers import Beat, Exited, Observation, SpawnError
+from supervisor.evidence import incident_dir
 from supervisor.state import CaptureEvidence, ChildSpec
 
 RUN_LABEL = "rlstack.run"
@@ -398,9 +399,7 @@ class ContainerDriver:
     def write_incident(self, run_dir: Path, run: Running | None, reason: str, pid: int, heartbeat: dict | None,
                        name: str | None = None, suffix: str = "") -> Path:
         name = name or run.name
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
-        out = Path(run_dir) / "incidents" / f"{stamp}-{name}{'-' + suffix if suffix else ''}"
-        out.mkdir(parents=True, exist_ok=True)
+        out = incident_dir(run_dir, name, suffix)
         state: dict = {}
         logs = ""
         if run is not None:

@@ -34,12 +34,18 @@ def py_spy_path() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
+def incident_dir(run_dir: Path, name: str, suffix: str = "") -> Path:
+    """A new ``incidents/<UTC time>-<name>[-<suffix>]/`` directory."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
+    out = Path(run_dir) / "incidents" / f"{stamp}-{name}{'-' + suffix if suffix else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def capture(run_dir: Path, name: str, pid: int, reason: str, heartbeat: dict | None, timeout_s: float,
             native: bool = False) -> Path:
     """Write one incident directory and return it."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
-    out = Path(run_dir) / "incidents" / f"{stamp}-{name}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = incident_dir(run_dir, name)
     (out / "incident.json").write_text(json.dumps(
         {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat}, indent=2))
     spy = py_spy_path()
