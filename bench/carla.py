@@ -34,14 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def image_tag() -> str:
     import docker
 
-    from tests.conftest import _fakecarla_tag
+    from tests.conftest import ensure_fakecarla_image
 
-    tag = _fakecarla_tag()
-    try:
-        docker.from_env().images.get(tag)
-    except docker.errors.ImageNotFound:
-        subprocess.run(["bash", str(ROOT / "deploy" / "fakecarla-image.sh"), tag], check=True)
-    return tag
+    return ensure_fakecarla_image(docker.from_env())
 
 
 def container_start_s(tag: str) -> float:

@@ -1,4 +1,7 @@
 import os
+import select
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -58,13 +61,16 @@ def docker_engine():
 @pytest.fixture(scope="session")
 def fakecarla_image(docker_engine):
     """The fake CARLA server as an image, built locally without any registry when missing."""
-    import subprocess
+    return ensure_fakecarla_image(docker_engine)
 
+
+def ensure_fakecarla_image(engine) -> str:
+    """The fake server's image for its current sources, built when missing; returns its tag."""
     import docker
 
     tag = _fakecarla_tag()
     try:
-        docker_engine.images.get(tag)
+        engine.images.get(tag)
     except docker.errors.ImageNotFound:
         res = subprocess.run(["bash", str(ROOT / "deploy" / "fakecarla-image.sh"), tag], capture_output=True,
                              text=True, timeout=600)
@@ -88,3 +94,77 @@ def free_port_block(size: int, start: int = 20000, end: int = 40000) -> int:
             continue
         return base
     raise RuntimeError("no free block of ports")
+
+
+# -- the fake CARLA server as a process, for the env and wire tests -----------------------------------------
+
+def free_port_pair():
+    """A port P such that P and P + 1 (the streaming port) are both free on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 65000:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+class FakeCarlaProcess:
+    def __init__(self, tmp_path, args):
+        self.tmp_path = tmp_path
+        self.args = list(args)
+        self.proc = None
+        self.port = None
+        self.line = ""
+
+    def start(self, attempts=5):
+        for attempt in range(attempts):
+            self.port = free_port_pair()
+            self.stderr = open(self.tmp_path / f"fakecarla-{self.port}.err", "w")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.fakecarla", f"-carla-rpc-port={self.port}",
+                 "-RenderOffScreen", "-nosound", "-quality-level=Low", *self.args],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+            ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
+            if ready:
+                self.line = self.proc.stdout.readline()
+                if "listening" in self.line:
+                    return self
+            self.kill()  # the port was taken meanwhile, or it did not start: try again
+        raise RuntimeError(f"fakecarla did not start: {self.stderr_text()}")
+
+    def stderr_text(self):
+        self.stderr.flush()
+        return Path(self.stderr.name).read_text()
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture
+def fake_carla(tmp_path):
+    started = []
+
+    def start(*args):
+        server = FakeCarlaProcess(tmp_path, args)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()

@@ -1,6 +1,5 @@
 """The CARLA env with the real carla==0.9.16 client against the fake server: episodes, and every wait bounded."""
 
-import math
 import sys
 import time
 
@@ -11,7 +10,6 @@ carla = pytest.importorskip("carla")
 
 from protocol.config import load_config  # noqa: E402
 from tests.conftest import ROOT, free_port_block  # noqa: E402
-from tests.test_fakecarla import fake_carla  # noqa: E402,F401  (the fixture)
 from worker.carla_env import CarlaEnv, Route, to_frame  # noqa: E402
 from worker.envs import SimulatorStalled, make_env  # noqa: E402
 

@@ -18,7 +18,7 @@ import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
-from supervisor.containers import RUN_LABEL, ContainerDriver, EngineError, connect_engine, server_version
+from supervisor.containers import RUN_LABEL, EngineError, connect_engine, server_version
 from supervisor.drivers import SpawnError
 from supervisor.plan import Plan, build_plan
 from supervisor.run import Supervisor

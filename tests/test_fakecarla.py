@@ -8,92 +8,18 @@ process (the TM leaves threads and a listening port behind in whatever process r
 
 import math
 import queue
-import select
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 carla = pytest.importorskip("carla")
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import free_port_pair  # noqa: E402
 
-
-def _free_port_pair():
-    """A port P such that P and P + 1 (the streaming port) are both free on 127.0.0.1."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port > 65000:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-class FakeCarlaProcess:
-    def __init__(self, tmp_path, args):
-        self.tmp_path = tmp_path
-        self.args = list(args)
-        self.proc = None
-        self.port = None
-        self.line = ""
-
-    def start(self, attempts=5):
-        for attempt in range(attempts):
-            self.port = _free_port_pair()
-            self.stderr = open(self.tmp_path / f"fakecarla-{self.port}.err", "w")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.fakecarla", f"-carla-rpc-port={self.port}",
-                 "-RenderOffScreen", "-nosound", "-quality-level=Low", *self.args],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-            ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
-            if ready:
-                self.line = self.proc.stdout.readline()
-                if "listening" in self.line:
-                    return self
-            self.kill()  # the port was taken meanwhile, or it did not start: try again
-        raise RuntimeError(f"fakecarla did not start: {self.stderr_text()}")
-
-    def stderr_text(self):
-        self.stderr.flush()
-        return Path(self.stderr.name).read_text()
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.stderr.close()
-
-
-@pytest.fixture
-def fake_carla(tmp_path):
-    started = []
-
-    def start(*args):
-        server = FakeCarlaProcess(tmp_path, args)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 def _client(server, timeout=2.0):
@@ -338,7 +264,7 @@ def test_traffic_manager_autopilot_in_sync_mode(fake_carla, tmp_path):
     server = fake_carla()
     script = tmp_path / "tm_client.py"
     script.write_text(_TM_SCRIPT)
-    tm_port = _free_port_pair()
+    tm_port = free_port_pair()
     run = subprocess.run([sys.executable, str(script), str(server.port), str(tm_port)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -4,7 +4,6 @@ import itertools
 import math
 import random
 import signal
-from dataclasses import replace
 
 import pytest
 
