@@ -20,6 +20,15 @@ log = logging.getLogger("fakecarla.rpc")
 NO_REPLY = object()
 
 
+def listening_socket(port):
+    """A TCP socket listening on 127.0.0.1 (only), as the fake's RPC and streaming servers use."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    return sock
+
+
 class RpcError(Exception):
     """Raised by a handler to send an rpclib-level error (the client sees rpc_error)."""
 
@@ -31,10 +40,7 @@ class RpcServer:
         self.dispatch = dispatch
         self.after_reply = after_reply
         self.answer = answer
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
+        self.sock = listening_socket(port)
         self.port = self.sock.getsockname()[1]
         self._conns = set()
         self._lock = threading.Lock()

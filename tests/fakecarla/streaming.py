@@ -13,6 +13,8 @@ import struct
 import threading
 import time
 
+from .rpc import listening_socket
+
 log = logging.getLogger("fakecarla.streaming")
 
 MAX_QUEUED = 64  # messages; older ones are dropped for a reader that falls behind
@@ -69,10 +71,7 @@ class StreamingServer:
         """on_subscribe(stream_id) -> optional payload to send right away."""
         self.answer = answer
         self.on_subscribe = on_subscribe
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
+        self.sock = listening_socket(port)
         self.port = self.sock.getsockname()[1]
         self._subs = {}  # stream id -> set of subscribers
         self._pending = {}  # stream id -> messages kept for an expected subscriber
