@@ -111,7 +111,7 @@ class CarlaEnv(gym.Env):
     # -- connecting ---------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Probe with a short timeout, then load (or reuse) the map and go synchronous."""
+        """Probe with a short timeout, then load (or reuse) the map and set up the Traffic Manager."""
         c = self.ccfg
         client = carla.Client(self.server.host, self.server.rpc_port)
         client.set_timeout(c.connect_timeout_s)
@@ -129,8 +129,7 @@ class CarlaEnv(gym.Env):
                 self.tm = client.get_trafficmanager(self.server.tm_port)
                 self.tm.set_synchronous_mode(True)
                 self.tm.set_random_device_seed(self.seed_value)
-            self.apply_sync()
-            client.set_timeout(c.tick_timeout_s)  # from now on every call is bounded like a tick
+            client.set_timeout(c.tick_timeout_s)  # synchronous mode is applied (and checked) by every reset  # from now on every call is bounded like a tick
         except RuntimeError as exc:
             raise self._stalled(f"CARLA at {self.server.host}:{self.server.rpc_port}: {exc}") from None
 
