@@ -49,6 +49,9 @@ RECYCLED = "recycled"
 STOPPING = "stopping"
 FORCED_STOP = "forced_stop"
 RUN_ENDED = "run_ended"
+RESUMED = "resumed"
+DISK_LOW = "disk_low"
+DISK_FULL = "disk_full"
 MALFORMED = "malformed"
 
 EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
@@ -89,6 +92,14 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
     EventKind(RESTART_REQUESTED, "a user asked for a restart", {"state": "the child's state at the time"}),
     EventKind(RECYCLED, "a planned restart: the child ran its maximum age, or a dependent asked for a fresh one", {
         "reason": "why"}),
+    EventKind(RESUMED, "a restarted child resumed from its saved state (the learner from its checkpoint)", {
+        "resumed_from": "the progress count its saved state held (the learner's updates)",
+        "previous": "the count its previous incarnation had reached",
+        "redone": "previous - resumed_from: work done again"}),
+    EventKind(DISK_LOW, "free space on the run's volume fell below supervisor.disk_warn_gb", {
+        "free_bytes": "bytes free", "path": "the run directory"}),
+    EventKind(DISK_FULL, "the supervisor could not write for want of space: the run stops", {
+        "path": "the file it was writing", "error": "the operating system's words"}),
     EventKind(STOPPING, "the run is stopping; children stop in reverse start order", {"reason": "why"}),
     EventKind(FORCED_STOP, "a second stop signal: every child is killed at once", {"reason": "why"}),
     EventKind(RUN_ENDED, "the last line of a run", {"reason": "why it ended", "exit_code": "the supervisor's exit"}),

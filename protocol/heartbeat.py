@@ -15,6 +15,7 @@ from collections import deque
 import psutil
 import zmq
 
+from protocol.exits import EXIT_FATAL
 from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS
 from protocol.sockets import make_socket, send
 
@@ -32,6 +33,8 @@ class Progress:
         self.frame: int | None = None
         self.alerts: list[str] = []
         self.detail: str | None = None  # why the process cannot progress, in its own words, for `status`
+        self.dropped = 0  # malformed or unwanted messages this process dropped (its receivers' counts)
+        self.resumed_from: int | None = None  # the learner: the update count of the checkpoint it resumed from
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -54,9 +57,25 @@ class HeartbeatSender(threading.Thread):
         self._stop_event = threading.Event()
         self._proc = psutil.Process()
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=20)
+        self._wake = threading.Event()
+        self.beats = 0
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._wake.set()
+
+    def fatal(self, message: str) -> int:
+        """Say why a restart would not help (one line, in the next beat's ``detail``), beat at once, and give the
+        beat time to leave the process; returns the exit code that tells the supervisor so."""
+        self.progress.detail = message[:MAX_DETAIL_CHARS]
+        if self.is_alive():
+            seen = self.beats
+            self._wake.set()
+            deadline = time.monotonic() + 2.0
+            while self.beats == seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # ZeroMQ's I/O thread sends it before the context goes
+        return EXIT_FATAL
 
     def steps_per_s(self, now: float, steps: int) -> float:
         self._rate_window.append((now, steps))
@@ -75,10 +94,15 @@ class HeartbeatSender(threading.Thread):
             fields["frame"] = p.frame
         if p.detail:
             fields["detail"] = p.detail[:MAX_DETAIL_CHARS]
+        if p.dropped:
+            fields["dropped"] = int(p.dropped)
+        if p.resumed_from is not None:
+            fields["resumed_from"] = int(p.resumed_from)
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # supervisor not reading; the next beat carries the same news
+        self.beats += 1
 
     def run(self) -> None:
         sock = make_socket(self.ctx, zmq.PUSH, hwm=10)
@@ -88,6 +112,7 @@ class HeartbeatSender(threading.Thread):
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     os._exit(70)  # orphaned: the supervisor died, so must we
                 self.beat(sock)
-                self._stop_event.wait(self.interval_s)
+                self._wake.wait(self.interval_s)
+                self._wake.clear()
         finally:
             sock.close(0)

@@ -173,6 +173,8 @@ SCHEMAS: dict[str, MessageSchema] = {
             "steps_per_s": _f(*_NUM, nonnegative=True), "rss_bytes": _f(*_INT, nonnegative=True),
             "sent_at": _f(*_NUM), "alerts": _f(list, required=False),
             "detail": _f(*_STR, required=False),  # why it cannot progress, when it knows
+            "dropped": _f(*_INT, nonnegative=True, required=False),  # messages it dropped as malformed/unwanted
+            "resumed_from": _f(*_INT, nonnegative=True, required=False),  # the count its saved state held
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),

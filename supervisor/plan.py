@@ -15,6 +15,7 @@ import shlex
 from dataclasses import dataclass, replace
 
 from protocol.config import Config
+from protocol.exits import EXIT_FATAL
 from protocol.messages import LEARNER_PROGRESSING_PHASES, PROGRESSING_PHASES, STARTUP_PHASES
 from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, slot_server
 from supervisor.containers import CHILD_LABEL, RUN_LABEL, SLOT_LABEL
@@ -90,6 +91,7 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
                             startup_s=sup.startup_deadline_s, evidence_s=sup.evidence_timeout_s),
         progress_phases=LEARNER_PROGRESSING_PHASES, startup_phases=STARTUP_PHASES, progress_counters=("updates",),
         kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.learner_stop_grace_s, backoff=backoff, intensity=intensity,
+        fatal_exit_codes=frozenset({EXIT_FATAL}),
         launch={"module": "learner", "args": ("--name", LEARNER), "needs": ("torch", "tensorboard")}, labels={"role": LEARNER})
     workers = [ChildSpec(
         name=worker_name(slot), kind="process", restart=TRANSIENT, significant=False,
@@ -98,7 +100,7 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
         # evaluation steps are progress too: a long evaluation is not a stall, a hung one is
         progress_phases=PROGRESSING_PHASES, startup_phases=STARTUP_PHASES, progress_counters=("env_steps", "eval_steps"),
         kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.kill_grace_s, backoff=backoff, intensity=intensity,
-        standby=sup.standby_workers,
+        standby=sup.standby_workers, fatal_exit_codes=frozenset({EXIT_FATAL}),
         launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
                 "needs": ("torch", "gymnasium")},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]

@@ -97,6 +97,7 @@ class ChildSpec:
     # or due for a planned fresh start; neither counts against this child's own intensity
     stall_dependencies_on: frozenset[int] = frozenset()
     recycle_dependencies_on: frozenset[int] = frozenset()
+    fatal_exit_codes: frozenset[int] = frozenset()  # a restart would not help: failed at once, with its reason
     max_age_s: float | None = None  # a planned restart after running this long (servers that leak memory)
     standby: bool = False  # keep a pre-started spare that a respawn activates
     launch: Mapping[str, Any] = field(default_factory=dict)  # for the driver; the machine never reads it
@@ -182,6 +183,9 @@ class Child:
     last_exit: int | None = None
     last_incident: str | None = None
     alerts_seen: set = field(default_factory=set)
+    previous_count: int | None = None  # the progress count its last incarnation reached
+    dropped_earlier: int = 0  # messages its earlier incarnations dropped
+    resumed: dict | None = None  # this incarnation resumed from saved state: from where, and what it redoes
 
     @property
     def name(self) -> str:
@@ -312,6 +316,11 @@ class Supervision:
         if count != c.progress_count or phase != c.progress_phase:
             c.progress_count, c.progress_phase, c.progress_at = count, phase, now
         actions: list[Action] = []
+        if isinstance(hb.get("resumed_from"), int) and c.resumed is None:
+            previous = c.previous_count or 0
+            c.resumed = {"resumed_from": hb["resumed_from"], "previous": previous,
+                         "redone": max(0, previous - hb["resumed_from"])}
+            actions.append(Event(ev.RESUMED, c.name, dict(c.resumed)))
         for alert in hb.get("alerts") or []:
             if isinstance(alert, str) and alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
                 c.alerts_seen.add(alert)
@@ -338,6 +347,10 @@ class Supervision:
             return []
         c.last_exit = code
         c.pid = None
+        if c.heartbeat is not None:
+            c.previous_count = max(c.count(), c.resumed["resumed_from"] if c.resumed else 0)
+            c.dropped_earlier += int(c.heartbeat.get("dropped") or 0)
+            c.heartbeat = dict(c.heartbeat, dropped=0)
         actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
         if not self.stopping and c.state in UP and code is not None:
             if code in c.spec.stall_dependencies_on:
@@ -488,6 +501,7 @@ class Supervision:
         c.started_at = now
         c.last_heartbeat_at = None
         c.heartbeat = None
+        c.resumed = None
         c.progress_at, c.progress_count, c.progress_phase = now, None, None
         c.kill_started_at = c.evidence_since = None
         c.kill_sent = False
@@ -604,6 +618,10 @@ class Supervision:
             return self._restart_dependents(c) + self._spawn_or_wait(c)
         if c.held:
             return self._hold(c)
+        if code in spec.fatal_exit_codes and c.state != STALLED:
+            hb = c.heartbeat or {}
+            reason = hb.get("detail") if hb.get("incarnation") == c.incarnation and hb.get("detail") else None
+            return self._fail(c, reason or f"exited with code {code}, which says a restart would not help", {})
         abnormal = code != 0 or c.state == STALLED  # a stalled child was killed by us, whatever its exit code
         if not abnormal and spec.restart != PERMANENT:
             c.state = STOPPED
@@ -692,6 +710,7 @@ class Supervision:
                 "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
                 "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
                 "detail": hb.get("detail") if alive else None,
+                "dropped": c.dropped_earlier + int(hb.get("dropped") or 0), "resumed": c.resumed,
                 "last_incident": c.last_incident, "reason": c.kill_reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
