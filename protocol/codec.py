@@ -10,6 +10,7 @@ naming what is wrong; receive loops catch it, count it and go on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,8 @@ def encode(msg_type: str, fields: dict[str, Any] | None = None,
     if schema is None:
         raise ProtocolError("unknown_type", f"cannot encode unknown message type {msg_type!r}")
     fields = dict(fields or {})
-    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+    # reshape: ascontiguousarray makes a 0-d array 1-d
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in (arrays or {}).items()}
     _check_fields(schema, fields)
     _check_array_set(schema, list(arrays))
     header = {"v": PROTOCOL_VERSION, "type": msg_type, **fields,
@@ -59,7 +61,9 @@ def encode(msg_type: str, fields: dict[str, Any] | None = None,
     msg = Message(msg_type, fields, arrays)
     if schema.check is not None:
         schema.check(msg)
-    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a).cast("B") for a in arrays.values()]
+    # flat bytes via numpy: memoryview.cast refuses arrays with a zero in their shape
+    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a.reshape(-1).view(np.uint8))
+                                                         for a in arrays.values()]
 
 
 def decode(frames: list) -> Message:
@@ -94,7 +98,7 @@ def decode(frames: list) -> Message:
 def _check_fields(schema: MessageSchema, fields: dict[str, Any]) -> None:
     unknown = set(fields) - set(schema.fields)
     if unknown:
-        raise ProtocolError("unknown_field", f"{schema.name}: unknown field(s) {sorted(unknown)}")
+        raise ProtocolError("unknown_field", f"{schema.name}: unknown field(s) {sorted(unknown, key=repr)}")
     for name, spec in schema.fields.items():
         if name not in fields:
             if spec.required:
@@ -130,7 +134,9 @@ def _decode_arrays(schema: MessageSchema, specs: Any, payload: list) -> dict[str
         if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape) or len(shape) > 5:
             raise ProtocolError("bad_shape", f"{schema.name}.{name}: shape {shape!r:.80} is not a list of sizes")
         dtype = np.dtype(dtype_str)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: an int64 product of huge sizes wraps to a small count
+        if math.prod(d for d in shape if d) * dtype.itemsize > schema.max_bytes:  # numpy refuses [0, 2**63]
+            raise ProtocolError("too_large", f"{schema.name}.{name}: shape {shape} exceeds {schema.max_bytes} bytes")
         total += count * dtype.itemsize
         if total > schema.max_bytes:
             raise ProtocolError("too_large", f"{schema.name}: arrays exceed {schema.max_bytes} bytes")

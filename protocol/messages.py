@@ -7,6 +7,7 @@ in :mod:`protocol.codec` enforces them on both ends.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -109,6 +110,19 @@ def _check_steps(msg) -> None:
         raise ProtocolError("bad_shape", f"steps.frames: shape {a['frames'].shape}, expected ({n}, *frame_shape)")
 
 
+def _check_hello(msg) -> None:
+    from protocol.codec import ProtocolError
+
+    # The learner sizes its replay and networks from these: one step's frame and action must fit a steps message.
+    shape = msg["frame_shape"]
+    if not (1 <= len(shape) <= 4 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise ProtocolError("bad_field", f"hello.frame_shape: {shape!r:.80} is not 1 to 4 positive sizes")
+    itemsize = {"|u1": 1, "<f4": 4}[msg["frame_dtype"]]
+    if math.prod(shape) * itemsize > MAX_STEPS_BYTES or msg["action_dim"] * 4 > MAX_STEPS_BYTES:
+        raise ProtocolError("bad_field", f"hello: frame_shape {shape} or action_dim {msg['action_dim']} "
+                                         f"exceeds a steps message ({MAX_STEPS_BYTES} bytes)")
+
+
 # A heartbeat names at most this many recent alerts, each a short "level:rule@update" string.
 MAX_ALERTS = 20
 MAX_ALERT_CHARS = 200
@@ -140,7 +154,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "incarnation": _f(*_INT, nonnegative=True),
             "frame_shape": _f(list), "frame_dtype": _f(*_STR, choices=("|u1", "<f4")),
             "action_dim": _f(*_INT, nonnegative=True),
-        }),
+        }, check=_check_hello),
         MessageSchema(STEPS, {
             "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
             "seq": _f(*_INT, nonnegative=True), "env_steps": _f(*_INT, nonnegative=True),
