@@ -33,11 +33,13 @@ from learner.sampler import Sampler
 from learner.td3 import TD3Agent, q_max
 from policy.network import policy_arrays
 from protocol.config import Config, load_config
+from protocol.exits import FatalError, fatal_message, say
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.messages import PROGRESS, WEIGHTS
 from protocol.ratelimit import UpdateToData
-from protocol.sockets import Receiver, load_endpoints, make_socket, send
+from protocol.sockets import (STEPS_RCVHWM, SUBSCRIPTION_MAX_BYTES, Receiver, load_endpoints, make_socket, send,
+                              steps_max_bytes)
 
 # How often the learner tells workers its counts; also bounds how stale their allowance is.
 PROGRESS_EVERY_S = 0.2
@@ -96,6 +98,7 @@ class Learner:
         self.rng = np.random.default_rng(self.seed)
         seed_torch(self.seed)  # network initialisation, target smoothing noise, device-side shifts
         self.stopping = False
+        self.failure: BaseException | None = None  # what ended a receive or sample thread
         self.done = False
         self.weights_version = 0
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
@@ -106,9 +109,10 @@ class Learner:
     # -- setup ---------------------------------------------------------------
 
     def bind(self) -> None:
-        self.pull = make_socket(self.ctx, zmq.PULL, hwm=256)
+        self.pull = make_socket(self.ctx, zmq.PULL, hwm=STEPS_RCVHWM,
+                                max_bytes=steps_max_bytes(self.cfg.workers.batch_steps, self.cfg.env.max_frame_bytes))
         self.pull.bind(self.endpoints["steps"])
-        self.pub = make_socket(self.ctx, zmq.PUB, hwm=4)
+        self.pub = make_socket(self.ctx, zmq.PUB, hwm=4, max_bytes=SUBSCRIPTION_MAX_BYTES)
         self.pub.bind(self.endpoints["weights"])
         self.inbox = Receiver(self.pull, self.log.warning)
         self.intake = Intake(self.inbox, self.lock, self.progress, self.log, self.on_spec, self.on_episode)
@@ -124,15 +128,22 @@ class Learner:
         frame_shape = tuple(spec["frame_shape"])
         obs_shape = (frame_shape[0] * self.cfg.env.frame_stack,) + frame_shape[1:]
         self.agent = TD3Agent(obs_shape, spec["action_dim"], self.lcfg, self.device)
-        self.replay = ReplayBuffer(self.run_dir / "replay", self.lcfg.replay_capacity, frame_shape,
-                                   np.dtype(spec["frame_dtype"]), spec["action_dim"])
-        self.intake.replay = self.replay
         state = self.checkpoints.load(self.device)
+        self.replay = ReplayBuffer(self.run_dir / "replay", self.lcfg.replay_capacity, frame_shape,
+                                   np.dtype(spec["frame_dtype"]), spec["action_dim"],
+                                   fallback_index=state.get("replay") if state else None)
+        self.intake.replay = self.replay
         if state is not None:
-            self.agent.load_state_dict(state["agent"])
+            try:
+                self.agent.load_state_dict(state["agent"])
+            except (RuntimeError, KeyError, ValueError) as exc:
+                raise FatalError(f"the checkpoint in {self.checkpoints.dir} was made for another model "
+                                 f"({str(exc).splitlines()[0][:100]}); resume with the run's own config "
+                                 "(leave out --config) or start a new run") from None
             self.weights_version = int(state.get("weights_version", 0))
             if state.get("rng"):  # a resumed run draws on where its random streams were
                 restore_rng(state["rng"], self.rng)
+            self.progress.resumed_from = self.agent.updates
             self.log.info("resumed from checkpoint", updates=self.agent.updates, replay_entries=self.replay.total,
                           transitions=self.replay.transitions_total)
         self.progress.updates = self.agent.updates
@@ -241,8 +252,10 @@ class Learner:
         if self.agent is None:
             return 0  # stopped before any worker spoke
         stopping = lambda: self.stopping  # noqa: E731
-        threads = [threading.Thread(target=self.intake.receive_loop, args=(stopping,), name="receive", daemon=True),
-                   threading.Thread(target=self.sampler.run, args=(stopping,), name="sample", daemon=True)]
+        threads = [threading.Thread(target=self.guarded, args=(self.intake.receive_loop, stopping), name="receive",
+                                    daemon=True),
+                   threading.Thread(target=self.guarded, args=(self.sampler.run, stopping), name="sample",
+                                    daemon=True)]
         for t in threads:
             t.start()
         last_progress = 0.0
@@ -250,6 +263,7 @@ class Learner:
             now = time.monotonic()
             if now - last_progress >= PROGRESS_EVERY_S:
                 self.publish_progress()
+                self.progress.dropped = self.inbox.dropped_total
                 last_progress = now
             if self.agent.updates < self.updates_due():
                 self.progress.set_phase("training")
@@ -276,6 +290,8 @@ class Learner:
         self.stopping = True
         for t in threads:
             t.join(timeout=5)
+        if self.failure is not None:
+            raise self.failure  # a thread's error (a full disk, say) ends the learner; no checkpoint over it
         self.checkpoint()
         if self.done and not stopping_by_signal:
             # tell the workers, a few times: PUB drops messages to late subscribers
@@ -287,6 +303,14 @@ class Learner:
         self.log.info("learner stopped", updates=self.agent.updates, dropped=dict(self.inbox.dropped),
                       lost_steps=self.intake.lost_steps)
         return 0
+
+    def guarded(self, loop, stopping) -> None:
+        """A thread's loop; its error stops the learner (and is raised by :meth:`run`)."""
+        try:
+            loop(stopping)
+        except BaseException as exc:
+            self.failure = exc
+            self.stopping = True
 
     def close(self) -> None:
         self.heartbeat.stop()
@@ -309,9 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return learner.run()
-    except Exception:
-        learner.log.exception("learner failed")
-        return 1
+    except Exception as exc:
+        message = fatal_message(exc, args.run_dir)
+        if message is None:
+            learner.log.exception("learner failed")
+            return 1
+        learner.log.error("learner cannot go on", reason=message, exc_info=not isinstance(exc, FatalError))
+        say(f"learner: {message}")
+        return learner.heartbeat.fatal(message)
     finally:
         learner.close()
 

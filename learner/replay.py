@@ -21,12 +21,16 @@ after the index was last written.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from protocol.exits import FatalError
 from protocol.files import atomic_write
 
 FIRST, TERMINATED, TRUNCATED, ORPHAN = 1, 2, 4, 8
@@ -70,7 +74,10 @@ class Stream:
 class ReplayBuffer:
     """A memory-mapped ring of single frames with per-stream links."""
 
-    def __init__(self, directory: Path, capacity: int, frame_shape: tuple, frame_dtype, action_dim: int):
+    def __init__(self, directory: Path, capacity: int, frame_shape: tuple, frame_dtype, action_dim: int,
+                 fallback_index: dict | None = None):
+        """``fallback_index``: the index saved with the checkpoint, used when ``index.json`` is missing (moved
+        away as corrupt): entries written after it are dropped, nothing else."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = int(capacity)
@@ -82,7 +89,7 @@ class ReplayBuffer:
         meta_path = self.dir / "meta.json"
         fresh = not meta_path.exists()
         if not fresh:
-            found = json.loads(meta_path.read_text())
+            found = self._read_json(meta_path, "move the replay directory away to start with an empty replay")
             if found != meta:
                 raise RuntimeError(f"replay in {self.dir} was made for {found}, but the run now needs {meta}; "
                                    "move it away to start with an empty replay")
@@ -104,13 +111,36 @@ class ReplayBuffer:
         if fresh:
             atomic_write(meta_path, json.dumps(meta))
         else:
-            self._load_index()
+            self._load_index(fallback_index)
             if older:  # trust its index, as it was trusted before
                 held = np.arange(max(0, self.total - n), self.total)
                 self.serials[held % n] = held
 
     def _map(self, name: str, mode: str, shape: tuple, dtype) -> np.memmap:
-        return np.lib.format.open_memmap(self.dir / f"{name}.npy", mode=mode, dtype=dtype, shape=shape)
+        path = self.dir / f"{name}.npy"
+        try:
+            arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+        except ValueError as exc:  # a torn or foreign .npy header
+            raise FatalError(f"{path} is corrupt ({str(exc)[:80]}); move the replay directory {self.dir} away to "
+                             "start with an empty replay (the model is kept)") from None
+        if mode == "w+":
+            # Reserve the space now: a sparse map written on a full disk kills the process with SIGBUS.
+            try:
+                with open(path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    free = shutil.disk_usage(self.dir).free
+                    raise FatalError(f"no space for the replay in {self.dir}: it needs "
+                                     f"{self.capacity * self.bytes_per_entry() / 2**30:.2f} GiB, the volume has "
+                                     f"{free / 2**30:.2f} GiB free; free space or lower learner.replay_capacity") \
+                        from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without it: sparse then
+                    raise
+        if shape[0] and arr.shape != shape:
+            raise FatalError(f"{path} holds shape {arr.shape}, expected {shape}; move the replay directory "
+                             f"{self.dir} away to start with an empty replay")
+        return arr
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -127,7 +157,7 @@ class ReplayBuffer:
         return in_range & held
 
     def bytes_per_entry(self) -> int:
-        return int(self.frames.itemsize * np.prod(self.frame_shape) + 4 * self.action_dim + 4 + 1 + 8 + 8 + 8)
+        return int(self.frame_dtype.itemsize * np.prod(self.frame_shape) + 4 * self.action_dim + 4 + 1 + 8 + 8 + 8)
 
     def index(self) -> dict:
         return {"total": self.total, "transitions_total": self.transitions_total,
@@ -143,14 +173,34 @@ class ReplayBuffer:
             arr.flush()
         self.save_index(fsync=True)
 
-    def _load_index(self) -> None:
+    def _read_json(self, path: Path, choices: str) -> dict:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a mapping")
+            return data
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FatalError(f"{path} is corrupt ({type(exc).__name__}); {choices}") from None
+
+    def _load_index(self, fallback: dict | None = None) -> None:
         path = self.dir / "index.json"
-        if not path.exists():
+        if path.exists():
+            idx = self._read_json(path, f"move it away to resume with the replay index saved in the latest "
+                                       f"checkpoint, or move {self.dir} away to start with an empty replay")
+        elif fallback:
+            idx = fallback
+        else:
             return
-        idx = json.loads(path.read_text())
-        self.total = int(idx["total"])
-        self.transitions_total = int(idx.get("transitions_total", 0))
-        self.streams = {k: Stream(*v) for k, v in idx["streams"].items()}
+        try:
+            total = int(idx["total"])
+            transitions = int(idx.get("transitions_total", 0))
+            streams = {str(k): Stream(*map(int, v)) for k, v in idx["streams"].items()}
+            if total < 0 or transitions < 0:
+                raise ValueError("negative counts")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FatalError(f"{path} is corrupt ({type(exc).__name__}: {exc}); move it away to resume with the "
+                             "replay index saved in the latest checkpoint") from None
+        self.total, self.transitions_total, self.streams = total, transitions, streams
         # entries written after the index are lost: unlink anything that points at them
         self.next[self.next >= self.total] = -1
 

@@ -70,9 +70,13 @@ def decode(frames: list) -> Message:
     """Parse and validate the frames of one message, or raise ProtocolError."""
     if not frames:
         raise ProtocolError("empty", "message has no frames")
+    try:
+        size = memoryview(frames[0]).nbytes  # measured before it is copied: a huge junk frame costs nothing
+    except TypeError:
+        raise ProtocolError("bad_header", f"frame 0 is a {type(frames[0]).__name__}, not bytes") from None
+    if size > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"header is {size} bytes, limit {MAX_HEADER_BYTES}")
     head = bytes(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError("header_too_large", f"header is {len(head)} bytes, limit {MAX_HEADER_BYTES}")
     try:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -27,9 +29,23 @@ def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None], *, 
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            if exc.filename is None:  # write() and fsync() name no file: name the one being written
+                exc.filename = str(path)
+            raise
+        if isinstance(exc, Exception) and _volume_full(path.parent):
+            # writers that wrap the OSError in their own (torch.save's RuntimeError) hide the cause
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
         raise
+
+
+def _volume_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def replace_symlink(link: Path, target: str) -> None:

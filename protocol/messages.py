@@ -126,7 +126,7 @@ def _check_hello(msg) -> None:
 # A heartbeat names at most this many recent alerts, each a short "level:rule@update" string.
 MAX_ALERTS = 20
 MAX_ALERT_CHARS = 200
-MAX_DETAIL_CHARS = 300
+MAX_DETAIL_CHARS = 1000
 
 
 def _check_heartbeat(msg) -> None:

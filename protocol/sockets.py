@@ -47,12 +47,38 @@ def prepare_endpoints(run_dir: Path) -> dict[str, str]:
 def load_endpoints(run_dir: Path) -> dict[str, str]:
     path = Path(run_dir) / "endpoints.json"
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            eps = json.loads(path.read_text())
+            if isinstance(eps, dict) and all(isinstance(eps.get(n), str) for n in ENDPOINT_NAMES):
+                return eps
+        except (ValueError, UnicodeDecodeError):
+            pass  # torn: the endpoints follow from the run directory anyway
     return endpoints_for(run_dir)
 
 
 def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+# What each bound socket legitimately receives, and no more (a peer sending more is disconnected
+# before its message is buffered). A PUB socket receives only subscriptions: our workers subscribe to
+# everything (one byte), and ZeroMQ's handshake needs a few dozen bytes; a peer with a longer topic is cut
+# off before it can grow the socket's subscription table.
+SUBSCRIPTION_MAX_BYTES = 64
+HEARTBEAT_MAX_BYTES = 64 * 1024
+CONTROL_MAX_BYTES = 64 * 1024
+# Queues of bound sockets, per connected peer: together with the size limits they bound the memory a
+# flood can take (the steps queue is short: workers hold what does not fit, nothing is lost).
+STEPS_RCVHWM = 16
+HEARTBEAT_RCVHWM = 1000
+CONTROL_RCVHWM = 100
+
+
+def steps_max_bytes(batch_steps: int, max_frame_bytes: int) -> int:
+    """The largest steps message a worker sends: a batch of up to ``batch_steps`` entries (and the episode start
+    that may close it), each a frame with its action, reward and flags; plus the header."""
+    per_entry = max_frame_bytes + 4 * 64 + 16
+    return 64 * 1024 + (batch_steps + 2) * per_entry
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, hwm: int = 1000, max_bytes: int = MAX_MESSAGE_BYTES) -> zmq.Socket:

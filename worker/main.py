@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from protocol.config import Config, load_config
+from protocol.exits import FatalError, fatal_message, say
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
@@ -84,6 +85,9 @@ class EnvWorker:
         with self.env_call():
             obs, _ = self.env.reset(seed=self.seed)
         frame = frame_of(obs)
+        if frame.nbytes > self.cfg.env.max_frame_bytes:
+            raise FatalError(f"the env's frames are {frame.nbytes} bytes ({frame.dtype} {frame.shape}), above "
+                             f"env.max_frame_bytes {self.cfg.env.max_frame_bytes}; raise env.max_frame_bytes")
         self.stacker = FrameStack(self.cfg.env.frame_stack)
         obs_shape = self.stacker.reset(frame).shape
         self.policy = build_policy(obs_shape, self.scaler.dim, self.cfg.learner).eval()
@@ -189,6 +193,7 @@ class EnvWorker:
                 stack = self.begin_episode()
             if batch.due(wcfg.batch_steps, wcfg.batch_interval_s):
                 link.flush()
+                self.progress.dropped = link.inbox.dropped_total
             if eval_every and self.progress.env_steps % eval_every == 0:
                 link.flush()
                 self.evaluate()
@@ -273,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         return worker.run()
-    except Exception:
-        worker.log.exception("worker failed")
-        return 1
+    except Exception as exc:
+        message = fatal_message(exc, args.run_dir)
+        if message is None:
+            worker.log.exception("worker failed")
+            return 1
+        worker.log.error("worker cannot go on", reason=message, exc_info=not isinstance(exc, FatalError))
+        say(f"{worker.name}: {message}")
+        return worker.heartbeat.fatal(message)
     finally:
         worker.close()
 
