@@ -131,12 +131,20 @@ class EnvConfig(_Section):
     max_episode_steps: int | None = Field(None, gt=0)
     reward_max: float = Field(1.0, gt=0.0)  # largest |reward| per step: Qmax = reward_max / (1 - gamma)
     action_order: list[int] | None = None  # permutation from the actor's action order to the env's
+    # The largest single frame a worker may send (bytes): the learner's steps socket takes no bigger message.
+    max_frame_bytes: int = Field(256 * 1024, ge=64, le=64 * 1024 * 1024)
     carla: CarlaConfig = Field(default_factory=CarlaConfig)
 
     @model_validator(mode="after")
     def _permutation(self):
         if self.action_order is not None and sorted(self.action_order) != list(range(len(self.action_order))):
             raise ValueError(f"action_order {self.action_order} is not a permutation of 0..n-1")
+        if self.backend == "carla":
+            cam = self.carla.camera
+            frame = cam.width * cam.height * (1 if cam.grayscale else 3)
+            if frame > self.max_frame_bytes:
+                raise ValueError(f"carla.camera makes {frame}-byte frames, above max_frame_bytes "
+                                 f"{self.max_frame_bytes}; raise env.max_frame_bytes")
         return self
 
 
@@ -200,6 +208,9 @@ class SupervisorConfig(_Section):
     max_restarts: int = Field(5, ge=0)  # intensity: at most this many restarts ...
     restart_window_s: float = Field(60.0, gt=0.0)  # ... within this many seconds
     standby_workers: bool = True  # keep a pre-imported process per slot: respawns skip Python's start-up
+    max_workers_per_core: float = Field(3.0, gt=0.0)  # `up` refuses more workers than this per CPU core
+    disk_warn_gb: float = Field(2.0, ge=0.0)  # `status` warns when the runs volume has less free than this
+    child_nice: int = Field(5, ge=0, le=19)  # children run this much nicer than the supervisor: it never starves
 
     @model_validator(mode="after")
     def _layered(self):
@@ -303,6 +314,25 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# What a run's model and replay were built for: a resume may not change them.
+RESUME_FIXED = ("env.backend", "env.id", "env.kwargs", "env.frame_stack", "env.action_order", "env.carla.camera",
+                "learner.encoder", "learner.encoder_mode", "learner.feature_dim", "learner.hidden_dim",
+                "learner.replay_capacity")
+
+
+def resume_conflicts(saved: Config, new: Config) -> list[str]:
+    """``key=saved value (now new value)`` for each setting of RESUME_FIXED that differs."""
+    out = []
+    old_d, new_d = saved.to_dict(), new.to_dict()
+    for dotted in RESUME_FIXED:
+        a, b = old_d, new_d
+        for key in dotted.split("."):
+            a, b = a.get(key), b.get(key)
+        if a != b:
+            out.append(f"{dotted}={a!r:.60} (asked: {b!r:.60})")
+    return out
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

@@ -1,18 +1,27 @@
 """``supervisor``: start a run, show its health, restart or stop its processes.
 
 Exit status of ``supervisor status``: 0 when every process is running, 3 when
-some are not, 4 when no supervisor answers. Nothing here imports torch or
-gymnasium, so ``status`` answers fast.
+some are not, 4 when no supervisor answers. ``supervisor up`` refuses, writing
+nothing, with 2 for a config error (or a resume that would change the run's model
+or replay), 5 when another supervisor runs the run, 6 when the host cannot hold
+the workers asked for. An operating-system error (``up``, ``status``, ...) ends in
+one line naming the path and what to do, with 7 for a refused permission, 8 for a
+read-only file system, 9 for a full disk and 10 for any other. Nothing here
+imports torch or gymnasium, so ``status`` answers fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_NO_SUPERVISOR = 0, 1, 2, 3, 4
+EXIT_RUN_BUSY, EXIT_OVERLOAD = 5, 6
+EXIT_PERMISSION, EXIT_READ_ONLY, EXIT_NO_SPACE, EXIT_OS_ERROR = 7, 8, 9, 10
 CONTROL_TIMEOUT_MS = 1500
 
 
@@ -29,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--debug", action="store_true", default=None)
     up.add_argument("--scenario", help="CARLA: a scenario of env.carla.scenarios, by index or name")
     up.add_argument("--npcs", type=int, help="CARLA: NPC vehicles per slot")
-    up.add_argument("--run-id", help="run id (an existing run is resumed)")
+    up.add_argument("--run-id", help="run id (an existing run is resumed, with its own saved config)")
+    up.add_argument("--resume-from", choices=("latest", "previous"), default="latest",
+                    help="resume from the latest checkpoint, or set a corrupt one aside and take the one before")
+    up.add_argument("--oversubscribe", action="store_true",
+                    help="start even when the workers asked for exceed what this host can run")
     up.add_argument("--runs-dir", help="where run directories go (default: runs)")
     up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set learner.batch_size=128")
@@ -75,43 +88,134 @@ def overrides_from(args) -> list[tuple[str, object]]:
 
 
 def config_from(args):
-    """The run's config from ``up``'s arguments; raises ConfigError."""
+    """The run's config from ``up``'s arguments; raises ConfigError.
+
+    A run that exists is resumed with its own saved config, the overrides applied
+    on top (``--config`` replaces it); whatever would change its model or replay is
+    refused.
+    """
+    return resume_config(args, requested_config(args))
+
+
+def requested_config(args):
+    """The config as the arguments give it, before a resumed run's own is taken into account."""
     from protocol.config import load_config
 
+    return load_config(args.config, overrides_from(args))
+
+
+def resume_config(args, cfg):
+    from protocol.config import ConfigError, load_config, resume_conflicts
+
     overrides = overrides_from(args)
-    cfg = load_config(args.config, overrides)
+    saved_path = Path(cfg.run.runs_dir) / cfg.run.run_id / "config.yaml" if cfg.run.run_id else None
+    saved = None
+    if saved_path is not None and saved_path.exists():
+        saved = load_config(saved_path)
+        if args.config is None:  # the run's own config, not the defaults
+            cfg = load_config(saved_path, overrides + [("run.runs_dir", cfg.run.runs_dir),
+                                                       ("run.run_id", cfg.run.run_id)])
     carla = cfg.env.carla
     if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
         index = carla.scenario if isinstance(carla.scenario, int) else \
             [s.name for s in carla.scenarios].index(carla.scenario)
-        cfg = load_config(args.config, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+        base = saved_path if args.config is None and saved is not None else args.config
+        cfg = load_config(base, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+    if saved is not None:
+        conflicts = resume_conflicts(saved, cfg)
+        if conflicts:
+            raise ConfigError(f"config error: run {cfg.run.run_id} was built with {'; '.join(conflicts)}: its model "
+                              "and replay cannot change; resume without these changes, or start a new run "
+                              "(leave out --run-id)")
     return cfg
+
+
+def os_error_line(exc: OSError, doing: str) -> tuple[str, int]:
+    """One line for an operating-system error: the path, what went wrong, what to do; and the exit code."""
+    import errno
+
+    path = exc.filename or "?"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"supervisor {doing}: permission denied on {path}: check its owner and mode (ls -ld {path}), "
+                "or run as the user who owns it"), EXIT_PERMISSION
+    if exc.errno == errno.EROFS:
+        return (f"supervisor {doing}: {path} is on a read-only file system: choose a writable --runs-dir"),\
+            EXIT_READ_ONLY
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"supervisor {doing}: no space left on device for {path}: free space there (df -h), "
+                "or choose another --runs-dir"), EXIT_NO_SPACE
+    return f"supervisor {doing}: {path}: {exc.strerror or exc}", EXIT_OS_ERROR
+
+
+def live_supervisor(run_dir: Path) -> int | None:
+    """The pid of a supervisor running this run, from its state file; None when there is none."""
+    from supervisor.run import read_state, supervisor_alive
+
+    pid = read_state(run_dir).get("pid")
+    return pid if isinstance(pid, int) and supervisor_alive(pid) else None
+
+
+def set_previous_checkpoint_aside(run_dir: Path) -> str:
+    """``--resume-from previous``: latest.pt is set aside (renamed, kept), previous.pt takes its place."""
+    ckpt = run_dir / "checkpoints"
+    previous, latest = ckpt / "previous.pt", ckpt / "latest.pt"
+    if not previous.exists():
+        raise FileNotFoundError(2, "no checkpoint before the latest one to resume from", str(previous))
+    aside = ckpt / f"latest.pt.set-aside-{int(time.time())}"
+    if latest.exists():
+        os.replace(latest, aside)
+    os.link(previous, latest)
+    return f"resuming from {previous.name}; the latest checkpoint was set aside as {aside.name}"
 
 
 def cmd_up(args) -> int:
     from protocol.config import ConfigError
     from supervisor.plan import build_plan
-    from supervisor.run import Supervisor, create_run_dir
+    from supervisor.run import Supervisor, create_run_dir, host_capacity_problem
 
     try:
-        cfg = config_from(args)
+        cfg = requested_config(args)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     from supervisor.evidence import py_spy_path
 
+    run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id if cfg.run.run_id else None
+    resuming = run_dir is not None and run_dir.exists()
+    if resuming:
+        pid = live_supervisor(run_dir)
+        if pid is not None:  # refused before anything is written: the live run is left as it is
+            print(f"supervisor up: another supervisor (pid {pid}) is running {run_dir}; see it with "
+                  f"`supervisor status --run-dir {run_dir}`, or stop it with `supervisor stop --run-dir {run_dir}`",
+                  file=sys.stderr)
+            return EXIT_RUN_BUSY
+    elif args.resume_from != "latest":
+        print(f"supervisor up: --resume-from {args.resume_from} needs the --run-id of an existing run",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = resume_config(args, cfg)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     plan = build_plan(cfg, cfg.run.run_id or "")
     missing = plan.missing_modules()
     if missing:
         print(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
               "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", file=sys.stderr)
         return EXIT_USAGE
+    problem = host_capacity_problem(cfg)
+    if problem is not None:
+        if not args.oversubscribe:
+            print(f"supervisor up: {problem}; use fewer workers (--workers N), or --oversubscribe to start anyway",
+                  file=sys.stderr)
+            return EXIT_OVERLOAD
+        print(f"supervisor up: warning: {problem}; starting anyway (--oversubscribe)", file=sys.stderr)
     containers = [s for s in plan.specs if s.kind == "container"]
     if containers:
         from supervisor.containers import ContainerDriver, EngineError
         from supervisor.drivers import SpawnError
 
-        resuming = cfg.run.run_id is not None and (Path(cfg.run.runs_dir) / cfg.run.run_id).exists()
         try:
             ContainerDriver(Path("."), "", 1.0, 1.0, cfg.simulators.docker_timeout_s).preflight(
                 containers, check_ports=not resuming)
@@ -121,17 +225,21 @@ def cmd_up(args) -> int:
     if py_spy_path() is None:
         print("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled processes "
               "(pip install 'carla-rl-stack[supervisor]')", file=sys.stderr)
+    if resuming and args.resume_from == "previous":
+        print(f"supervisor up: {set_previous_checkpoint_aside(run_dir)}", file=sys.stderr)
     run_dir = create_run_dir(cfg)
     live = sys.stdout.isatty() if args.live is None else args.live
     env = f"CARLA {cfg.env.carla.map} ({cfg.simulators.mode} simulators)" if cfg.env.backend == "carla" else cfg.env.id
     print(f"run {run_dir.name}: {cfg.workers.count} workers on {env}, learner on {cfg.learner.device}; "
           f"run dir {run_dir}", flush=True)
     try:
-        code = Supervisor(cfg, run_dir, live=live).run()
+        supervisor = Supervisor(cfg, run_dir, live=live)
+        code = supervisor.run()
     except RuntimeError as exc:
         print(f"supervisor: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"run {run_dir.name} ended (exit {code}); events in {run_dir / 'events.jsonl'}", flush=True)
+    ended = f": {supervisor.machine.stop_reason}" if code else ""
+    print(f"run {run_dir.name} ended (exit {code}){ended}; events in {run_dir / 'events.jsonl'}", flush=True)
     return code
 
 
@@ -174,30 +282,55 @@ def cmd_status(args) -> int:
     run_dir = resolve_run_dir(args)
     reply = request(run_dir, "status")
     if reply is None or not reply.get("ok"):
-        return no_supervisor(run_dir)
+        return ended_run(run_dir, args.json)
     status = reply["data"]
     if args.json:
-        keys = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
-                "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason",
-                "gpu_memory_bytes", "detail")
-        out = {"run_id": status["run_id"], "run_dir": status["run_dir"],
-               "processes": [{k: p.get(k) for k in keys} for p in status["processes"]],
-               "env_steps": status["env_steps"], "max_timesteps": status["max_timesteps"],
-               "incidents": status["incidents"], "dropped_messages": status["dropped_messages"]}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(status_json(status), indent=2))
     else:
-        from supervisor.display import plain_table
+        from supervisor.display import plain_table, status_notes
 
         print(plain_table(status), end="")
         print(f"env steps {status['env_steps']}/{status['max_timesteps']}   incidents {status['incidents']}   "
               f"dropped messages {status['dropped_messages']}")
-        for p in status["processes"]:
-            for alert in p.get("alerts") or []:
-                print(f"alert from {p['name']}: {alert}")
-            if p.get("detail"):
-                print(f"{p['name']} reports: {p['detail']}")
+        for line in status_notes(status):
+            print(line)
     all_running = all(p["state"] == "running" for p in status["processes"])
     return EXIT_OK if all_running else EXIT_DEGRADED
+
+
+STATUS_KEYS = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
+               "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "reason",
+               "gpu_memory_bytes", "detail", "dropped", "resumed")
+
+
+def status_json(status: dict) -> dict:
+    return {"run_id": status["run_id"], "run_dir": status["run_dir"],
+            "processes": [{k: p.get(k) for k in STATUS_KEYS} for p in status["processes"]],
+            "env_steps": status["env_steps"], "max_timesteps": status["max_timesteps"],
+            "incidents": status["incidents"], "dropped_messages": status["dropped_messages"],
+            "supervisor_dropped": status.get("supervisor_dropped"), "disk": status.get("disk"),
+            "ended": status.get("ended")}
+
+
+def ended_run(run_dir: Path, as_json: bool) -> int:
+    """No supervisor answers: say so, and how the run ended if its supervisor wrote that down."""
+    from supervisor.run import read_state
+
+    state = read_state(run_dir) if run_dir.exists() else {}
+    ended = state.get("ended")
+    if not ended:
+        return no_supervisor(run_dir)
+    if as_json:
+        print(json.dumps({"run_dir": str(run_dir), "ended": ended, "processes": state.get("processes", [])},
+                         indent=2))
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended.get("time", 0)))
+        print(f"run {state.get('run_id', run_dir.name)} is not running: it ended at {when} with exit "
+              f"{ended.get('exit_code')}: {ended.get('reason')}")
+        for p in state.get("processes", []):
+            if p.get("state") == "failed":
+                print(f"{p['name']} failed: {p.get('reason')}")
+    return EXIT_NO_SUPERVISOR
 
 
 def cmd_simple(args, cmd: str) -> int:
@@ -214,6 +347,15 @@ def cmd_simple(args, cmd: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except OSError as exc:  # an operator's mistake (permissions, a read-only or full disk): one line, no traceback
+        line, code = os_error_line(exc, args.command)
+        print(line, file=sys.stderr)
+        return code
+
+
+def dispatch(args) -> int:
     if args.command == "up":
         return cmd_up(args)
     if args.command == "status":

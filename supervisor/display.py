@@ -27,10 +27,11 @@ def fmt_duration(seconds: float | None) -> str:
 def process_table(status: dict) -> Table:
     table = Table(title=f"run {status['run_id']}", title_justify="left", expand=False)
     gpu = any(p.get("gpu_memory_bytes") is not None for p in status["processes"])
-    columns = ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "PHASE") + \
+    columns = ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT", "RESTARTS", "DROPS", "PHASE") + \
         (("GPU MEM",) if gpu else ())
     for col in columns:
-        table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS", "GPU MEM") else "left")
+        table.add_column(col, justify="right" if col in ("PID", "STEPS", "STEPS/S", "RESTARTS", "DROPS", "GPU MEM")
+                         else "left")
     for p in status["processes"]:
         counter = (p.get("progress_counters") or ["env_steps"])[0]  # the child's own measure of work
         steps = {"env_steps": f"{p['env_steps']}", "updates": f"{p['updates']} upd"}.get(
@@ -39,12 +40,36 @@ def process_table(status: dict) -> Table:
         state = p["state"]
         row = [p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
                fmt_duration(p["uptime_s"] if p["pid"] else None), steps, f"{p['steps_per_s']:.1f}", hb,
-               str(p["restarts"]), p["phase"] or (p["reason"] or "-")]
+               str(p["restarts"]), str(p.get("dropped") or 0), p["phase"] or (p["reason"] or "-")]
         if gpu:
             mem = p.get("gpu_memory_bytes")
             row.append("-" if mem is None else f"{mem / 2**30:.2f} GiB")
         table.add_row(*row)
     return table
+
+
+def status_notes(status: dict) -> list[str]:
+    """The lines under the table: alerts, what a process says of itself, work redone after a resume, disk."""
+    lines = []
+    disk = status.get("disk") or {}
+    if disk.get("warning"):
+        lines.append(f"warning: {disk['warning']}")
+    for p in status["processes"]:
+        for alert in p.get("alerts") or []:
+            lines.append(f"alert from {p['name']}: {alert}")
+        if p.get("detail"):
+            lines.append(f"{p['name']} reports: {p['detail']}")
+        if p["state"] == "failed" and p.get("reason"):
+            lines.append(f"{p['name']} failed: {p['reason']}")
+        resumed = p.get("resumed")
+        if resumed:
+            lines.append(f"{p['name']} resumed from its checkpoint at {resumed['resumed_from']} "
+                         f"(its last run had reached {resumed['previous']}: {resumed['redone']} redone)")
+    own = status.get("supervisor_dropped")
+    if status.get("dropped_messages") and own is not None:
+        lines.append(f"dropped messages: supervisor {own}, " + ", ".join(
+            f"{p['name']} {p.get('dropped') or 0}" for p in status["processes"]))
+    return lines
 
 
 def plain_table(status: dict) -> str:
@@ -77,7 +102,7 @@ class LiveDisplay:
         self.progress.update(self.task, completed=min(status["env_steps"], status["max_timesteps"]))
         footer = (f"incidents: {status['incidents']}   dropped messages: {status['dropped_messages']}   "
                   f"run dir: {status['run_dir']}   (Ctrl-C stops)")
-        self.live.update(Group(process_table(status), self.progress, footer))
+        self.live.update(Group(process_table(status), self.progress, footer, *status_notes(status)[-8:]))
 
     def stop(self) -> None:
         self.refresh()

@@ -25,6 +25,14 @@ def _die_with_parent() -> None:
         pass  # not Linux: children also poll their parent pid from the heartbeat thread
 
 
+def _child_setup(nice: int):
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)  # the supervisor keeps its share of the CPU however many children are busy
+    return setup
+
+
 class ProcessDriver:
     """Starts ``python -m <launch.module>`` children with their output appended to ``logs/<name>.out``.
 
@@ -34,8 +42,9 @@ class ProcessDriver:
     Python from scratch.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, nice: int = 0):
         self.run_dir = Path(run_dir)
+        self.nice = nice
         self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
         self.spares: dict[str, subprocess.Popen] = {}
 
@@ -52,7 +61,7 @@ class ProcessDriver:
         env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
-                                    preexec_fn=_die_with_parent, env=env, close_fds=True)
+                                    preexec_fn=_child_setup(self.nice), env=env, close_fds=True)
         finally:
             out.close()
 

@@ -8,11 +8,14 @@ signal; the main loop does the work.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import queue
 import random
 import secrets
+import shutil
 import signal
 import sys
 import threading
@@ -27,7 +30,8 @@ from protocol import events as ev
 from protocol.config import Config
 from protocol.files import atomic_write, replace_symlink
 from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
-from protocol.sockets import Receiver, ipc_path, make_socket, prepare_endpoints, send
+from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_BYTES, HEARTBEAT_RCVHWM, Receiver,
+                              ipc_path, make_socket, prepare_endpoints, send)
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
 from supervisor.plan import Plan, build_plan
 from supervisor.processes import ProcessDriver
@@ -36,6 +40,11 @@ from supervisor.state import (CaptureEvidence, DropStandby, EndRun, Event, Signa
 
 # The main loop wakes at least this often to judge deadlines.
 TICK_S = 0.05
+# events.jsonl keeps this much disk space reserved beyond its end (renewed every RESERVE_EVERY lines), so the
+# events that tell how a run ended on a full disk still find room.
+RESERVE_BYTES = 1024 * 1024
+RESERVE_EVERY = 1000
+DISK_CHECK_EVERY_S = 5.0
 
 
 def new_run_id() -> str:
@@ -75,7 +84,13 @@ class Supervisor:
         if missing:
             raise ValueError(f"no driver for child kind(s) {sorted(missing)}")
         self.ctx = zmq.Context()
-        self.events_file = open(self.run_dir / "events.jsonl", "a", buffering=1)
+        self.events_path = self.run_dir / "events.jsonl"
+        self.events_file = open(self.events_path, "a", buffering=1)
+        reserve_space(self.events_file, RESERVE_BYTES)  # the last events are written on a full disk too
+        self.events_written = self.events_lost = 0
+        self.os_errors: set = set()
+        self.disk_checked_at = -1e9
+        self.disk: dict = {}
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.started = time.monotonic()
@@ -90,9 +105,9 @@ class Supervisor:
     def bind(self) -> None:
         eps = prepare_endpoints(self.run_dir)
         self.endpoints = eps
-        self.hb_sock = make_socket(self.ctx, zmq.PULL, hwm=10_000, max_bytes=64 * 1024)
+        self.hb_sock = make_socket(self.ctx, zmq.PULL, hwm=HEARTBEAT_RCVHWM, max_bytes=HEARTBEAT_MAX_BYTES)
         self.hb_sock.bind(eps["heartbeat"])
-        self.control = make_socket(self.ctx, zmq.REP, hwm=100, max_bytes=64 * 1024)
+        self.control = make_socket(self.ctx, zmq.REP, hwm=CONTROL_RCVHWM, max_bytes=CONTROL_MAX_BYTES)
         self.control.bind(eps["control"])
         os.chmod(ipc_path(eps["control"]), 0o600)
         self.hb_inbox = Receiver(self.hb_sock, lambda msg, **kw: self.record(Event(ev.MALFORMED, "heartbeat", kw)))
@@ -101,29 +116,53 @@ class Supervisor:
 
     def clean_leftovers(self) -> None:
         """Kill children of an earlier supervisor of this run that died without cleaning up."""
-        state_file = self.run_dir / "supervisor.json"
-        old: dict = {}
-        if state_file.exists():
-            try:
-                old = json.loads(state_file.read_text())
-            except ValueError:
-                old = {}  # torn by a crash: the drivers still find what is labelled for this run
-        if old.get("pid") and old["pid"] != os.getpid() and _alive(old["pid"]):
+        old = read_state(self.run_dir)  # torn by a crash: {} (the drivers still find what is labelled for this run)
+        if old.get("pid") and old["pid"] != os.getpid() and supervisor_alive(old["pid"]):
             raise RuntimeError(f"another supervisor (pid {old['pid']}) is running this run in {self.run_dir}")
         killed = [pid for driver in self.drivers.values() for pid in driver.kill_leftovers(old)]
         if killed:
             self.record(Event(ev.LEFTOVERS_KILLED, "run", {"pids": killed}))
 
-    def save_state(self) -> None:
+    def save_state(self, ended: dict | None = None) -> None:
+        """``supervisor.json``: who runs the run and its children's pids (and, at the end, how it ended)."""
         children = [pid for driver in self.drivers.values() for pid in driver.pids()]
-        atomic_write(self.run_dir / "supervisor.json",
-                     json.dumps({"pid": os.getpid(), "children": children, "run_id": self.run_id}), fsync=False)
+        state = {"pid": os.getpid(), "children": children, "run_id": self.run_id}
+        if ended is not None:
+            state["ended"] = ended
+            state["processes"] = [{k: row.get(k) for k in ("name", "state", "restarts", "reason", "last_exit")}
+                                  for row in self.machine.snapshot()]
+        try:
+            atomic_write(self.run_dir / "supervisor.json", json.dumps(state), fsync=False)
+        except OSError as exc:  # the old file stays whole; the run goes on
+            self.os_trouble(exc, "writing its state file")
+
+    def os_trouble(self, exc: OSError, doing: str) -> None:
+        """An OS error of the supervisor's own files: never fatal; said once per kind, and a full disk stops the
+        run (every child's next write would fail too)."""
+        key = (doing, exc.errno)
+        if key not in self.os_errors:
+            self.os_errors.add(key)
+            print(f"supervisor: {os_error_text(exc)} ({doing}); carrying on without it", file=sys.stderr,
+                  flush=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not self.machine.stopping:
+            self.record(Event(ev.DISK_FULL, "run", {"path": str(exc.filename), "error": exc.strerror or str(exc)}))
+            self.execute(self.machine.request_stop(f"no space left on device ({exc.filename})", 1))
 
     # -- actions -------------------------------------------------------------
 
     def record(self, event: Event) -> None:
         line = {"time": round(time.time(), 3), "event": event.kind, "name": event.name, **event.detail}
-        self.events_file.write(json.dumps(line, default=str) + "\n")
+        try:
+            self.events_file.write(json.dumps(line, default=str) + "\n")
+            self.events_file.flush()
+        except OSError as exc:
+            self.events_lost += 1
+            if event.kind != ev.DISK_FULL:
+                self.os_trouble(exc if exc.filename else OSError(exc.errno, exc.strerror, str(self.events_path)),
+                                "writing events.jsonl")
+        self.events_written += 1
+        if self.events_written % RESERVE_EVERY == 0:
+            reserve_space(self.events_file, RESERVE_BYTES)
         if not self.live and event.kind != ev.MALFORMED:
             detail = " ".join(f"{k}={v}" for k, v in event.detail.items() if k != "heartbeat")
             print(f"[supervisor] {event.name}: {event.kind} {detail}", file=self.out, flush=True)
@@ -180,17 +219,37 @@ class Supervisor:
                 elif isinstance(seen, StandbyLost):
                     self.execute(self.machine.standby_lost(seen.name))
 
+    def check_disk(self) -> None:
+        """Free space on the run's volume, for ``status``; a warning (and an event) when it runs low."""
+        now = time.monotonic()
+        if now - self.disk_checked_at < DISK_CHECK_EVERY_S:
+            return
+        self.disk_checked_at = now
+        try:
+            usage = shutil.disk_usage(self.run_dir)
+        except OSError:
+            return
+        low = usage.free < self.cfg.supervisor.disk_warn_gb * 2**30
+        was_low = bool(self.disk.get("warning"))
+        warning = (f"only {usage.free / 2**30:.2f} GiB free on the volume of {self.run_dir} (warning below "
+                   f"{self.cfg.supervisor.disk_warn_gb:g} GiB): free space before checkpoints fail") if low else None
+        self.disk = {"free_bytes": usage.free, "total_bytes": usage.total, "warning": warning}
+        if low and not was_low:
+            self.record(Event(ev.DISK_LOW, "run", {"free_bytes": usage.free, "path": str(self.run_dir)}))
+
     # -- control -------------------------------------------------------------
 
     def status(self) -> dict:
         rows = self.machine.snapshot()
         for row in rows:
             row["role"] = row["labels"].get("role")
+        own = self.hb_inbox.dropped_total + self.control_inbox.dropped_total
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "supervisor_pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 2),
                 "env_steps": self.plan.run_env_steps(rows),
                 "max_timesteps": self.cfg.run.max_timesteps, "incidents": self.incidents,
-                "dropped_messages": self.hb_inbox.dropped_total + self.control_inbox.dropped_total,
+                "dropped_messages": own + sum(int(r.get("dropped") or 0) for r in rows),
+                "supervisor_dropped": own, "disk": self.disk,
                 "stopping": self.machine.stopping, "processes": rows}
 
     def serve_control(self) -> None:
@@ -228,14 +287,15 @@ class Supervisor:
 
     def loop_once(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(int(TICK_S * 1000)))
+        if self.control in events:  # first: an operator's request is answered however busy the run is
+            self.serve_control()
         if self.hb_sock in events:
-            for msg in self.hb_inbox.drain(limit=1000):
+            for msg in self.hb_inbox.drain(limit=500):
                 if msg.type == HEARTBEAT:
                     self.execute(self.machine.heartbeat(msg.fields))
                 else:
                     self.hb_inbox.drop("wrong_type", f"{msg.type} on the heartbeat socket")
-        if self.control in events:
-            self.serve_control()
+        self.check_disk()
         while not self.evidence_done.empty():
             name, path = self.evidence_done.get()
             self.execute(self.machine.evidence_done(name, path))
@@ -259,8 +319,13 @@ class Supervisor:
         """Kill whatever is left, and leave no socket file behind."""
         for driver in self.drivers.values():
             driver.kill_all()
-        self.save_state()
-        self.events_file.close()
+        end = self.machine.end
+        self.save_state(ended={"time": round(time.time(), 3), "exit_code": end.exit_code if end else None,
+                               "reason": end.reason if end else "the supervisor stopped"})
+        try:
+            self.events_file.close()
+        except OSError:
+            pass
         self.ctx.destroy(linger=0)
         self.remove_sockets()
 
@@ -304,7 +369,7 @@ class Supervisor:
 
 def default_drivers(cfg: Config, run_dir: Path, plan: Plan) -> dict[str, Driver]:
     """A driver for each kind of child in the plan (no Docker engine is asked for when no child needs one)."""
-    drivers: dict[str, Driver] = {"process": ProcessDriver(run_dir)}
+    drivers: dict[str, Driver] = {"process": ProcessDriver(run_dir, cfg.supervisor.child_nice)}
     if any(s.kind == "container" for s in plan.specs):
         from supervisor.containers import ContainerDriver
 
@@ -314,11 +379,66 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan) -> dict[str, Driver]
     return drivers
 
 
-def _alive(pid: int) -> bool:
+def read_state(run_dir: Path) -> dict:
+    """A run's ``supervisor.json``; {} when it is missing or torn (never raises for its content)."""
+    path = Path(run_dir) / "supervisor.json"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def supervisor_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live supervisor (not a stranger that got the pid of a dead one)."""
+    import psutil
+
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
+    return any("supervisor" in part for part in cmdline)
+
+
+def os_error_text(exc: OSError) -> str:
+    return f"{exc.strerror or exc} on {exc.filename}" if exc.filename else str(exc)
+
+
+def reserve_space(f, nbytes: int) -> None:
+    """Reserve disk blocks beyond the end of an append-only file without changing its size (Linux
+    FALLOC_FL_KEEP_SIZE); where the file system cannot, nothing is reserved."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+        libc.fallocate(f.fileno(), 1, os.fstat(f.fileno()).st_size, nbytes)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+# What one child of each kind takes, for the check that a host can hold a run (measured on the embedded
+# default: a worker with torch and highway-env ~0.35 GiB, its standby spare as much, the learner ~1.5 GiB).
+WORKER_MEMORY_BYTES = int(0.35 * 2**30)
+LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
+
+
+def host_capacity_problem(cfg: Config) -> str | None:
+    """Why this host cannot run ``cfg``'s workers (cores and memory), or None when it can."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers.count
+    most = cfg.supervisor.max_workers_per_core * cores
+    if workers > most:
+        return (f"{workers} workers on {cores} cores: at most {most} fit "
+                f"(supervisor.max_workers_per_core {cfg.supervisor.max_workers_per_core:g})")
+    per_worker = WORKER_MEMORY_BYTES * (2 if cfg.supervisor.standby_workers else 1)
+    need = LEARNER_MEMORY_BYTES + workers * per_worker
+    available = psutil.virtual_memory().available
+    if need > available:
+        return (f"{workers} workers need about {need / 2**30:.1f} GiB of memory (learner {LEARNER_MEMORY_BYTES / 2**30:.1f}"
+                f", {per_worker / 2**30:.2f} per worker with its standby), {available / 2**30:.1f} GiB is available")
+    return None

@@ -52,11 +52,12 @@ class Stack:
         self.proc: subprocess.Popen | None = None
         self.seen_pids: set[int] = set()
         self.last_status: dict | None = None
+        self.extra_args: list[str] = []  # more arguments for `supervisor up`
 
     def start(self) -> "Stack":
         self.out = open(self.tmp / "supervisor.out", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "--config", str(self.config_path),
-                                      "--no-live"], cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
+                                      "--no-live", *self.extra_args], cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self
 

@@ -256,7 +256,7 @@ def test_children_die_with_a_killed_supervisor_and_the_run_resumes(stack_factory
 
     second = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config", str(again.config_path),
                              "--no-live"], capture_output=True, text=True, timeout=60)
-    assert second.returncode == 1 and "another supervisor" in second.stderr
+    assert second.returncode == 5 and "another supervisor" in second.stderr
     assert again.status() is not None, "the running supervisor is untouched"
 
 
