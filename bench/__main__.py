@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "carla")
+BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "carla", "checkpoint")
 
 
 def main() -> int:

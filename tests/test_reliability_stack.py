@@ -102,6 +102,8 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
                             "updates going on after the attack")
     for p in status["processes"]:
         assert p["restarts"] == 0 and p["state"] == "running", f"{p['name']} was restarted by garbage"
+        assert psutil.Process(p["pid"]).nice() == 5, "children run nicer than the supervisor (child_nice)"
+    assert status["disk"]["free_bytes"] > 0 and status["disk"]["warning"] is None
     learner = stack.proc_row(status, "learner")
     grew = {"learner": rss(learner["pid"]) - before["learner"],
             "supervisor": rss(supervisor_pid(stack)) - before["supervisor"]}
@@ -213,6 +215,7 @@ def test_a_full_disk_ends_the_run_cleanly_with_the_reason(stack_factory, tmp_pat
         assert events[-1]["event"] == "run_ended" and "space" in events[-1]["reason"].lower(), events[-3:]
         assert not [e for e in events if e["event"] == "backoff" and e["name"] == "learner"], \
             "a full disk is not a crash to retry"
+        assert [e for e in events if e["event"] == "disk_low"], "a 64 MiB volume is below disk_warn_gb"
         assert not [p for p in stack.run_dir.rglob("*.tmp")], "nothing half-written is left"
         latest = stack.run_dir / "checkpoints" / "latest.pt"
         if latest.exists():
