@@ -262,7 +262,8 @@ class ChaosConfig(_Section):
     every_s: float | None = Field(None, gt=0.0)  # one fault this often; None: no schedule (the default)
     faults: list[ChaosFault] | None = None  # drawn from at random; None: every fault the run can take
     seed: int | None = None  # the draws' seed; None: run.seed
-    start_after_s: float = Field(30.0, ge=0.0)  # the first fault, after the supervisor started
+    start_after_s: float = Field(30.0, ge=0.0)  # the first fault, this long after every child first ran
+    stop_after_s: float | None = Field(None, gt=0.0)  # no new fault after this long (counted as start_after_s)
     slow_s: float = Field(1.0, gt=0.0)  # `slow`: each env step sleeps this long ...
     slow_duration_s: float = Field(10.0, gt=0.0)  # ... for this long
     settle_s: float = Field(2.0, gt=0.0)  # `garbage`: how long after it the run is checked to be untouched

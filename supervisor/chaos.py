@@ -57,7 +57,8 @@ class Pending:
 @dataclass
 class ChaosState:
     next_id: int = 1
-    next_at: float | None = None
+    next_at: float | None = None  # the next scheduled fault
+    began_at: float | None = None  # when every child first ran: the schedule counts from here
     pending: dict[int, Pending] = field(default_factory=dict)
     busy: dict[str, int | None] = field(default_factory=dict)  # name -> pid at injection, until replaced
     threads: list[threading.Thread] = field(default_factory=list)
@@ -73,8 +74,6 @@ class Chaos:
         seed = self.cfg.seed if self.cfg.seed is not None else sup.cfg.run.seed
         self.rng = random.Random(seed)
         self.state = ChaosState()
-        if self.cfg.every_s is not None:
-            self.state.next_at = clock() + self.cfg.start_after_s
 
     # -- what may be hit -----------------------------------------------------
 
@@ -134,7 +133,7 @@ class Chaos:
                 if fault == "slow" and options["slow_s"] > spec.deadlines.progress_s * SLOW_SHARE:
                     raise ChaosError(f"slow_s {options['slow_s']:g} is more than half of {name}'s progress deadline "
                                      f"({spec.deadlines.progress_s:g}s): that is a stall, not a slow step")
-                pc.write_request(self.sup.run_dir, name, pid, fault, **options)
+                pc.write_request(self.sup.run_dir, name, pid, fault, fault_id=self.state.next_id, **options)
                 os.kill(pid, pc.REQUEST_SIGNAL)
             elif fault in ("docker_pause", "docker_kill"):
                 self._docker(fault, name)
@@ -258,9 +257,19 @@ class Chaos:
                     c = self.sup.machine.children[p.name]
                     detail["progress"] = c.count() - p.count if c.pid == p.pid else None
                 self.sup.record(Event(ev.FAULT_ENDED, p.name, detail))
-        if self.state.next_at is None or now < self.state.next_at or self.sup.machine.stopping:
+        if self.cfg.every_s is None or self.sup.machine.stopping:
+            return
+        if self.state.began_at is None:
+            if all(c.state == RUNNING for c in self.sup.machine.children.values()):
+                self.state.began_at = now
+                self.state.next_at = now + self.cfg.start_after_s
+            return
+        if now < self.state.next_at:
             return
         self.state.next_at = now + self.cfg.every_s
+        if self.cfg.stop_after_s is not None and now - self.state.began_at > self.cfg.stop_after_s:
+            self.state.next_at = float("inf")  # the schedule is over
+            return
         faults = [f for f in (self.cfg.faults or self.applicable()) if f in self.applicable()]
         self.rng.shuffle(faults)
         for fault in faults:

@@ -126,24 +126,29 @@ def test_garbage_is_refused_by_the_codec_or_ignored_as_a_stranger():
 @pytest.mark.timeout(30)
 def test_schedule_draws_faults_into_running_children_and_waits_for_their_recovery(tmp_path):
     cfg = load_config("configs/pendulum.yaml", [("chaos.every_s", 1.0), ("chaos.start_after_s", 5.0),
-                                                ("chaos.faults", ["worker_sigkill"]), ("chaos.seed", 7)])
+                                                ("chaos.stop_after_s", 7.5), ("chaos.faults", ["worker_sigkill"]),
+                                                ("chaos.seed", 7)])
     plan = build_plan(cfg, "t")
     now = [0.0]
     machine = Supervision(list(plan.specs), lambda: now[0])
     procs = {s.name: subprocess.Popen(["sleep", "60"]) for s in plan.specs}
     recorded = []
     try:
-        for action in machine.start():
-            machine.spawned(action.name, procs[action.name].pid)
-        for name, proc in procs.items():
-            machine.heartbeat({"name": name, "pid": proc.pid, "phase": "training" if name == "learner" else "stepping"})
         sup = SimpleNamespace(cfg=cfg, plan=plan, machine=machine, specs={s.name: s for s in plan.specs},
                               run_dir=tmp_path, drivers={}, record=recorded.append,
                               hb_inbox=SimpleNamespace(dropped_total=0), control_inbox=SimpleNamespace(dropped_total=0))
         chaos = Chaos(sup, clock=lambda: now[0])
+        for action in machine.start():
+            machine.spawned(action.name, procs[action.name].pid)
+        now[0] = 100.0
         chaos.tick()
-        assert not recorded, "nothing before start_after_s"
-        for t in (5.0, 6.0, 7.0):
+        assert chaos.state.next_at is None, "the schedule waits for every child to run"
+        now[0] = 110.0
+        for name, proc in procs.items():
+            machine.heartbeat({"name": name, "pid": proc.pid, "phase": "training" if name == "learner" else "stepping"})
+        chaos.tick()
+        assert not recorded and chaos.state.next_at == 115.0, "the first fault comes start_after_s after that"
+        for t in (115.0, 116.0, 117.0):
             now[0] = t
             chaos.tick()
         hits = [e for e in recorded if e.kind == ev.FAULT_INJECTED]
@@ -153,6 +158,9 @@ def test_schedule_draws_faults_into_running_children_and_waits_for_their_recover
             assert procs[e.name].wait(5) == -signal.SIGKILL and e.detail["pid"] == procs[e.name].pid
         assert procs["learner"].poll() is None, "the learner is not on the list"
         assert isinstance(hits[0], Event) and hits[0].detail["expect"] == "restart"
+        now[0] = 118.0
+        chaos.tick()
+        assert chaos.state.next_at == float("inf"), "no fault after stop_after_s"
     finally:
         for proc in procs.values():
             proc.kill()
