@@ -82,7 +82,7 @@ class FaultInjector(gym.Wrapper):
             kind = request["fault"]
             if self.log is not None:
                 self.log.warning("fault injected", kind=kind, where="step", env_step=self.steps, source="chaos",
-                                 **{k: v for k, v in request.items() if k not in ("fault", "pid")})
+                                 **{k: v for k, v in request.items() if k not in ("fault", "pid", "kind")})
             if kind == "slow":
                 self.slow_s = float(request.get("slow_s", 1.0))
                 self.slow_until = time.monotonic() + float(request.get("duration_s", 10.0))
