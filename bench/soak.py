@@ -360,11 +360,12 @@ def print_result(r: dict) -> None:
     for line in format_summary(r["faults"]):
         print(f"  {line}")
     for fault in ("hang", "crash", "slow"):
-        delays = [o["fired_s"] for o in r["outcomes"] if o["fault"] == fault and "fired_s" in o]
-        after = [o["detect_after_fired_s"] for o in r["outcomes"] if o["fault"] == fault and "detect_after_fired_s" in o]
+        rows = [o for o in r["outcomes"] if o["fault"] == fault]
+        delays = [o["fired_s"] for o in rows if "fired_s" in o]
+        after = [o["detect_after_fired_s"] for o in rows if "detect_after_fired_s" in o]
         if delays:
-            print(f"  {fault}: taken up by the worker after max {max(delays):.2f}s (its next step; a worker waiting for "
-                  f"the learner takes longer)" + (f"; detected max {max(after):.2f}s after firing" if after else ""))
+            print(f"  {fault}: taken up by the worker after max {max(delays):.2f}s (its next step; a worker waiting "
+                  f"for the learner takes longer)" + (f"; detected max {max(after):.2f}s after firing" if after else ""))
     c, b = r["chaos"], r["baseline"]
     share = f"{r['throughput_share']:.0%}" if r["throughput_share"] is not None else "n/a"
     print(f"throughput: {c['steps_per_s']} env steps/s under faults vs {b['steps_per_s']} without = {share} "

@@ -402,9 +402,11 @@ def fault_outcomes(events: list[dict]) -> list[dict]:
                 e = events[j]
                 if e["name"] != name:
                     continue
-                if detected_at is None and e["event"] in (ev.STALLED, ev.EXITED) and (pid is None or e.get("pid") == pid):
+                hit = e["event"] in (ev.STALLED, ev.EXITED) and (pid is None or e.get("pid") == pid)
+                if detected_at is None and hit:
                     detected_at = j
-                    row["detected"], row["detect_s"], row["restarted"] = e["event"], round(e["time"] - f["time"], 3), True
+                    row["detected"], row["restarted"] = e["event"], True
+                    row["detect_s"] = round(e["time"] - f["time"], 3)
                 elif detected_at is not None and e["event"] == ev.RUNNING and e.get("pid") != pid:
                     row["recover_s"] = round(e["time"] - f["time"], 3)
                     break

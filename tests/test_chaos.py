@@ -277,7 +277,8 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
     stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > 50 for i in range(2)), 60, "workers stepping")
     # the CLI's one-line errors, against a live run
     for args, said in [(["hang", "--target", "worker-7"], "no process named 'worker-7'"),
-                       (["hang", "--target", "learner"], "hang needs a worker (worker-0, worker-1), and learner is not one"),
+                       (["hang", "--target", "learner"],
+                        "hang needs a worker (worker-0, worker-1), and learner is not one"),
                        (["learner_sigkill", "--target", "worker-0"], "needs a learner"),
                        (["docker_pause"], "docker_pause needs a simulator container, and this run has none"),
                        (["garbage", "--target", "worker-0"], "garbage goes to a socket"),
