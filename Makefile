@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-fast bench clean status
+.PHONY: setup up test test-fast bench soak clean status
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(ARGS)
+
+# At least 20 minutes: SOAK_S (default 600) seconds of random faults every SOAK_EVERY_S (20), then as long without.
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,17 +8,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "carla", "checkpoint")
+# Run only when named (`python -m bench soak`, `make soak`): at least 20 minutes.
+ON_REQUEST = ("soak",)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench")
-    parser.add_argument("names", nargs="*", default=list(BENCHES), help=f"benchmarks to run: {', '.join(BENCHES)}")
+    parser.add_argument("names", nargs="*", default=list(BENCHES),
+                        help=f"benchmarks to run: {', '.join(BENCHES)} (default: all of them); "
+                             f"{', '.join(ON_REQUEST)} only when named")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where JSON results go")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
-        if name not in BENCHES:
-            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}")
+        if name not in BENCHES + ON_REQUEST:
+            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES + ON_REQUEST)}")
         module = __import__(f"bench.{name.split('_')[0]}", fromlist=["run"])
         print(f"== {name}", flush=True)
         result = module.run_seeds() if name == "pendulum_seeds" else module.run()

@@ -152,7 +152,9 @@ class Learner:
                                self.agent.augment_on_host, self.log)
         self.metrics = Metrics(self.run_dir)
         self.log.info("learner ready", device=str(self.device), obs_shape=obs_shape, action_dim=spec["action_dim"],
-                      encoder=self.lcfg.encoder, encoder_mode=self.lcfg.encoder_mode)
+                      encoder=self.lcfg.encoder, encoder_mode=self.lcfg.encoder_mode, updates=self.agent.updates,
+                      transitions=self.replay.transitions_total, lost_steps=sum(s.lost for s in
+                                                                                self.replay.streams.values()))
 
     def on_episode(self, msg) -> None:
         if self.metrics is not None:

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocol.chaos import FAULT_NAMES, FAULTS, SIMULATOR
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message is one line for the user."""
@@ -262,6 +264,28 @@ class SimulatorsConfig(_Section):
         return self
 
 
+ChaosFault = Literal[FAULT_NAMES]  # type: ignore[valid-type]
+
+
+class ChaosConfig(_Section):
+    """Faults injected on a schedule while the run goes on (``supervisor chaos`` injects one on command)."""
+
+    every_s: float | None = Field(None, gt=0.0)  # one fault this often; None: no schedule (the default)
+    faults: list[ChaosFault] | None = None  # drawn from at random; None: every fault the run can take
+    seed: int | None = None  # the draws' seed; None: run.seed
+    start_after_s: float = Field(30.0, ge=0.0)  # the first fault, this long after every child first ran
+    stop_after_s: float | None = Field(None, gt=0.0)  # no new fault after this long (counted as start_after_s)
+    slow_s: float = Field(1.0, gt=0.0)  # `slow`: each env step sleeps this long ...
+    slow_duration_s: float = Field(10.0, gt=0.0)  # ... for this long
+    settle_s: float = Field(2.0, gt=0.0)  # `garbage`: how long after it the run is checked to be untouched
+
+    @model_validator(mode="after")
+    def _some_faults(self):
+        if self.faults is not None and not self.faults:
+            raise ValueError("faults: an empty list; leave it out for every fault the run can take")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
@@ -269,6 +293,23 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     simulators: SimulatorsConfig = Field(default_factory=SimulatorsConfig)
+    chaos: ChaosConfig = Field(default_factory=ChaosConfig)
+
+    def has_containers(self) -> bool:
+        """Whether the supervisor runs a simulator container per slot."""
+        return self.env.backend == "carla" and self.simulators.mode == "container" and self.workers.count > 0
+
+    @model_validator(mode="after")
+    def _chaos_fits(self):
+        ch, s = self.chaos, self.supervisor
+        if ch.every_s is not None and "slow" in (ch.faults or ("slow",)) and ch.slow_s * 2 > s.progress_deadline_s:
+            raise ValueError(f"chaos.slow_s ({ch.slow_s:g}) must be at most half of supervisor.progress_deadline_s "
+                             f"({s.progress_deadline_s:g}): a slow step must stay a progressing one")
+        docker = [f for f in ch.faults or () if FAULTS[f].target == SIMULATOR]
+        if docker and not self.has_containers():
+            raise ValueError(f"chaos.faults: {', '.join(docker)}: only for runs with simulator containers "
+                             f"(env.backend carla, simulators.mode container), and this one has none")
+        return self
 
     @model_validator(mode="after")
     def _layered_carla_deadlines(self):

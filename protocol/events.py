@@ -53,6 +53,9 @@ RESUMED = "resumed"
 DISK_LOW = "disk_low"
 DISK_FULL = "disk_full"
 MALFORMED = "malformed"
+FAULT_INJECTED = "fault_injected"
+FAULT_FAILED = "fault_failed"
+FAULT_ENDED = "fault_ended"
 
 EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
     EventKind(RUN_STARTED, "the supervisor began a run (or resumed one)", {
@@ -105,6 +108,25 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
     EventKind(RUN_ENDED, "the last line of a run", {"reason": "why it ended", "exit_code": "the supervisor's exit"}),
     EventKind(MALFORMED, "a malformed message was dropped (logged at a limited rate)", {
         "reason": "a short counter key", "detail": "what was wrong", "count": "drops for this reason so far"}),
+    EventKind(FAULT_INJECTED, "chaos: a fault was injected (`supervisor chaos`, or the chaos schedule); the line's "
+              "name is the child hit, or 'run' for garbage on the sockets", {
+                  "id": "the fault's number in this run (fault_ended names it)",
+                  "fault": "its kind, one of protocol.chaos.FAULTS",
+                  "target": "the child hit, or the sockets garbage went to (comma-separated)",
+                  "pid": "the target's pid when hit (a container's main pid); null for garbage",
+                  "incarnation": "the target's incarnation when hit; null for garbage",
+                  "source": "command (supervisor chaos) or schedule (chaos.every_s)",
+                  "expect": "restart (the stack must replace the target) or no_restart (it must leave it alone)",
+                  "seen_by": "what should find it: heartbeat, progress or liveness deadline, exit, or nothing",
+                  "deadline_s": "that deadline for the target, from the config; null for exits and no_restart faults",
+                  "options": "the fault's options (slow: slow_s, duration_s)"}),
+    EventKind(FAULT_FAILED, "chaos: a fault could not be injected (its target vanished, the Docker engine refused)", {
+        "fault": "its kind", "error": "what went wrong", "source": "command or schedule"}),
+    EventKind(FAULT_ENDED, "chaos: the window of a no_restart fault is over (slow: duration_s plus the progress "
+              "deadline; garbage: chaos.settle_s)", {
+                  "id": "the fault_injected it closes", "fault": "its kind", "target": "as in fault_injected",
+                  "progress": "slow: the target's progress count gained in the window (null if it was replaced)",
+                  "dropped": "messages the supervisor dropped as malformed in the window"}),
 ]}
 
 

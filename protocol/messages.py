@@ -31,7 +31,7 @@ PROGRESSING_PHASES = frozenset({"resetting", "stepping", "evaluating"})
 LEARNER_PROGRESSING_PHASES = frozenset({"training"})
 STARTUP_PHASES = frozenset({"starting", "connecting"})
 
-CONTROL_COMMANDS = ("status", "restart", "stop")
+CONTROL_COMMANDS = ("status", "restart", "stop", "chaos")
 
 # Frames are at most 4 x 512 x 512 x 3 bytes per step; batches hold at most MAX_BATCH steps.
 MAX_BATCH = 1024
@@ -192,6 +192,7 @@ SCHEMAS: dict[str, MessageSchema] = {
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),
+            "fault": _f(*_STR, required=False), "options": _f(dict, required=False),  # chaos: the fault, its options
         }),
         MessageSchema(CONTROL_REPLY, {
             "ok": _f(bool), "error": _f(*_STR, required=False), "data": _f(dict, required=False),

@@ -1,4 +1,4 @@
-"""``supervisor``: start a run, show its health, restart or stop its processes.
+"""``supervisor``: start a run, show its health, restart or stop its processes, inject faults.
 
 Exit status of ``supervisor status``: 0 when every process is running, 3 when
 some are not, 4 when no supervisor answers. ``supervisor up`` refuses, writing
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--run-dir", type=Path, help="the run (default: RUNS_DIR/latest)")
         p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+
+    chaos = sub.add_parser("chaos", help="inject a fault into the running stack (see `supervisor chaos --list`)")
+    chaos.add_argument("fault", nargs="?", help="the fault; --list names them all")
+    chaos.add_argument("--target", help="the child to hit (default: a random running one the fault applies to); "
+                                        "for garbage: heartbeat, control or steps (default: all three)")
+    chaos.add_argument("--slow-s", type=float, help="slow: seconds each env step sleeps (default chaos.slow_s)")
+    chaos.add_argument("--duration-s", type=float, help="slow: for how long (default chaos.slow_duration_s)")
+    chaos.add_argument("--list", action="store_true", help="list the faults and exit")
+    chaos.add_argument("--run-dir", type=Path, help="the run (default: RUNS_DIR/latest)")
+    chaos.add_argument("--runs-dir", type=Path, default=Path("runs"))
 
     rep = sub.add_parser("report", help="summarize a run directory: incidents, restarts, evaluation")
     rep.add_argument("run_dir", type=Path)
@@ -247,7 +257,8 @@ def resolve_run_dir(args) -> Path:
     return args.run_dir if args.run_dir is not None else args.runs_dir / "latest"
 
 
-def request(run_dir: Path, cmd: str, name: str | None = None, timeout_ms: int = CONTROL_TIMEOUT_MS) -> dict | None:
+def request(run_dir: Path, cmd: str, name: str | None = None, timeout_ms: int = CONTROL_TIMEOUT_MS,
+            **fields) -> dict | None:
     """One control request; None when no supervisor answers in time."""
     import zmq
 
@@ -265,7 +276,8 @@ def request(run_dir: Path, cmd: str, name: str | None = None, timeout_ms: int = 
     sock = make_socket(ctx, zmq.REQ, hwm=1)
     try:
         sock.connect(endpoint)
-        send(sock, CONTROL_REQUEST, {"cmd": cmd, **({"name": name} if name else {})})
+        send(sock, CONTROL_REQUEST, {"cmd": cmd, **({"name": name} if name else {}),
+                                     **{k: v for k, v in fields.items() if v is not None}})
         if not sock.poll(timeout_ms):
             return None
         return decode(sock.recv_multipart()).fields
@@ -345,6 +357,40 @@ def cmd_simple(args, cmd: str) -> int:
     return EXIT_OK
 
 
+def cmd_chaos(args) -> int:
+    from protocol.chaos import FAULTS
+
+    if args.list:
+        for f in FAULTS.values():
+            print(f"{f.name:16s} {f.target:9s} {'must be repaired' if f.expect == 'restart' else 'must be left alone'}:"
+                  f" {f.meaning}")
+        return EXIT_OK
+    if not args.fault:
+        print("supervisor chaos: name a fault; faults: " + ", ".join(FAULTS), file=sys.stderr)
+        return EXIT_USAGE
+    if args.fault not in FAULTS:
+        print(f"supervisor chaos: unknown fault {args.fault!r}; faults: {', '.join(FAULTS)}", file=sys.stderr)
+        return EXIT_USAGE
+    options = {k: v for k, v in (("slow_s", args.slow_s), ("duration_s", args.duration_s)) if v is not None}
+    if options and args.fault != "slow":
+        print(f"supervisor chaos: --slow-s and --duration-s are for slow, not {args.fault}", file=sys.stderr)
+        return EXIT_USAGE
+    run_dir = resolve_run_dir(args)
+    reply = request(run_dir, "chaos", args.target, fault=args.fault, options=options or None)
+    if reply is None:
+        return no_supervisor(run_dir)
+    if not reply.get("ok"):
+        print(f"supervisor chaos: {reply.get('error')}", file=sys.stderr)
+        return EXIT_ERROR
+    d = reply["data"]
+    said = "the stack must replace it" if d["expect"] == "restart" else "the stack must leave it alone"
+    within = f", within {d['deadline_s']:g}s ({d['seen_by']} deadline)" if d.get("deadline_s") is not None else ""
+    pid = f" (pid {d['pid']})" if d.get("pid") else ""
+    print(f"chaos: fault {d['id']} {d['fault']} -> {d['target']}{pid}; {said}{within}; "
+          f"follow it in {run_dir / 'events.jsonl'}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -362,6 +408,8 @@ def dispatch(args) -> int:
         return cmd_status(args)
     if args.command in ("restart", "stop"):
         return cmd_simple(args, args.command)
+    if args.command == "chaos":
+        return cmd_chaos(args)
     if args.command == "report":
         from supervisor.report import report
 

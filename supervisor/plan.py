@@ -24,6 +24,7 @@ from supervisor.state import PERMANENT, TRANSIENT, Backoff, ChildSpec, Deadlines
 LEARNER = "learner"
 WORKER = "worker"
 SIMULATOR = "carla"
+SIMULATOR_ROLE = "simulator"
 
 
 def worker_name(slot: int) -> str:
@@ -135,4 +136,4 @@ def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intens
                 "ports": {f"{name} {what}": port for what, port in server.ports.items()},
                 "host": server.host, "rpc_port": server.rpc_port, "pull": sims.pull,
                 "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "needs": ("docker",)},
-        labels={"role": "simulator", "slot": str(slot)})
+        labels={"role": SIMULATOR_ROLE, "slot": str(slot)})

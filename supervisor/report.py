@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from protocol import events as ev
+from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -37,6 +38,7 @@ def summarize(run_dir: Path) -> dict:
         "last_eval_mean": sum(e["reward"] for e in last_evals) / len(last_evals) if last_evals else None,
         "last_eval_env_steps": last_evals[-1]["env_steps"] if last_evals else None,
         "ended": next((e for e in reversed(events) if e["event"] == ev.RUN_ENDED), None),
+        "faults": summarize_outcomes(fault_outcomes(events)),
     }
 
 
@@ -57,6 +59,10 @@ def report(run_dir: Path, as_json: bool = False) -> int:
     if s["last_eval_mean"] is not None:
         print(f"  evaluation: mean return {s['last_eval_mean']:.1f} over the last episodes, "
               f"at {s['last_eval_env_steps']} env steps")
+    if s["faults"]:
+        print("  chaos faults (detection: fault to stalled/exited; recovery: fault to running again):")
+        for line in format_summary(s["faults"]):
+            print(f"    {line}")
     if s["ended"]:
         print(f"  ended: {s['ended'].get('reason')} (exit {s['ended'].get('exit_code')})")
     return 0

@@ -32,6 +32,7 @@ from protocol.files import atomic_write, replace_symlink
 from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
 from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_BYTES, HEARTBEAT_RCVHWM, Receiver,
                               ipc_path, make_socket, prepare_endpoints, send)
+from supervisor.chaos import Chaos
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
 from supervisor.plan import Plan, build_plan
 from supervisor.processes import ProcessDriver
@@ -96,6 +97,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.exit_code: int | None = None
         self.incidents = 0
+        self.chaos = Chaos(self)
 
     def driver_of(self, name: str) -> Driver:
         return self.drivers[self.specs[name].kind]
@@ -264,10 +266,10 @@ class Supervisor:
                     self.control_inbox.drop("wrong_type", f"{msg.type} on the control socket")
                 reply = {"ok": False, "error": "malformed request"}
             else:
-                reply = self.answer(msg["cmd"], msg.get("name"))
+                reply = self.answer(msg["cmd"], msg.get("name"), msg.fields)
             send(self.control, CONTROL_REPLY, reply)
 
-    def answer(self, cmd: str, name: str | None) -> dict:
+    def answer(self, cmd: str, name: str | None, fields: dict | None = None) -> dict:
         if cmd == "status":
             return {"ok": True, "data": self.status()}
         if cmd == "restart":
@@ -278,6 +280,9 @@ class Supervisor:
         if cmd == "stop":
             self.execute(self.machine.request_stop("stop requested"))
             return {"ok": True, "data": {"stopping": True}}
+        if cmd == "chaos":
+            fields = fields or {}
+            return self.chaos.command(fields.get("fault"), name, fields.get("options"))
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     # -- the loop ------------------------------------------------------------
@@ -303,6 +308,7 @@ class Supervisor:
         while not self.signals.empty():
             self.execute(self.machine.signal_received(self.signals.get()))
         self.execute(self.machine.tick())
+        self.chaos.tick()
 
     def start(self) -> zmq.Poller:
         """Bind, and start every child (after :meth:`clean_leftovers`)."""
@@ -317,6 +323,7 @@ class Supervisor:
 
     def close(self) -> None:
         """Kill whatever is left, and leave no socket file behind."""
+        self.chaos.close()
         for driver in self.drivers.values():
             driver.kill_all()
         end = self.machine.end

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from protocol.chaos import REQUEST_SIGNAL
 from protocol.config import Config, load_config
 from protocol.exits import FatalError, fatal_message, say
 from protocol.heartbeat import HeartbeatSender, Progress
@@ -27,7 +28,7 @@ from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
 from protocol.sockets import load_endpoints
 from worker.envs import ActionScaler, FrameStack, SimulatorStalled, frame_of, make_env
 from worker.evaluation import evaluate
-from worker.faults import FaultInjector
+from worker.faults import FaultInjector, on_request_signal
 from worker.learner_link import LearnerLink
 
 # Seeds of evaluation episodes are this far from the worker's own, so they never repeat a training episode.
@@ -51,6 +52,7 @@ class EnvWorker:
         self.slot = slot
         self.incarnation = incarnation
         self.name = name or f"worker-{slot}"
+        self.run_dir = Path(run_dir)
         self.log = get_logger(run_dir, self.name, cfg.run.debug).bind(incarnation=incarnation)
         self.progress = Progress()
         self.ctx = zmq.Context()
@@ -80,7 +82,8 @@ class EnvWorker:
         torch.manual_seed(self.seed)  # the local actor's first weights, before the learner's arrive
         env = make_env(self.cfg, self.slot, self.incarnation, self.seed)
         self.raw_env = env
-        self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log)
+        self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log,
+                                 requests=(self.run_dir, self.name))
         self.scaler = ActionScaler(env.action_space)
         with self.env_call():
             obs, _ = self.env.reset(seed=self.seed)
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", action="store_true", help="import, then wait for 'activate N' on stdin")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor, which stops us
+    signal.signal(REQUEST_SIGNAL, on_request_signal)  # a chaos fault waits for the next step(); never the default (exit)
     if args.standby:
         incarnation = wait_for_activation()
         if incarnation is None:

@@ -1,0 +1,485 @@
+"""Chaos: faults injected into a running stack, on command or on a schedule, and what became of each.
+
+The supervisor carries faults out (it knows every child's pid and container):
+``supervisor chaos FAULT [--target NAME]`` sends it a ``chaos`` control request,
+and a ``chaos.every_s`` schedule draws one fault at a time. Each fault is an
+event, ``fault_injected``; a fault the stack must shrug off (``slow``,
+``garbage``) also gets ``fault_ended`` once its window is over. What the stack did
+about it is in the same ``events.jsonl`` (``stalled``, ``exited``, ``running``),
+so :func:`fault_outcomes` reads detection and recovery times from the events
+alone; ``supervisor report`` and the soak benchmark use it.
+
+The faults and their meaning are listed once, in :mod:`protocol.chaos`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocol import chaos as pc
+from protocol import events as ev
+from supervisor.plan import LEARNER, SIMULATOR_ROLE, WORKER
+from supervisor.state import RUNNING, Event
+
+if TYPE_CHECKING:  # pragma: no cover
+    from supervisor.run import Supervisor
+
+ROLE_OF_TARGET = {pc.WORKER: WORKER, pc.LEARNER: LEARNER, pc.SIMULATOR: SIMULATOR_ROLE}
+# A slow step may take at most this share of the progress deadline.
+SLOW_SHARE = 0.5
+MAX_DURATION_S = 600.0
+
+
+class ChaosError(ValueError):
+    """A fault that cannot be injected; the message is one line for the user."""
+
+
+@dataclass
+class Pending:
+    """A fault the stack must shrug off: checked once its window is over (``fault_ended``)."""
+
+    id: int
+    fault: str
+    name: str
+    target: str
+    pid: int | None
+    count: int  # the target's progress count at injection
+    dropped: int  # the supervisor's dropped messages at injection
+    end_at: float
+
+
+@dataclass
+class ChaosState:
+    next_id: int = 1
+    next_at: float | None = None  # the next scheduled fault
+    began_at: float | None = None  # when every child first ran: the schedule counts from here
+    pending: dict[int, Pending] = field(default_factory=dict)
+    busy: dict[str, int | None] = field(default_factory=dict)  # name -> pid at injection, until replaced
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class Chaos:
+    """Injects faults for one :class:`supervisor.run.Supervisor`."""
+
+    def __init__(self, sup: "Supervisor", clock=time.monotonic):
+        self.sup = sup
+        self.cfg = sup.cfg.chaos
+        self.clock = clock
+        seed = self.cfg.seed if self.cfg.seed is not None else sup.cfg.run.seed
+        self.rng = random.Random(seed)
+        self.state = ChaosState()
+
+    # -- what may be hit -----------------------------------------------------
+
+    def names_of(self, target: str) -> list[str]:
+        role = ROLE_OF_TARGET[target]
+        kind = "container" if target == pc.SIMULATOR else "process"
+        return [s.name for s in self.sup.plan.specs if s.labels.get("role") == role and s.kind == kind]
+
+    def applicable(self) -> list[str]:
+        """The faults this run can take (no docker faults without containers, no worker faults without workers)."""
+        return [f for f in pc.FAULT_NAMES if pc.FAULTS[f].target == pc.SOCKETS or self.names_of(pc.FAULTS[f].target)]
+
+    def eligible(self, fault: str) -> list[str]:
+        """Targets a scheduled fault may hit: running, and not still recovering from (or shrugging off) another."""
+        f = pc.FAULTS[fault]
+        if f.target == pc.SOCKETS:
+            return [] if any(p.fault == fault for p in self.state.pending.values()) else list(pc.SOCKET_TARGETS)
+        pending = {p.name for p in self.state.pending.values()}
+        return [n for n in self.names_of(f.target) if self._running(n) and n not in self.state.busy
+                and n not in pending]
+
+    def _running(self, name: str) -> bool:
+        c = self.sup.machine.children[name]
+        return c.state == RUNNING and c.pid is not None
+
+    # -- injecting -----------------------------------------------------------
+
+    def command(self, fault: str | None, target: str | None, options: dict | None) -> dict:
+        """A ``chaos`` control request: the reply for the CLI."""
+        try:
+            data = self.inject(fault or "", target, dict(options or {}), source="command")
+        except ChaosError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "data": data}
+
+    def inject(self, fault: str, target: str | None = None, options: dict | None = None,
+               source: str = "command") -> dict:
+        """Inject one fault; returns what the ``fault_injected`` event says. Raises ChaosError."""
+        if self.sup.machine.stopping:
+            raise ChaosError("the run is stopping")
+        f = pc.FAULTS.get(fault)
+        if f is None:
+            raise ChaosError(f"unknown fault {fault!r}; faults: {', '.join(pc.FAULT_NAMES)}")
+        options = self._options(fault, options or {})
+        if f.target == pc.SOCKETS:
+            return self._garbage(target, source)
+        name = self._target(f, target)
+        c = self.sup.machine.children[name]
+        spec = c.spec
+        pid = c.pid
+        try:
+            if fault in ("worker_sigstop", "learner_sigstop"):
+                os.kill(pid, signal.SIGSTOP)
+            elif fault in ("worker_sigkill", "learner_sigkill"):
+                os.kill(pid, signal.SIGKILL)
+            elif fault in pc.IN_STEP_FAULTS:
+                if fault == "slow" and options["slow_s"] > spec.deadlines.progress_s * SLOW_SHARE:
+                    raise ChaosError(f"slow_s {options['slow_s']:g} is more than half of {name}'s progress deadline "
+                                     f"({spec.deadlines.progress_s:g}s): that is a stall, not a slow step")
+                pc.write_request(self.sup.run_dir, name, pid, fault, fault_id=self.state.next_id, **options)
+                os.kill(pid, pc.REQUEST_SIGNAL)
+            elif fault in ("docker_pause", "docker_kill"):
+                self._docker(fault, name)
+        except ProcessLookupError:
+            self._failed(fault, name, "the process is gone", source)
+            raise ChaosError(f"{name} (pid {pid}) is gone") from None
+        except ChaosError:
+            raise
+        except Exception as exc:  # the Docker SDK raises many kinds
+            self._failed(fault, name, str(exc).splitlines()[0][:200] if str(exc) else repr(exc), source)
+            raise ChaosError(f"{fault} of {name} failed: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") \
+                from None
+        deadline = {pc.HEARTBEAT: spec.deadlines.heartbeat_s, pc.LIVENESS: spec.deadlines.heartbeat_s,
+                    pc.PROGRESS: spec.deadlines.progress_s}.get(f.seen_by)
+        data = self._record(fault, name, name, pid, c.incarnation, source, deadline, options)
+        if f.expect == pc.RESTART:
+            self.state.busy[name] = pid
+            for d in self.sup.machine.dependents(c):  # rest_for_one: they are restarted with it
+                if d.pid is not None:
+                    self.state.busy.setdefault(d.name, d.pid)
+        else:
+            window = options["duration_s"] + spec.deadlines.progress_s
+            self.state.pending[data["id"]] = Pending(data["id"], fault, name, name, pid, c.count(),
+                                                     self._dropped(), self.clock() + window)
+        return data
+
+    def _options(self, fault: str, given: dict) -> dict:
+        allowed = {"slow": {"slow_s": self.cfg.slow_s, "duration_s": self.cfg.slow_duration_s}}.get(fault, {})
+        unknown = set(given) - set(allowed)
+        if unknown:
+            raise ChaosError(f"{fault} takes no option(s) {', '.join(sorted(unknown))}"
+                             + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+        out = dict(allowed)
+        for key, value in given.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DURATION_S:
+                raise ChaosError(f"{fault}: {key} must be a number of seconds in (0, {MAX_DURATION_S:g}], "
+                                 f"not {value!r}")
+            out[key] = float(value)
+        return out
+
+    def _target(self, f: pc.Fault, target: str | None) -> str:
+        names = self.names_of(f.target)
+        if not names:
+            if f.target == pc.SIMULATOR:
+                raise ChaosError(f"{f.name} needs a simulator container, and this run has none "
+                                 f"(env.backend carla with simulators.mode container)")
+            raise ChaosError(f"{f.name} needs a {ROLE_OF_TARGET[f.target]}, and this run has none")
+        if target is None:
+            running = [n for n in names if self._running(n)]
+            if not running:
+                raise ChaosError(f"no {ROLE_OF_TARGET[f.target]} is running to take {f.name} "
+                                 f"({', '.join(f'{n} is {self.sup.machine.children[n].state}' for n in names)})")
+            return self.rng.choice(running)
+        if target not in self.sup.specs:
+            raise ChaosError(f"no process named {target!r}; names: {', '.join(self.sup.specs)}")
+        if target not in names:
+            raise ChaosError(f"{f.name} needs a {ROLE_OF_TARGET[f.target]} ({', '.join(names)}), "
+                             f"and {target} is not one")
+        if not self._running(target):
+            raise ChaosError(f"{target} is {self.sup.machine.children[target].state}, not running")
+        return target
+
+    def _docker(self, fault: str, name: str) -> None:
+        driver = self.sup.drivers.get("container")
+        run = getattr(driver, "running", {}).get(name)
+        if run is None:
+            raise ChaosError(f"{name} has no running container")
+        container = driver.engine.containers.get(run.container_id)
+        if fault == "docker_pause":
+            container.pause()
+        else:
+            container.kill()
+
+    def _garbage(self, target: str | None, source: str) -> dict:
+        if target is not None and target not in pc.SOCKET_TARGETS:
+            raise ChaosError(f"garbage goes to a socket ({', '.join(pc.SOCKET_TARGETS)}), not {target!r}")
+        sockets = [target] if target else list(pc.SOCKET_TARGETS)
+        names = {n: self.sup.machine.children[n].pid for n in self.sup.specs}
+        thread = threading.Thread(target=send_garbage, args=(self.sup.ctx, self.sup.endpoints, sockets, names),
+                                  name="chaos-garbage", daemon=True)
+        thread.start()
+        self.state.threads.append(thread)
+        data = self._record("garbage", "run", ",".join(sockets), None, None, source, None, {})
+        self.state.pending[data["id"]] = Pending(data["id"], "garbage", "run", data["target"], None, 0,
+                                                 self._dropped(), self.clock() + self.cfg.settle_s)
+        return data
+
+    def _dropped(self) -> int:
+        return self.sup.hb_inbox.dropped_total + self.sup.control_inbox.dropped_total
+
+    def _record(self, fault, name, target, pid, incarnation, source, deadline, options) -> dict:
+        f = pc.FAULTS[fault]
+        data = {"id": self.state.next_id, "fault": fault, "target": target, "pid": pid, "incarnation": incarnation,
+                "source": source, "expect": f.expect, "seen_by": f.seen_by, "deadline_s": deadline,
+                "options": options}
+        self.state.next_id += 1
+        self.sup.record(Event(ev.FAULT_INJECTED, name, data))
+        return data
+
+    def _failed(self, fault: str, name: str, error: str, source: str) -> None:
+        self.sup.record(Event(ev.FAULT_FAILED, name, {"fault": fault, "error": error, "source": source}))
+
+    # -- time ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Close the windows of faults that are over; inject the next scheduled one when it is due."""
+        now = self.clock()
+        for name, pid in list(self.state.busy.items()):
+            c = self.sup.machine.children[name]
+            if (c.state == RUNNING and c.pid not in (None, pid)) or c.state not in ("starting", "running",
+                                                                                    "stalled", "stopping", "backoff"):
+                del self.state.busy[name]  # replaced (or failed or stopped: nothing more to wait for)
+        for p in list(self.state.pending.values()):
+            if now >= p.end_at:
+                del self.state.pending[p.id]
+                detail = {"id": p.id, "fault": p.fault, "target": p.target, "progress": None,
+                          "dropped": self._dropped() - p.dropped}
+                if p.name in self.sup.machine.children:
+                    c = self.sup.machine.children[p.name]
+                    detail["progress"] = c.count() - p.count if c.pid == p.pid else None
+                self.sup.record(Event(ev.FAULT_ENDED, p.name, detail))
+        if self.cfg.every_s is None or self.sup.machine.stopping:
+            return
+        if self.state.began_at is None:
+            if all(c.state == RUNNING for c in self.sup.machine.children.values()):
+                self.state.began_at = now
+                self.state.next_at = now + self.cfg.start_after_s
+            return
+        if now < self.state.next_at:
+            return
+        self.state.next_at = now + self.cfg.every_s
+        if self.cfg.stop_after_s is not None and now - self.state.began_at > self.cfg.stop_after_s:
+            self.state.next_at = float("inf")  # the schedule is over
+            return
+        faults = [f for f in (self.cfg.faults or self.applicable()) if f in self.applicable()]
+        self.rng.shuffle(faults)
+        for fault in faults:
+            targets = self.eligible(fault)
+            if not targets:
+                continue
+            target = self.rng.choice(targets) if pc.FAULTS[fault].target != pc.SOCKETS else None
+            try:
+                self.inject(fault, target, source="schedule")
+            except ChaosError:
+                continue  # recorded as fault_failed where something was tried; the next one is drawn
+            return
+
+    def close(self) -> None:
+        for t in self.state.threads:
+            t.join(timeout=3)
+        try:
+            for path in (self.sup.run_dir / "chaos").glob("*.json"):
+                path.unlink()
+            (self.sup.run_dir / "chaos").rmdir()
+        except OSError:
+            pass
+
+
+# -- garbage ---------------------------------------------------------------------------------------
+
+def garbage_frames(names: dict[str, int | None]) -> dict[str, list[list[bytes]]]:
+    """What ``garbage`` sends to each socket, in order (each entry a multipart message).
+
+    Random bytes, bytes that are no msgpack, a map of the wrong protocol version, a
+    valid message of the wrong type, a field of the wrong type, forged heartbeats
+    (a stranger's, and a real child's name with a pid that is not its own), a
+    header past its size limit; the heartbeat socket last gets one message past
+    the socket's size limit (ZeroMQ disconnects the sender).
+    """
+    import msgpack
+
+    from protocol.codec import encode
+    from protocol.messages import PROTOCOL_VERSION
+
+    def raw(header: dict) -> list[bytes]:
+        return [msgpack.packb(header, use_bin_type=True)]
+
+    beat = {"name": "intruder", "role": WORKER, "pid": 1, "incarnation": 0, "phase": "stepping",
+            "phase_age_s": 0.0, "env_steps": 10**9, "episodes": 0, "updates": 0, "steps_per_s": 0.0,
+            "rss_bytes": 0, "sent_at": time.time()}
+    common = [[os.urandom(97)], [b"\xc1\xc1 not msgpack"], raw({"v": PROTOCOL_VERSION + 98, "type": "heartbeat"}),
+              raw({"v": PROTOCOL_VERSION, "type": "no_such_type"})]
+    oversized_header = raw({"v": PROTOCOL_VERSION, "type": "steps", "pad": "x" * 70_000})  # past the header limit
+    oversized = [b"\x00" * (128 * 1024)]  # past a 64 KiB socket's limit: ZeroMQ disconnects the sender
+    forged = [encode("heartbeat", dict(beat))]
+    for name, pid in names.items():  # a real child's name, someone else's pid: the machine ignores it
+        forged.append(encode("heartbeat", dict(beat, name=name, pid=(pid or 0) + 7_000_000, phase="stepping")))
+    wrong_field = raw({"v": PROTOCOL_VERSION, "type": "heartbeat", **dict(beat, phase="dancing")})
+    return {
+        "heartbeat": common + [wrong_field, encode("control_request", {"cmd": "status"})] + forged + [oversized],
+        "control": common + [raw({"v": PROTOCOL_VERSION, "type": "control_request", "cmd": "status", "evil": 1}),
+                             encode("heartbeat", dict(beat)), oversized],
+        "steps": common + [oversized_header,
+                           encode("hello", dict(worker="intruder", slot=0, incarnation=0, frame_shape=[3, 5],
+                                                frame_dtype="<f4", action_dim=9)),
+                           raw(dict(v=PROTOCOL_VERSION, type="steps", worker="intruder", incarnation=0, seq=0,
+                                    env_steps=1, arrays=[["first", "|u1", [2**40]]]))],
+    }
+
+
+def send_garbage(ctx, endpoints: dict[str, str], sockets: list[str], names: dict[str, int | None]) -> None:
+    """Connect to the run's sockets as a stranger and send :func:`garbage_frames` (runs in a thread)."""
+    import zmq
+
+    frames = garbage_frames(names)
+    socks = []
+    try:
+        for which in sockets:
+            # the control socket is a REP: a DEALER talks to it without waiting for each reply
+            sock = ctx.socket(zmq.DEALER if which == "control" else zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.IMMEDIATE, 0)
+            sock.connect(endpoints[which])
+            socks.append(sock)
+            for msg in frames[which]:
+                try:
+                    sock.send_multipart(([b""] if which == "control" else []) + msg, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # nobody there (a learner being restarted): nothing to hurt
+        time.sleep(1.0)  # replies of the control socket arrive and are ignored
+    except zmq.ZMQError:
+        pass  # the supervisor is closing its context
+    finally:
+        for sock in socks:
+            try:
+                sock.close(linger=1000)
+            except zmq.ZMQError:
+                pass
+
+
+# -- what became of each fault -----------------------------------------------------------------------
+
+UNPLANNED_EXIT_STATES = ("starting", "running")  # an exit in these states is the child's own doing
+
+
+def fault_outcomes(events: list[dict]) -> list[dict]:
+    """Each injected fault and what the stack did about it, from the events of a run alone.
+
+    For a fault the stack must repair (``expect: restart``): ``detected`` (the
+    first ``stalled`` or ``exited`` of the target's pid after it), ``detect_s``,
+    ``recover_s`` (to the target's first ``running`` with another pid), ``ok``
+    when it was replaced. For one it must shrug off (``no_restart``): ``restarted``
+    (a stall, or an exit the child did not ask for, of the target, or for
+    ``garbage`` of any child not then recovering from another fault, before
+    ``fault_ended``), ``progress`` (``slow``: the target's progress in the window),
+    ``ok`` when nothing was restarted and a slow target kept progressing.
+    """
+    events = [e for e in events if isinstance(e, dict) and "event" in e]
+    ended = {e.get("id"): (i, e) for i, e in enumerate(events) if e["event"] == ev.FAULT_ENDED}
+    outcomes: list[dict] = []
+    busy: list[tuple[str, float, float]] = []  # (child, from, to): recovering from a fault
+    for i, f in enumerate(events):
+        if f["event"] != ev.FAULT_INJECTED:
+            continue
+        row = {"id": f.get("id"), "fault": f.get("fault"), "target": f.get("target"), "time": f["time"],
+               "source": f.get("source"), "expect": f.get("expect"), "deadline_s": f.get("deadline_s"),
+               "detected": None, "detect_s": None, "recover_s": None, "restarted": False, "progress": None,
+               "dropped": None, "ok": False, "note": ""}
+        name, pid = f["name"], f.get("pid")
+        if f.get("expect") == pc.RESTART:
+            detected_at = None
+            for j in range(i + 1, len(events)):
+                e = events[j]
+                if e["name"] != name:
+                    continue
+                hit = e["event"] in (ev.STALLED, ev.EXITED) and (pid is None or e.get("pid") == pid)
+                if detected_at is None and hit:
+                    detected_at = j
+                    row["detected"], row["restarted"] = e["event"], True
+                    row["detect_s"] = round(e["time"] - f["time"], 3)
+                elif detected_at is not None and e["event"] == ev.RUNNING and e.get("pid") != pid:
+                    row["recover_s"] = round(e["time"] - f["time"], 3)
+                    break
+                elif e["event"] == ev.FAILED:
+                    row["note"] = f"failed: {e.get('reason')}"
+                    break
+            row["ok"] = row["recover_s"] is not None
+            if detected_at is None:
+                row["note"] = row["note"] or "not detected"
+            elif row["recover_s"] is None and not row["note"]:
+                row["note"] = "not running again"
+            until = f["time"] + row["recover_s"] if row["recover_s"] is not None else float("inf")
+            busy.append((name, f["time"], until))
+        else:
+            end_index, end = ended.get(f.get("id"), (len(events), None))
+            restarted = []
+            for e in events[i + 1:end_index]:
+                if e["event"] == ev.STALLED or (e["event"] == ev.EXITED and e.get("state") in UNPLANNED_EXIT_STATES):
+                    if name != "run" and e["name"] != name:
+                        continue
+                    if any(b == e["name"] and lo <= e["time"] <= hi for b, lo, hi in busy):
+                        continue  # recovering from another fault
+                    restarted.append(e["name"])
+            row["restarted"] = bool(restarted)
+            if end is not None:
+                row["progress"], row["dropped"] = end.get("progress"), end.get("dropped")
+            if end is None:
+                row["note"] = "window not over"
+            elif restarted:
+                row["note"] = f"restarted: {', '.join(sorted(set(restarted)))}"
+            elif f.get("fault") == "slow" and not (row["progress"] or 0) > 0:
+                row["note"] = "no progress while slow"
+            row["ok"] = end is not None and not restarted and (f.get("fault") != "slow" or (row["progress"] or 0) > 0)
+        outcomes.append(row)
+    return outcomes
+
+
+def _stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "max": round(max(values), 3), "n": len(values)}
+
+
+def summarize_outcomes(outcomes: list[dict]) -> dict[str, dict]:
+    """Per fault kind: how many, how many handled as they must be, detection and recovery (median, max)."""
+    out: dict[str, dict] = {}
+    for fault in sorted({o["fault"] for o in outcomes}):
+        rows = [o for o in outcomes if o["fault"] == fault]
+        deadlines = sorted({o["deadline_s"] for o in rows if o["deadline_s"] is not None})
+        out[fault] = {"injected": len(rows), "ok": sum(o["ok"] for o in rows), "expect": rows[0]["expect"],
+                      "deadline_s": deadlines[-1] if deadlines else None,
+                      "detect_s": _stats([o["detect_s"] for o in rows if o["detect_s"] is not None]),
+                      "recover_s": _stats([o["recover_s"] for o in rows if o["recover_s"] is not None]),
+                      "restarted": sum(o["restarted"] for o in rows) if rows[0]["expect"] == pc.NO_RESTART else None,
+                      "notes": sorted({o["note"] for o in rows if o["note"]})}
+    return out
+
+
+def format_summary(summary: dict[str, dict]) -> list[str]:
+    """One line per fault kind, for people."""
+    lines = []
+    for fault, s in summary.items():
+        line = f"{fault:16s} {s['ok']}/{s['injected']} ok"
+        if s["expect"] == pc.RESTART:
+            d, r = s["detect_s"], s["recover_s"]
+            line += (f"   detect median {d['median']:.2f}s max {d['max']:.2f}s" if d else "   never detected")
+            if s["deadline_s"] is not None:
+                line += f" (deadline {s['deadline_s']:g}s)"
+            line += f"   recover median {r['median']:.2f}s max {r['max']:.2f}s" if r else "   never recovered"
+        else:
+            line += f"   restarted {s['restarted']}"
+        if s["notes"]:
+            line += "   " + "; ".join(s["notes"])
+        lines.append(line)
+    return lines
