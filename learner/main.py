@@ -99,6 +99,7 @@ class Learner:
         seed_torch(self.seed)  # network initialisation, target smoothing noise, device-side shifts
         self.stopping = False
         self.failure: BaseException | None = None  # what ended a receive or sample thread
+        self.checkpointed_at = time.monotonic()
         self.done = False
         self.weights_version = 0
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
@@ -193,6 +194,8 @@ class Learner:
             replay_index = self.replay.index()
         path = self.checkpoints.save(label, self.agent.state_dict(), self.weights_version, replay_index,
                                      rng_state(self.rng))
+        if label == LATEST:
+            self.checkpointed_at = time.monotonic()
         self.log.info("checkpoint written", path=path.name, updates=self.agent.updates)
         return path
 
@@ -273,9 +276,12 @@ class Learner:
                 if not self.train_step():
                     continue
                 updates = self.agent.updates
+                due = updates % self.lcfg.checkpoint_every == 0
                 if updates % self.lcfg.publish_every == 0 or self.weights_version == 0:
                     self.publish_weights()
-                if updates % self.lcfg.checkpoint_every == 0:
+                    every_s = self.lcfg.checkpoint_every_s
+                    due = due or (every_s > 0 and time.monotonic() - self.checkpointed_at >= every_s)
+                if due:
                     self.checkpoint()
             else:
                 if self.replay.transitions_total >= self.cfg.run.max_timesteps and not self.done:

@@ -188,6 +188,9 @@ class LearnerConfig(_Section):
     rate_limit_slack: int = Field(1000, ge=0)  # env steps workers may run ahead of the ratio
     publish_every: int = Field(100, ge=1)  # updates between weight broadcasts
     checkpoint_every: int = Field(5000, ge=1)  # updates between checkpoints
+    # and at the first weight broadcast this long after the last checkpoint: a killed learner redoes at most
+    # about this much work (a checkpoint costs ~0.2% of the time of 50 CPU updates: bench/checkpoint.py); 0: off
+    checkpoint_every_s: float = Field(30.0, ge=0.0)
     log_every: int = Field(100, ge=1)  # updates between metric writes
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False

@@ -86,7 +86,8 @@ def attack(run_dir: Path, steps_limit: int) -> None:
 
 @pytest.mark.timeout(300)
 def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_changes_nothing(stack_factory):
-    stack = stack_factory()
+    # checkpoints by time only (every second, at a weight broadcast), so a killed learner redoes little
+    stack = stack_factory({"learner": {"checkpoint_every": 10**6, "checkpoint_every_s": 1.0}})
     stack.wait_for(lambda s: stack.proc_row(s, "learner")["updates"] >= 100, 120, "100 updates")
     status = stack.wait_running()
     learner = stack.proc_row(status, "learner")
@@ -131,8 +132,8 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
     os.kill(learner["pid"], signal.SIGKILL)
     status = stack.wait_for(lambda s: stack.proc_row(s, "learner").get("resumed") is not None, 90, "a resume")
     resumed = stack.proc_row(status, "learner")["resumed"]
-    assert resumed["previous"] >= reached and resumed["resumed_from"] % 100 == 0
-    assert resumed["redone"] == resumed["previous"] - resumed["resumed_from"] < 100 + (resumed["previous"] - reached)
+    assert resumed["previous"] >= reached and resumed["resumed_from"] > 0 and resumed["resumed_from"] % 20 == 0
+    assert resumed["redone"] == resumed["previous"] - resumed["resumed_from"] < 200
     assert any(e["event"] == "resumed" and e["name"] == "learner" for e in stack.events())
     assert "redone" in stack.cli("status").stdout
 
