@@ -165,7 +165,7 @@ class Chaos:
         allowed = {"slow": {"slow_s": self.cfg.slow_s, "duration_s": self.cfg.slow_duration_s}}.get(fault, {})
         unknown = set(given) - set(allowed)
         if unknown:
-            raise ChaosError(f"{fault} takes no option(s) {', '.join(sorted(unknown))}"
+            raise ChaosError(f"{fault} takes no option(s) {', '.join(sorted(map(repr, unknown)))}"
                              + (f"; it takes {', '.join(allowed)}" if allowed else ""))
         out = dict(allowed)
         for key, value in given.items():
@@ -307,6 +307,7 @@ def garbage_frames(names: dict[str, int | None]) -> dict[str, list[list[bytes]]]
     the socket's size limit (ZeroMQ disconnects the sender).
     """
     import msgpack
+    import numpy as np
 
     from protocol.codec import encode
     from protocol.messages import PROTOCOL_VERSION
@@ -330,8 +331,14 @@ def garbage_frames(names: dict[str, int | None]) -> dict[str, list[list[bytes]]]
         "control": common + [raw({"v": PROTOCOL_VERSION, "type": "control_request", "cmd": "status", "evil": 1}),
                              encode("heartbeat", dict(beat)), oversized],
         "steps": common + [oversized_header,
-                           encode("hello", dict(worker="intruder", slot=0, incarnation=0, frame_shape=[3, 5],
-                                                frame_dtype="<f4", action_dim=9)),
+                           # a hello that cannot be valid (a fresh run would otherwise take its spaces as the run's)
+                           raw(dict(v=PROTOCOL_VERSION, type="hello", worker="intruder", slot=0, incarnation=0,
+                                    frame_shape=[3, -5], frame_dtype="<f4", action_dim=9)),
+                           # well-formed steps of spaces the run does not have (dropped as spec_mismatch)
+                           encode("steps", dict(worker="intruder", incarnation=0, seq=0, env_steps=1), {
+                               "first": np.ones(1, np.uint8), "frames": np.zeros((1, 3, 5), np.float32),
+                               "actions": np.zeros((1, 9), np.float32), "rewards": np.zeros(1, np.float32),
+                               "terminated": np.zeros(1, np.uint8), "truncated": np.zeros(1, np.uint8)}),
                            raw(dict(v=PROTOCOL_VERSION, type="steps", worker="intruder", incarnation=0, seq=0,
                                     env_steps=1, arrays=[["first", "|u1", [2**40]]]))],
     }

@@ -28,6 +28,7 @@ import zmq
 
 from protocol import events as ev
 from protocol.config import Config
+from protocol.exits import say
 from protocol.files import atomic_write, replace_symlink
 from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
 from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_BYTES, HEARTBEAT_RCVHWM, Receiver,
@@ -48,14 +49,25 @@ RESERVE_EVERY = 1000
 DISK_CHECK_EVERY_S = 5.0
 
 
+_HELD_LOCKS: list[int] = []  # run-directory locks this process holds until it ends
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def create_run_dir(cfg: Config) -> Path:
+def create_run_dir(cfg: Config, locked: bool = False) -> Path:
+    """The run directory with its config; locked (see :func:`lock_run`) unless the caller holds the lock.
+    Raises RunBusy when another supervisor holds it."""
     runs = Path(cfg.run.runs_dir)
     run_id = cfg.run.run_id or new_run_id()
     run_dir = runs / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not locked:
+        fd = lock_run(run_dir)
+        if fd is None:
+            raise RunBusy(f"another supervisor is starting or running {run_dir}")
+        _HELD_LOCKS.append(fd)
     for sub in ("logs", "checkpoints", "incidents", "tb"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(run_dir, 0o700)
@@ -92,6 +104,7 @@ class Supervisor:
         self.os_errors: set = set()
         self.disk_checked_at = -1e9
         self.disk: dict = {}
+        self.process_started = process_start_time(os.getpid())
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.started = time.monotonic()
@@ -119,8 +132,9 @@ class Supervisor:
     def clean_leftovers(self) -> None:
         """Kill children of an earlier supervisor of this run that died without cleaning up."""
         old = read_state(self.run_dir)  # torn by a crash: {} (the drivers still find what is labelled for this run)
-        if old.get("pid") and old["pid"] != os.getpid() and supervisor_alive(old["pid"]):
+        if live_pid(old) is not None:
             raise RuntimeError(f"another supervisor (pid {old['pid']}) is running this run in {self.run_dir}")
+        self.machine.restore_counts(old.get("counts") or {})
         killed = [pid for driver in self.drivers.values() for pid in driver.kill_leftovers(old)]
         if killed:
             self.record(Event(ev.LEFTOVERS_KILLED, "run", {"pids": killed}))
@@ -128,7 +142,8 @@ class Supervisor:
     def save_state(self, ended: dict | None = None) -> None:
         """``supervisor.json``: who runs the run and its children's pids (and, at the end, how it ended)."""
         children = [pid for driver in self.drivers.values() for pid in driver.pids()]
-        state = {"pid": os.getpid(), "children": children, "run_id": self.run_id}
+        state = {"pid": os.getpid(), "started": self.process_started, "children": children, "run_id": self.run_id,
+                 "counts": self.machine.counts()}
         if ended is not None:
             state["ended"] = ended
             state["processes"] = [{k: row.get(k) for k in ("name", "state", "restarts", "reason", "last_exit")}
@@ -144,8 +159,8 @@ class Supervisor:
         key = (doing, exc.errno)
         if key not in self.os_errors:
             self.os_errors.add(key)
-            print(f"supervisor: {os_error_text(exc)} ({doing}); carrying on without it", file=sys.stderr,
-                  flush=True)
+            then = "the run stops" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "carrying on without it"
+            say(f"supervisor: {os_error_text(exc)} ({doing}); {then}")
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not self.machine.stopping:
             self.record(Event(ev.DISK_FULL, "run", {"path": str(exc.filename), "error": exc.strerror or str(exc)}))
             self.execute(self.machine.request_stop(f"no space left on device ({exc.filename})", 1))
@@ -167,7 +182,10 @@ class Supervisor:
             reserve_space(self.events_file, RESERVE_BYTES)
         if not self.live and event.kind != ev.MALFORMED:
             detail = " ".join(f"{k}={v}" for k, v in event.detail.items() if k != "heartbeat")
-            print(f"[supervisor] {event.name}: {event.kind} {detail}", file=self.out, flush=True)
+            try:
+                print(f"[supervisor] {event.name}: {event.kind} {detail}", file=self.out, flush=True)
+            except OSError:
+                pass  # stdout on a full disk: events.jsonl (with its reserved space) still has the line
 
     def execute(self, actions) -> None:
         pending = list(actions)
@@ -227,6 +245,7 @@ class Supervisor:
         if now - self.disk_checked_at < DISK_CHECK_EVERY_S:
             return
         self.disk_checked_at = now
+        self.save_state()  # the children's counts, for the work a resume redoes
         try:
             usage = shutil.disk_usage(self.run_dir)
         except OSError:
@@ -266,8 +285,15 @@ class Supervisor:
                     self.control_inbox.drop("wrong_type", f"{msg.type} on the control socket")
                 reply = {"ok": False, "error": "malformed request"}
             else:
-                reply = self.answer(msg["cmd"], msg.get("name"), msg.fields)
-            send(self.control, CONTROL_REPLY, reply)
+                try:
+                    reply = self.answer(msg["cmd"], msg.get("name"), msg.fields)
+                except Exception as exc:  # a request the supervisor cannot answer must not end the run
+                    self.control_inbox.drop("unanswerable", f"{msg.get('cmd')!r}: {exc!r:.200}")
+                    reply = {"ok": False, "error": f"cannot answer {msg.get('cmd')!r}: {type(exc).__name__}"}
+            try:
+                send(self.control, CONTROL_REPLY, reply)
+            except Exception as exc:  # a reply that cannot be encoded: the REP socket still owes one
+                send(self.control, CONTROL_REPLY, {"ok": False, "error": f"reply not encodable: {type(exc).__name__}"})
 
     def answer(self, cmd: str, name: str | None, fields: dict | None = None) -> dict:
         if cmd == "status":
@@ -398,8 +424,30 @@ def read_state(run_dir: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def process_start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def live_pid(state: dict) -> int | None:
+    """The pid of the supervisor a run's state file names, if that very process still runs; None when the run
+    ended, the pid is ours (a container restarted with the same pid), or the pid now belongs to another process."""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or state.get("ended") or pid == os.getpid():
+        return None
+    started = state.get("started")
+    if isinstance(started, (int, float)):
+        now = process_start_time(pid)
+        return pid if now is not None and abs(now - started) < 1.0 else None
+    return pid if supervisor_alive(pid) else None
+
+
 def supervisor_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live supervisor (not a stranger that got the pid of a dead one)."""
+    """Whether ``pid`` looks like a live supervisor (for state files that do not record its start time)."""
     import psutil
 
     try:
@@ -409,6 +457,24 @@ def supervisor_alive(pid: int) -> bool:
     except psutil.AccessDenied:
         return True
     return any("supervisor" in part for part in cmdline)
+
+
+def lock_run(run_dir: Path) -> int | None:
+    """An exclusive lock on the run directory itself (``flock`` on its descriptor: nothing is written), held
+    until the process ends; None when another process holds it."""
+    import fcntl
+
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class RunBusy(RuntimeError):
+    """Another supervisor holds the run."""
 
 
 def os_error_text(exc: OSError) -> str:

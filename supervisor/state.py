@@ -47,6 +47,9 @@ UP = (STARTING, RUNNING)  # what a dependent needs of what it depends on
 PERMANENT, TRANSIENT, TEMPORARY = "permanent", "transient", "temporary"
 RESTART_TYPES = (PERMANENT, TRANSIENT, TEMPORARY)
 
+# Counters a child reports are capped here, so sums of them stay numbers every reader can take.
+COUNT_CAP = 2**48
+
 # Evidence that has not come back this long after its own timeout never will (its
 # thread is stuck): the kill goes on without it.
 EVIDENCE_SLACK_S = 1.0
@@ -98,6 +101,7 @@ class ChildSpec:
     stall_dependencies_on: frozenset[int] = frozenset()
     recycle_dependencies_on: frozenset[int] = frozenset()
     fatal_exit_codes: frozenset[int] = frozenset()  # a restart would not help: failed at once, with its reason
+    pool: str = ""  # children doing the same work: when every one of a pool has failed, the run ends
     max_age_s: float | None = None  # a planned restart after running this long (servers that leak memory)
     standby: bool = False  # keep a pre-started spare that a respawn activates
     launch: Mapping[str, Any] = field(default_factory=dict)  # for the driver; the machine never reads it
@@ -317,9 +321,9 @@ class Supervision:
             c.progress_count, c.progress_phase, c.progress_at = count, phase, now
         actions: list[Action] = []
         if isinstance(hb.get("resumed_from"), int) and c.resumed is None:
-            previous = c.previous_count or 0
+            previous = c.previous_count  # None: not known (a supervisor killed before it saved its counts)
             c.resumed = {"resumed_from": hb["resumed_from"], "previous": previous,
-                         "redone": max(0, previous - hb["resumed_from"])}
+                         "redone": None if previous is None else max(0, previous - hb["resumed_from"])}
             actions.append(Event(ev.RESUMED, c.name, dict(c.resumed)))
         for alert in hb.get("alerts") or []:
             if isinstance(alert, str) and alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
@@ -349,7 +353,7 @@ class Supervision:
         c.pid = None
         if c.heartbeat is not None:
             c.previous_count = max(c.count(), c.resumed["resumed_from"] if c.resumed else 0)
-            c.dropped_earlier += int(c.heartbeat.get("dropped") or 0)
+            c.dropped_earlier = min(COUNT_CAP, c.dropped_earlier + int(c.heartbeat.get("dropped") or 0))
             c.heartbeat = dict(c.heartbeat, dropped=0)
         actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
         if not self.stopping and c.state in UP and code is not None:
@@ -656,8 +660,11 @@ class Supervision:
         c.kill_reason = reason
         actions: list[Action] = [Event(ev.FAILED, c.name, {"reason": reason, **detail})]
         actions += self._drop_spare(c) + self._restart_dependents(c)
+        pool = [p for p in self.children.values() if c.spec.pool and p.spec.pool == c.spec.pool]
         if c.spec.significant:
             actions += self.request_stop(f"{c.name} failed: {reason}", 1)
+        elif pool and all(p.state == FAILED for p in pool) and not self.stopping:
+            actions += self.request_stop(f"every child of pool {c.spec.pool} failed; the last, {c.name}: {reason}", 1)
         return actions
 
     def _advance_stop(self) -> list[Action]:
@@ -691,6 +698,17 @@ class Supervision:
 
     # -- reading ---------------------------------------------------------------
 
+    def counts(self) -> dict[str, int]:
+        """Each child's progress count as last reported (its last incarnation's, once it exited)."""
+        return {c.name: max(c.count(), c.previous_count or 0) if c.heartbeat is not None else c.previous_count
+                for c in self.children.values() if c.heartbeat is not None or c.previous_count is not None}
+
+    def restore_counts(self, counts: dict) -> None:
+        """What an earlier supervisor of this run saw its children reach: the base of ``resumed``'s ``redone``."""
+        for name, count in counts.items():
+            if name in self.children and isinstance(count, int) and not isinstance(count, bool):
+                self.children[name].previous_count = count
+
     def snapshot(self) -> list[dict[str, Any]]:
         """One row per child, in start order, for ``status``."""
         now = self.clock()
@@ -710,7 +728,7 @@ class Supervision:
                 "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
                 "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
                 "detail": hb.get("detail") if alive else None,
-                "dropped": c.dropped_earlier + int(hb.get("dropped") or 0), "resumed": c.resumed,
+                "dropped": min(COUNT_CAP, c.dropped_earlier + int(hb.get("dropped") or 0)), "resumed": c.resumed,
                 "last_incident": c.last_incident, "reason": c.kill_reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
