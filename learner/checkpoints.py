@@ -8,8 +8,10 @@ short) is named with the ways on, one of which is resuming from that one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -56,13 +58,22 @@ class Checkpoints:
         state = {"agent": agent_state, "weights_version": weights_version, "replay": replay_index,
                  "rng": rng, "time": time.time()}
         path = self.dir / f"{label}.pt"
-        if label == LATEST and path.exists():
-            keep = self.dir / f".{PREVIOUS}.pt.tmp"
-            keep.unlink(missing_ok=True)
-            os.link(path, keep)  # a second name, no copy: latest.pt is never missing in between
-            os.replace(keep, self.dir / f"{PREVIOUS}.pt")
-        atomic_write(path, lambda f: torch.save(state, f))
+        keep = self.keep_previous if label == LATEST and path.exists() else None
+        atomic_write(path, lambda f: torch.save(state, f), before_replace=keep)
         return path
+
+    def keep_previous(self) -> None:
+        """Once the new checkpoint is whole: the one it replaces becomes previous.pt (latest.pt never goes
+        missing; a second name where the file system has hard links, a copy where it has not)."""
+        latest, keep = self.dir / f"{LATEST}.pt", self.dir / f".{PREVIOUS}.pt.tmp"
+        keep.unlink(missing_ok=True)
+        try:
+            os.link(latest, keep)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            shutil.copyfile(latest, keep)
+        os.replace(keep, self.dir / f"{PREVIOUS}.pt")
 
     def load(self, device: torch.device, label: str = LATEST) -> dict | None:
         """The checkpoint's contents, or None when there is none yet; raises FatalError naming a corrupt one."""
@@ -70,20 +81,24 @@ class Checkpoints:
         if not path.exists():
             return None
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
+            # on the CPU: a busy GPU's out-of-memory is not a corrupt file (load_state_dict moves it)
+            state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or not isinstance(state.get("agent"), dict):
                 raise ValueError("no agent state in it")
         except OSError as exc:
             if exc.errno is not None:  # the disk or its permissions, not the file's content
                 raise
             raise corrupt(path, f"{type(exc).__name__}: {str(exc)[:80]}", self.choices(label)) from None
+        except MemoryError:
+            raise
         except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a torn file
             raise corrupt(path, f"{type(exc).__name__}: {str(exc)[:80]}", self.choices(label)) from None
         return state
 
     def choices(self, label: str) -> str:
-        resume = f"supervisor up --run-id {self.run_id}"
-        if label == LATEST and (self.dir / f"{PREVIOUS}.pt").exists():
+        resume = f"supervisor up --run-id {self.run_id} --runs-dir {self.dir.parent.parent}"
+        previous, latest = self.dir / f"{PREVIOUS}.pt", self.dir / f"{LATEST}.pt"
+        if label == LATEST and previous.exists() and not (latest.exists() and os.path.samefile(previous, latest)):
             return (f"move it away and resume from the checkpoint before it ({resume} --resume-from previous), "
                     "or start a new run (leave out --run-id)")
         return "move it away and start a new run (leave out --run-id)"

@@ -43,6 +43,8 @@ from protocol.sockets import (STEPS_RCVHWM, SUBSCRIPTION_MAX_BYTES, Receiver, lo
 
 # How often the learner tells workers its counts; also bounds how stale their allowance is.
 PROGRESS_EVERY_S = 0.2
+# How many worker incarnations' acknowledged counts a progress message carries (the newest).
+PROGRESS_STREAMS = 256
 
 
 def learner_seed(run_seed: int, incarnation: int) -> int:
@@ -172,7 +174,9 @@ class Learner:
 
     def publish_progress(self) -> None:
         with self.lock:
-            streams = {k: s.transitions for k, s in self.replay.streams.items()} if self.replay else {}
+            # the newest incarnations' streams only: the table would outgrow a header after thousands of restarts
+            recent = list(self.replay.streams.items())[-PROGRESS_STREAMS:] if self.replay else []
+            streams = {k: s.transitions for k, s in recent}
             received = self.replay.transitions_total if self.replay else 0
         updates = self.agent.updates if self.agent else 0
         send(self.pub, PROGRESS, {"updates": updates, "received": received,

@@ -91,8 +91,8 @@ class ReplayBuffer:
         if not fresh:
             found = self._read_json(meta_path, "move the replay directory away to start with an empty replay")
             if found != meta:
-                raise RuntimeError(f"replay in {self.dir} was made for {found}, but the run now needs {meta}; "
-                                   "move it away to start with an empty replay")
+                raise FatalError(f"replay in {self.dir} was made for {found}, but the run now needs {meta}; "
+                                 "move it away to start with an empty replay")
         mode = "w+" if fresh else "r+"
         n = self.capacity
         self.frames = self._map("frames", mode, (n,) + self.frame_shape, self.frame_dtype)
@@ -118,6 +118,9 @@ class ReplayBuffer:
 
     def _map(self, name: str, mode: str, shape: tuple, dtype) -> np.memmap:
         path = self.dir / f"{name}.npy"
+        if mode != "w+" and not path.exists():
+            raise FatalError(f"{path} is missing from the replay; move the replay directory {self.dir} away to "
+                             "start with an empty replay (the model is kept)")
         try:
             arr = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
         except ValueError as exc:  # a torn or foreign .npy header
@@ -130,6 +133,9 @@ class ReplayBuffer:
                     os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    del arr
+                    for made in self.dir.glob("*.npy"):  # what was reserved goes back: the disk is not left full
+                        made.unlink(missing_ok=True)
                     free = shutil.disk_usage(self.dir).free
                     raise FatalError(f"no space for the replay in {self.dir}: it needs "
                                      f"{self.capacity * self.bytes_per_entry() / 2**30:.2f} GiB, the volume has "
@@ -188,7 +194,7 @@ class ReplayBuffer:
             idx = self._read_json(path, f"move it away to resume with the replay index saved in the latest "
                                        f"checkpoint, or move {self.dir} away to start with an empty replay")
         elif fallback:
-            idx = fallback
+            idx, path = fallback, Path("the replay index saved in the checkpoint")
         else:
             return
         try:

@@ -25,7 +25,8 @@ def fatal_message(exc: BaseException, run_dir=None) -> str | None:
     if not isinstance(exc, OSError):
         return None
     path = exc.filename or (str(run_dir) if run_dir is not None else "a file of the run")
-    resume = f"supervisor up --run-id {Path(run_dir).name}" if run_dir is not None else "supervisor up --run-id RUN"
+    resume = (f"supervisor up --run-id {Path(run_dir).name} --runs-dir {Path(run_dir).parent}" if run_dir is not None
+              else "supervisor up --run-id RUN")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device writing {path}: free space on that volume (df -h {path}), then resume ({resume})"
     if exc.errno == errno.EROFS:

@@ -70,10 +70,10 @@ class HeartbeatSender(threading.Thread):
         self.progress.detail = message[:MAX_DETAIL_CHARS]
         if self.is_alive():
             seen = self.beats
-            self._wake.set()
             deadline = time.monotonic() + 2.0
-            while self.beats == seen and time.monotonic() < deadline:
-                time.sleep(0.01)
+            while self.beats < seen + 2 and time.monotonic() < deadline:  # the second was surely built after
+                self._wake.set()
+                time.sleep(0.02)
             time.sleep(0.3)  # ZeroMQ's I/O thread sends it before the context goes
         return EXIT_FATAL
 
