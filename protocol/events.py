@@ -97,8 +97,8 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
         "reason": "why"}),
     EventKind(RESUMED, "a restarted child resumed from its saved state (the learner from its checkpoint)", {
         "resumed_from": "the progress count its saved state held (the learner's updates)",
-        "previous": "the count its previous incarnation had reached",
-        "redone": "previous - resumed_from: work done again"}),
+        "previous": "the count its previous incarnation had reached (null: not known)",
+        "redone": "previous - resumed_from: work done again (null: not known)"}),
     EventKind(DISK_LOW, "free space on the run's volume fell below supervisor.disk_warn_gb", {
         "free_bytes": "bytes free", "path": "the run directory"}),
     EventKind(DISK_FULL, "the supervisor could not write for want of space: the run stops", {

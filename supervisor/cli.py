@@ -107,36 +107,55 @@ def config_from(args):
     return resume_config(args, requested_config(args))
 
 
+def saved_config_path(args) -> Path | None:
+    """A resumed run's own config file (``--run-id`` of a run that exists), or None."""
+    from protocol.config import RunConfig
+
+    if not args.run_id:
+        return None
+    runs_dir = args.runs_dir
+    if runs_dir is None and args.config is not None:
+        from protocol.config import load_config
+
+        runs_dir = load_config(args.config).run.runs_dir
+    path = Path(runs_dir or RunConfig().runs_dir) / args.run_id / "config.yaml"
+    return path if path.exists() else None
+
+
 def requested_config(args):
-    """The config as the arguments give it, before a resumed run's own is taken into account."""
+    """The config as the arguments give it: a resumed run's own config with the overrides on top (``--config``
+    replaces it), or ``--config`` (or the defaults) with them."""
     from protocol.config import load_config
 
-    return load_config(args.config, overrides_from(args))
-
-
-def resume_config(args, cfg):
-    from protocol.config import ConfigError, load_config, resume_conflicts
-
     overrides = overrides_from(args)
-    saved_path = Path(cfg.run.runs_dir) / cfg.run.run_id / "config.yaml" if cfg.run.run_id else None
-    saved = None
-    if saved_path is not None and saved_path.exists():
-        saved = load_config(saved_path)
-        if args.config is None:  # the run's own config, not the defaults
-            cfg = load_config(saved_path, overrides + [("run.runs_dir", cfg.run.runs_dir),
-                                                       ("run.run_id", cfg.run.run_id)])
+    saved = saved_config_path(args)
+    if saved is not None and args.config is None:  # the run's own config, not the defaults
+        cfg = load_config(saved, overrides + [("run.runs_dir", str(saved.parent.parent)),
+                                              ("run.run_id", args.run_id)])
+    else:
+        cfg = load_config(args.config, overrides)
     carla = cfg.env.carla
     if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
         index = carla.scenario if isinstance(carla.scenario, int) else \
             [s.name for s in carla.scenarios].index(carla.scenario)
-        base = saved_path if args.config is None and saved is not None else args.config
-        cfg = load_config(base, overrides + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
-    if saved is not None:
-        conflicts = resume_conflicts(saved, cfg)
-        if conflicts:
-            raise ConfigError(f"config error: run {cfg.run.run_id} was built with {'; '.join(conflicts)}: its model "
-                              "and replay cannot change; resume without these changes, or start a new run "
-                              "(leave out --run-id)")
+        base = saved if saved is not None and args.config is None else args.config
+        extra = [("run.runs_dir", cfg.run.runs_dir), ("run.run_id", cfg.run.run_id)] if base is saved else []
+        cfg = load_config(base, overrides + extra + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+    return cfg
+
+
+def resume_config(args, cfg):
+    """``cfg``, checked against the saved config of the run it resumes: its model and replay cannot change."""
+    from protocol.config import ConfigError, load_config, resume_conflicts
+
+    saved_path = Path(cfg.run.runs_dir) / cfg.run.run_id / "config.yaml" if cfg.run.run_id else None
+    if saved_path is None or not saved_path.exists():
+        return cfg
+    conflicts = resume_conflicts(load_config(saved_path), cfg)
+    if conflicts:
+        raise ConfigError(f"config error: run {cfg.run.run_id} was built with {'; '.join(conflicts)}: its model "
+                          "and replay cannot change; resume without these changes, or start a new run "
+                          "(leave out --run-id)")
     return cfg
 
 
@@ -159,29 +178,26 @@ def os_error_line(exc: OSError, doing: str) -> tuple[str, int]:
 
 def live_supervisor(run_dir: Path) -> int | None:
     """The pid of a supervisor running this run, from its state file; None when there is none."""
-    from supervisor.run import read_state, supervisor_alive
+    from supervisor.run import live_pid, read_state
 
-    pid = read_state(run_dir).get("pid")
-    return pid if isinstance(pid, int) and supervisor_alive(pid) else None
+    return live_pid(read_state(run_dir))
 
 
 def set_previous_checkpoint_aside(run_dir: Path) -> str:
     """``--resume-from previous``: latest.pt is set aside (renamed, kept), previous.pt takes its place."""
     ckpt = run_dir / "checkpoints"
     previous, latest = ckpt / "previous.pt", ckpt / "latest.pt"
-    if not previous.exists():
-        raise FileNotFoundError(2, "no checkpoint before the latest one to resume from", str(previous))
-    aside = ckpt / f"latest.pt.set-aside-{int(time.time())}"
+    aside = ckpt / f"latest.pt.set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     if latest.exists():
         os.replace(latest, aside)
-    os.link(previous, latest)
-    return f"resuming from {previous.name}; the latest checkpoint was set aside as {aside.name}"
+    os.replace(previous, latest)
+    return f"resuming from the checkpoint before the latest; the latest was set aside as {aside.name}"
 
 
 def cmd_up(args) -> int:
     from protocol.config import ConfigError
     from supervisor.plan import build_plan
-    from supervisor.run import Supervisor, create_run_dir, host_capacity_problem
+    from supervisor.run import RunBusy, Supervisor, create_run_dir, host_capacity_problem, lock_run
 
     try:
         cfg = requested_config(args)
@@ -192,16 +208,18 @@ def cmd_up(args) -> int:
 
     run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id if cfg.run.run_id else None
     resuming = run_dir is not None and run_dir.exists()
+    lock = None
     if resuming:
+        lock = lock_run(run_dir)  # held for the life of this process: a second `up` cannot slip in
         pid = live_supervisor(run_dir)
-        if pid is not None:  # refused before anything is written: the live run is left as it is
-            print(f"supervisor up: another supervisor (pid {pid}) is running {run_dir}; see it with "
-                  f"`supervisor status --run-dir {run_dir}`, or stop it with `supervisor stop --run-dir {run_dir}`",
-                  file=sys.stderr)
+        if lock is None or pid is not None:  # refused before anything is written: the live run is left as it is
+            print(f"supervisor up: another supervisor ({f'pid {pid}' if pid else 'holding its lock'}) is running "
+                  f"{run_dir}; see it with `supervisor status --run-dir {run_dir}`, or stop it with "
+                  f"`supervisor stop --run-dir {run_dir}`", file=sys.stderr)
             return EXIT_RUN_BUSY
-    elif args.resume_from != "latest":
-        print(f"supervisor up: --resume-from {args.resume_from} needs the --run-id of an existing run",
-              file=sys.stderr)
+    if args.resume_from != "latest" and not (resuming and (run_dir / "checkpoints" / "previous.pt").exists()):
+        print(f"supervisor up: --resume-from {args.resume_from} needs the --run-id of a run with a checkpoint before "
+              f"its latest (checkpoints/previous.pt)", file=sys.stderr)
         return EXIT_USAGE
     try:
         cfg = resume_config(args, cfg)
@@ -237,7 +255,11 @@ def cmd_up(args) -> int:
               "(pip install 'carla-rl-stack[supervisor]')", file=sys.stderr)
     if resuming and args.resume_from == "previous":
         print(f"supervisor up: {set_previous_checkpoint_aside(run_dir)}", file=sys.stderr)
-    run_dir = create_run_dir(cfg)
+    try:
+        run_dir = create_run_dir(cfg, locked=lock is not None)
+    except RunBusy as exc:
+        print(f"supervisor up: {exc}", file=sys.stderr)
+        return EXIT_RUN_BUSY
     live = sys.stdout.isatty() if args.live is None else args.live
     env = f"CARLA {cfg.env.carla.map} ({cfg.simulators.mode} simulators)" if cfg.env.backend == "carla" else cfg.env.id
     print(f"run {run_dir.name}: {cfg.workers.count} workers on {env}, learner on {cfg.learner.device}; "
@@ -324,19 +346,39 @@ def status_json(status: dict) -> dict:
             "ended": status.get("ended")}
 
 
+def last_run_ended(run_dir: Path) -> dict | None:
+    """The last ``run_ended`` line of a run's events, as {time, exit_code, reason}; None when there is none."""
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 64 * 1024))
+        tail = f.read().decode(errors="replace").splitlines()
+    for line in reversed(tail):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "run_ended":
+            return {"time": event.get("time"), "exit_code": event.get("exit_code"), "reason": event.get("reason")}
+    return None
+
+
 def ended_run(run_dir: Path, as_json: bool) -> int:
     """No supervisor answers: say so, and how the run ended if its supervisor wrote that down."""
     from supervisor.run import read_state
 
     state = read_state(run_dir) if run_dir.exists() else {}
-    ended = state.get("ended")
+    ended = state.get("ended") or last_run_ended(run_dir)  # a full disk may have kept the state file from saying it
     if not ended:
+        if as_json:
+            print(json.dumps({"run_dir": str(run_dir), "ended": None, "processes": []}, indent=2))
         return no_supervisor(run_dir)
     if as_json:
         print(json.dumps({"run_dir": str(run_dir), "ended": ended, "processes": state.get("processes", [])},
                          indent=2))
     else:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended.get("time", 0)))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended.get("time") or 0))
         print(f"run {state.get('run_id', run_dir.name)} is not running: it ended at {when} with exit "
               f"{ended.get('exit_code')}: {ended.get('reason')}")
         for p in state.get("processes", []):

@@ -63,8 +63,9 @@ def status_notes(status: dict) -> list[str]:
             lines.append(f"{p['name']} failed: {p['reason']}")
         resumed = p.get("resumed")
         if resumed:
-            lines.append(f"{p['name']} resumed from its checkpoint at {resumed['resumed_from']} "
-                         f"(its last run had reached {resumed['previous']}: {resumed['redone']} redone)")
+            reached = (f"its last run had reached {resumed['previous']}: {resumed['redone']} redone"
+                       if resumed.get("redone") is not None else "how far its last run got is not known")
+            lines.append(f"{p['name']} resumed from its checkpoint at {resumed['resumed_from']} ({reached})")
     own = status.get("supervisor_dropped")
     if status.get("dropped_messages") and own is not None:
         lines.append(f"dropped messages: supervisor {own}, " + ", ".join(

@@ -101,7 +101,7 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
         # evaluation steps are progress too: a long evaluation is not a stall, a hung one is
         progress_phases=PROGRESSING_PHASES, startup_phases=STARTUP_PHASES, progress_counters=("env_steps", "eval_steps"),
         kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.kill_grace_s, backoff=backoff, intensity=intensity,
-        standby=sup.standby_workers, fatal_exit_codes=frozenset({EXIT_FATAL}),
+        standby=sup.standby_workers, fatal_exit_codes=frozenset({EXIT_FATAL}), pool=WORKER,
         launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
                 "needs": ("torch", "gymnasium")},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]

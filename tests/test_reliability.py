@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import zmq
@@ -153,6 +154,29 @@ def test_a_resumed_learner_records_the_updates_it_redoes():
     assert beat(m, "learner", 200, updates=301, resumed_from=300) == [], "recorded once per incarnation"
 
 
+def test_a_resume_without_a_known_previous_count_says_so():
+    m, _ = machine()
+    m.spawned("learner", 100)
+    resumed = [a for a in beat(m, "learner", 100, updates=300, resumed_from=300) if getattr(a, "kind", None) == ev.RESUMED]
+    assert resumed[0].detail == {"resumed_from": 300, "previous": None, "redone": None}
+    m2, _ = machine()
+    m2.restore_counts({"learner": 340, "stranger": 5, "worker-0": "x"})
+    m2.spawned("learner", 100)
+    resumed = [a for a in beat(m2, "learner", 100, updates=300, resumed_from=300) if getattr(a, "kind", None) == ev.RESUMED]
+    assert resumed[0].detail["redone"] == 40
+
+
+def test_when_every_worker_has_failed_the_run_ends():
+    m, _ = machine(**{"workers.count": 2})
+    m.spawned("learner", 100)
+    m.spawned("worker-0", 101)
+    m.spawned("worker-1", 102)
+    m.exited("worker-0", 101, EXIT_FATAL)
+    assert not m.stopping, "one failed worker: the other goes on"
+    m.exited("worker-1", 102, EXIT_FATAL)
+    assert m.stopping and "every child of pool worker failed" in m.stop_reason
+
+
 def test_drops_of_every_incarnation_add_up():
     m, clock = machine()
     m.spawned("worker-0", 101)
@@ -277,9 +301,21 @@ def test_a_write_on_a_full_disk_names_the_file_and_leaves_the_old_one_whole(smal
 
 
 @needs_mount
+def test_a_checkpoint_that_fills_the_disk_is_named_a_full_disk_though_its_removal_frees_space(small_volume):
+    filler = small_volume / "filler"
+    fill_up(small_volume)
+    os.truncate(filler, max(0, filler.stat().st_size - 2 * 1024 * 1024))  # 2 MiB free
+    with pytest.raises(OSError) as exc:  # a 3 MiB checkpoint: torch wraps the ENOSPC in a RuntimeError
+        atomic_write(small_volume / "latest.pt", lambda f: torch.save({"w": torch.zeros(800_000)}, f))
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(small_volume / "latest.pt")
+    assert not (small_volume / "latest.pt").exists() and not list(small_volume.glob(".*.tmp"))
+
+
+@needs_mount
 def test_a_replay_that_does_not_fit_is_refused_at_creation(small_volume):
     with pytest.raises(FatalError, match="no space for the replay"):
         ReplayBuffer(small_volume / "replay", 100_000, (84, 84), np.uint8, 2)
+    assert not list((small_volume / "replay").glob("*.npy")), "what it reserved is given back"
 
 
 # -- resuming: the run's own config; nothing that changes its model or replay -------------------------------
@@ -340,7 +376,7 @@ def test_a_refused_resume_writes_nothing(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     res = run_cli("up", "--run-id", "r1", "--runs-dir", str(tmp_path / "runs"), "--resume-from", "previous",
                   "--max-timesteps", "10")  # no previous checkpoint: one line, nothing changed
-    assert res.returncode == cli.EXIT_OS_ERROR, res.stderr
+    assert res.returncode == cli.EXIT_USAGE, res.stderr
     assert "previous.pt" in res.stderr and "Traceback" not in res.stderr
     assert snapshot_tree(tmp_path) == before
     assert (run / "config.yaml").exists()
@@ -352,7 +388,9 @@ def test_a_second_up_beside_a_live_supervisor_writes_nothing(tmp_path):
     # a live supervisor of the run, as its state file names it
     sup = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "supervisor", "up"])
     try:
-        (run / "supervisor.json").write_text(json.dumps({"pid": sup.pid, "children": [], "run_id": "r1"}))
+        started = psutil.Process(sup.pid).create_time()
+        (run / "supervisor.json").write_text(json.dumps({"pid": sup.pid, "started": started, "children": [],
+                                                         "run_id": "r1"}))
         before = snapshot_tree(tmp_path)
         res = run_cli("up", "--run-id", "r1", "--runs-dir", str(tmp_path / "runs"),
                       "--config", str(ROOT / "configs/pendulum.yaml"))
@@ -366,13 +404,38 @@ def test_a_second_up_beside_a_live_supervisor_writes_nothing(tmp_path):
 
 def test_a_dead_pid_in_the_state_file_does_not_block_a_resume(tmp_path):
     run = saved_run(tmp_path)
-    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive, not a supervisor
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "supervisor"])
     try:
         (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid}))
+        assert cli.live_supervisor(run) == stranger.pid  # an old state file: its command line decides
+        # the pid now belongs to another process than the one that wrote the file
+        (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid, "started": 12.0}))
+        assert cli.live_supervisor(run) is None
+        # the run ended; or the pid is ours (a container restarted with the same pid 1)
+        (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid, "ended": {"exit_code": 0}}))
+        assert cli.live_supervisor(run) is None
+        (run / "supervisor.json").write_text(json.dumps({"pid": os.getpid()}))
         assert cli.live_supervisor(run) is None
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_the_run_directory_lock_is_held_by_one_process(tmp_path):
+    from supervisor.run import lock_run
+
+    code = "import sys, time; from supervisor.run import lock_run; print(lock_run(sys.argv[1]) is not None, flush=True)"
+    fd = lock_run(tmp_path)
+    try:
+        assert fd is not None
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                               cwd=ROOT, timeout=30)
+        assert other.stdout.strip() == "False", other.stderr
+    finally:
+        os.close(fd)
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                           timeout=30)
+    assert other.stdout.strip() == "True" and not list(tmp_path.iterdir()), "the lock writes nothing"
 
 
 # -- the host: more workers than it can hold -------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import psutil
 import pytest
 import zmq
@@ -117,6 +118,21 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
     assert next(p for p in data["processes"] if p["name"] == "learner")["dropped"] >= 1000
     table = stack.cli("status").stdout
     assert "DROPS" in table and "dropped messages: supervisor" in table
+
+    # requests the supervisor cannot answer get an error reply; the supervisor goes on
+    ctx = zmq.Context()
+    try:
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(load_endpoints(stack.run_dir)["control"])
+        req.send(msgpack.packb({"v": 1, "type": "control_request", "cmd": "chaos", "fault": "garbage",
+                                "options": {b"x": 1}}, use_bin_type=True))
+        assert req.poll(5000), "the supervisor answers"
+        reply = msgpack.unpackb(req.recv_multipart()[0], raw=False)
+        assert reply["ok"] is False
+    finally:
+        ctx.destroy(linger=0)
+    assert stack.status() is not None and stack.proc.poll() is None
 
     # a second `up` of the same run is refused and writes nothing: the live run keeps its config
     second = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config", str(ROOT / "configs/default.yaml"),
