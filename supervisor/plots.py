@@ -88,7 +88,8 @@ def make_plots(runs, out: Path) -> list[tuple[str, str]]:
                 _line(ax, r, f"gradients/{group}_norm_before_clip", _label(r, runs, "before clip"), "tab:red", st)
                 _line(ax, r, f"gradients/{group}_norm_after_clip", _label(r, runs, "after clip"), "tab:green", st)
                 thr = getattr(r.run.cfg.learner, f"max_grad_norm_{group}")
-                ax.axhline(thr, color="black", linestyle=st, linewidth=0.8, label=_label(r, runs, f"threshold {thr:g}"))
+                ax.axhline(thr, color="gray", linestyle=st, linewidth=2.5, alpha=0.5, zorder=1,
+                           label=_label(r, runs, f"threshold {thr:g}"))
             ax.set_yscale("log")
             ax.set_xlabel("update")
             ax.set_title(f"{group} gradient norm")

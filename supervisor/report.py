@@ -432,10 +432,12 @@ def table(run: Run, q_max: float) -> list[Row]:
                 return st, f"mean {stats['mean'] / thr - 1:+.0%} vs threshold", f"{share:.0%} of logged points above"
             label = name.replace("_norm_before_clip", " norm before clip").replace("_norm", " norm (before clip)")
             add("gradients", label, f"<= {thr:g} (clip threshold) in most updates", s[1] if s else None, before)
-            after = get(f"gradients/{name.replace('_before_clip', '_after_clip') if 'before' in name else name + '_after_clip'}")
+            after_tag = name.replace("_before_clip", "_after_clip") if "before" in name else name + "_after_clip"
+            after = get(f"gradients/{after_tag}")
 
             def after_j(stats, thr=thr):
-                return (an.BAD if stats["max"] > thr * 1.01 else an.OK), f"max {stats['max'] / thr:.0%} of threshold", ""
+                st = an.BAD if stats["max"] > thr * 1.01 else an.OK
+                return st, f"max {stats['max'] / thr:.0%} of threshold", ""
             add("gradients", label.replace("before clip", "after clip"), f"<= {thr:g} always",
                 after[1] if after else None, after_j)
         frac = get(f"gradients/{group}_clip_fraction")
@@ -448,7 +450,8 @@ def table(run: Run, q_max: float) -> list[Row]:
             frac[1] if frac else None, frac_j)
 
     # alerts
-    alert_tags = ["alerts/gradient_explosion_warning", "alerts/gradient_explosion_critical", "alerts/non_finite_updates"]
+    alert_tags = ["alerts/gradient_explosion_warning", "alerts/gradient_explosion_critical",
+                  "alerts/non_finite_updates"]
     alert_tags += [t for t in run.scalars.tags() if t.startswith("alerts/") and t not in alert_tags]
     for tag in alert_tags:
         s = get(tag)
@@ -734,7 +737,7 @@ def render_markdown(runs: list[Analysed], plots: list[tuple[str, str]]) -> str:
             body.append(cells)
         md += _md_table(head, body)
     md += ["", "final: the last logged value (evaluation: the mean of the last round); each logged value is a "
-           f"mean over `learner.log_every` updates. Gradient norms are taken before clipping unless the row says "
+           "mean over `learner.log_every` updates. Gradient norms are taken before clipping unless the row says "
            "after.", ""]
     md += ["## 3. Divergence analysis", ""]
     for r in runs:

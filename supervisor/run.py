@@ -250,9 +250,10 @@ class Supervisor:
         if now - self.progress_sampled_at < PROGRESS_SAMPLE_S:
             return
         self.progress_sampled_at = now
-        children = {r["name"]: {"role": r["labels"].get("role"), "state": r["state"], "phase": r["phase"], "incarnation": r["incarnation"],
-                                "env_steps": r["env_steps"], "updates": r["updates"], "steps_per_s": r["steps_per_s"],
-                                "heartbeat_age_s": r["heartbeat_age_s"]} for r in self.machine.snapshot()}
+        children = {r["name"]: {"role": r["labels"].get("role"), "state": r["state"], "phase": r["phase"],
+                                "incarnation": r["incarnation"], "env_steps": r["env_steps"], "updates": r["updates"],
+                                "steps_per_s": r["steps_per_s"], "heartbeat_age_s": r["heartbeat_age_s"]}
+                    for r in self.machine.snapshot()}
         try:
             if self.progress_file is None:
                 self.progress_file = open(self.run_dir / "progress.jsonl", "a", buffering=1)

@@ -1,4 +1,4 @@
-"""``supervisor report``: the event file reader, the divergence verdict, incidents, torn files, --compare, a real run."""
+"""``supervisor report``: the event file reader, the verdict, incidents, torn files, --compare, a real run."""
 
 import base64
 import json
@@ -81,7 +81,8 @@ def fake_run(root: Path, actor=None, q=None, updates=8000, every=50, pre_clip=(3
             f.write(json.dumps({"time": start + step * seconds_per_update, "children": {
                 "learner": {"role": "learner", "state": "running", "env_steps": int(step + 1000), "updates": int(step),
                             "steps_per_s": 100.0},
-                "worker-0": {"role": "worker", "state": "running", "env_steps": int(step // 2), "updates": 0, "steps_per_s": 50.0},
+                "worker-0": {"role": "worker", "state": "running", "env_steps": int(step // 2), "updates": 0,
+                             "steps_per_s": 50.0},
                 "worker-1": {"role": "worker", "state": "running", "env_steps": int(step // 2), "updates": 0,
                              "steps_per_s": 45.0 + k % 3}}}) + "\n")
     return root
