@@ -678,7 +678,7 @@ def verdict_lines(a: Analysed) -> list[str]:
     for f in v.findings:
         out.append(f"- {f.level}: {f.text}")
     if not v.findings:
-        out.append("- no rule fired: values within Qmax, -actor_loss consistent with Q, clipping rare, no alerts")
+        out.append("- no rule fired: values within Qmax, -actor_loss consistent with Q, clipping in at most half of the updates, no alerts")
     for name, label in (("actor_loss", "actor loss"), ("q", "Q (mean of q1, q2)")):
         g = v.growth.get(name)
         out.append(f"- {label}: " + (g.text() if g is not None else "too few points"))

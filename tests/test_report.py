@@ -372,7 +372,7 @@ def test_report_of_a_real_run(stack_factory):
     res = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, "report", str(stack.run_dir), "--html"], cwd=ROOT,
                          capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr
-    assert "stopped" in res.stdout and "verdict:" in res.stdout
+    assert "STOPPED" in res.stdout and "verdict:" in res.stdout, res.stdout
     out = stack.run_dir / "report"
     md = (out / "report.md").read_text()
     for section in ("## 1. Run status", "## 2. Expected against observed", "## 3. Divergence analysis",
