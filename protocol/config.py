@@ -289,6 +289,36 @@ class ChaosConfig(_Section):
         return self
 
 
+class ReportConfig(_Section):
+    """What ``supervisor report`` expects of a run; the defaults come from the run's own config."""
+
+    q_max: float | None = Field(None, gt=0.0)  # the bound of any honest |Q|; None: env.reward_max / (1 - gamma)
+    window_updates: int = Field(5000, ge=10)  # the divergence analysis looks at this many last updates
+    growth_warn: float = Field(3.0, gt=1.0)  # |actor loss| or |Q| growing this much over the window, exponentially
+    growth_diverging: float = Field(10.0, gt=1.0)  # ... and this much: diverging
+    fit_r2: float = Field(0.9, gt=0.0, le=1.0)  # an exponential fit counts only if it explains this much
+    # (-actor_loss - Q) / (|Q| + 1): the actor finds actions its critic overrates (it exploits extrapolation)
+    actor_q_gap_warn: float = Field(2.0, gt=0.0)
+    actor_q_gap_diverging: float = Field(10.0, gt=0.0)
+    clip_active_warn: float = Field(0.5, gt=0.0, le=1.0)  # clipping acting in more updates than this: a warning
+    twin_ratio: float = Field(0.5, gt=0.0)  # |q1 - q2| above this times (|Q| + 1): a warning
+    critic_loss_growth_warn: float = Field(10.0, gt=1.0)  # the critic loss growing this much over the window
+    eval_return_target: float | None = None  # the evaluation return a good run reaches (None: only its trend)
+    min_updates_per_s: float | None = Field(None, ge=0.0)
+    min_steps_per_s: float | None = Field(None, ge=0.0)
+    # no new metrics nor heartbeat progress for this long: frozen (None: twice the largest supervisor deadline)
+    frozen_after_s: float | None = Field(None, gt=0.0)
+    plot_points: int = Field(2000, ge=10)  # points per line in the plots (longer series are thinned)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.growth_diverging < self.growth_warn:
+            raise ValueError("growth_diverging must be at least growth_warn")
+        if self.actor_q_gap_diverging < self.actor_q_gap_warn:
+            raise ValueError("actor_q_gap_diverging must be at least actor_q_gap_warn")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
@@ -297,6 +327,7 @@ class Config(_Section):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     simulators: SimulatorsConfig = Field(default_factory=SimulatorsConfig)
     chaos: ChaosConfig = Field(default_factory=ChaosConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def has_containers(self) -> bool:
         """Whether the supervisor runs a simulator container per slot."""

@@ -69,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--run-dir", type=Path, help="the run (default: RUNS_DIR/latest)")
     chaos.add_argument("--runs-dir", type=Path, default=Path("runs"))
 
-    rep = sub.add_parser("report", help="summarize a run directory: incidents, restarts, evaluation")
-    rep.add_argument("run_dir", type=Path)
-    rep.add_argument("--json", action="store_true")
+    rep = sub.add_parser("report", help="write RUN_DIR/report/report.md: status, expected against observed, "
+                                        "divergence verdict, incidents, plots")
+    rep.add_argument("run_dir", type=Path, nargs="?", help="the run (default: RUNS_DIR/latest)")
+    rep.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    rep.add_argument("--compare", type=Path, action="append", default=[], metavar="OTHER_RUN",
+                     help="another run to put side by side in the table and the plots (repeatable)")
+    rep.add_argument("--html", action="store_true", help="also write report.html, one page with the plots embedded")
+    rep.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
@@ -455,7 +460,7 @@ def dispatch(args) -> int:
     if args.command == "report":
         from supervisor.report import report
 
-        return report(args.run_dir, as_json=args.json)
+        return report(resolve_run_dir(args), as_json=args.json, html=args.html, compare=args.compare)
     return EXIT_USAGE
 
 

@@ -47,6 +47,9 @@ TICK_S = 0.05
 RESERVE_BYTES = 1024 * 1024
 RESERVE_EVERY = 1000
 DISK_CHECK_EVERY_S = 5.0
+# progress.jsonl: every child's counters, phase and steps/s, this often (what `supervisor report` plots per worker
+# and judges a frozen run by); about 100 bytes per child per line.
+PROGRESS_SAMPLE_S = 2.0
 
 
 _HELD_LOCKS: list[int] = []  # run-directory locks this process holds until it ends
@@ -105,6 +108,8 @@ class Supervisor:
         self.disk_checked_at = -1e9
         self.disk: dict = {}
         self.process_started = process_start_time(os.getpid())
+        self.progress_sampled_at = -1e9
+        self.progress_file = None
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.started = time.monotonic()
@@ -258,6 +263,25 @@ class Supervisor:
         if low and not was_low:
             self.record(Event(ev.DISK_LOW, "run", {"free_bytes": usage.free, "path": str(self.run_dir)}))
 
+    def sample_progress(self) -> None:
+        """One line of ``progress.jsonl``: each child's state, phase, counters and steps/s (best effort)."""
+        now = time.monotonic()
+        if now - self.progress_sampled_at < PROGRESS_SAMPLE_S:
+            return
+        self.progress_sampled_at = now
+        children = {r["name"]: {"role": r["labels"].get("role"), "state": r["state"], "phase": r["phase"],
+                                "incarnation": r["incarnation"], "env_steps": r["env_steps"], "updates": r["updates"],
+                                "steps_per_s": r["steps_per_s"], "heartbeat_age_s": r["heartbeat_age_s"]}
+                    for r in self.machine.snapshot()}
+        try:
+            if self.progress_file is None:
+                self.progress_file = open(self.run_dir / "progress.jsonl", "a", buffering=1)
+            self.progress_file.write(json.dumps({"time": round(time.time(), 3), "children": children}) + "\n")
+        except OSError as exc:
+            self.os_trouble(exc if exc.filename else OSError(exc.errno, exc.strerror,
+                                                             str(self.run_dir / "progress.jsonl")),
+                            "writing progress.jsonl")
+
     # -- control -------------------------------------------------------------
 
     def status(self) -> dict:
@@ -335,6 +359,7 @@ class Supervisor:
             self.execute(self.machine.signal_received(self.signals.get()))
         self.execute(self.machine.tick())
         self.chaos.tick()
+        self.sample_progress()
 
     def start(self) -> zmq.Poller:
         """Bind, and start every child (after :meth:`clean_leftovers`)."""
@@ -355,10 +380,12 @@ class Supervisor:
         end = self.machine.end
         self.save_state(ended={"time": round(time.time(), 3), "exit_code": end.exit_code if end else None,
                                "reason": end.reason if end else "the supervisor stopped"})
-        try:
-            self.events_file.close()
-        except OSError:
-            pass
+        for f in (self.events_file, self.progress_file):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
         self.ctx.destroy(linger=0)
         self.remove_sockets()
 
