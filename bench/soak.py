@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
 from supervisor.cli import request  # noqa: E402
+from supervisor.report import read_jsonl  # noqa: E402
 
 CONFIG = "configs/default.yaml"
 WORKERS = 3
@@ -183,24 +184,10 @@ class Run:
         return {"processes": procs, "socket_files": sockets, "containers": containers}
 
     def events(self) -> list[dict]:
-        path = self.run_dir / "events.jsonl"
-        out = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return read_jsonl(self.run_dir / "events.jsonl")
 
     def log(self, name: str) -> list[dict]:
-        path = self.run_dir / "logs" / f"{name}.jsonl"
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-        return rows
+        return read_jsonl(self.run_dir / "logs" / f"{name}.jsonl")
 
     def throughput(self, since: float, until: float, from_steps: int = 0) -> float:
         """Stored env steps per second over [since, until] (the learner's count; a restart's dip is skipped),

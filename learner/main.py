@@ -33,7 +33,7 @@ from learner.sampler import Sampler
 from learner.td3 import TD3Agent, q_max
 from policy.network import policy_arrays
 from protocol.config import Config, load_config
-from protocol.exits import FatalError, fatal_message, say
+from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.messages import PROGRESS, WEIGHTS
@@ -346,13 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return learner.run()
     except Exception as exc:
-        message = fatal_message(exc, args.run_dir)
-        if message is None:
-            learner.log.exception("learner failed")
-            return 1
-        learner.log.error("learner cannot go on", reason=message, exc_info=not isinstance(exc, FatalError))
-        say(f"learner: {message}")
-        return learner.heartbeat.fatal(message)
+        return exit_on_error(exc, args.run_dir, args.name, learner.log, learner.heartbeat)
     finally:
         learner.close()
 

@@ -42,3 +42,15 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except OSError:
         pass
+
+
+def exit_on_error(exc: Exception, run_dir, name: str, log, heartbeat) -> int:
+    """How a child's main ends on an error: 1 (restart it) with the traceback in its log, or, for an error a
+    restart cannot mend, its one line in the log, on stderr and in a last heartbeat, and :data:`EXIT_FATAL`."""
+    message = fatal_message(exc, run_dir)
+    if message is None:
+        log.exception(f"{name} failed")
+        return 1
+    log.error(f"{name} cannot go on", reason=message, exc_info=not isinstance(exc, FatalError))
+    say(f"{name}: {message}")
+    return heartbeat.fatal(message)

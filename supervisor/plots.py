@@ -48,23 +48,29 @@ def _save(fig, out: Path, name: str, title: str, made: list) -> None:
     made.append((title, name))
 
 
+def _pair(runs, out: Path, made: list, file: str, title: str, xlabel: str, yscale: str | None,
+          panels: list[tuple[str, str, str]]) -> None:
+    """Two panels side by side, one tag each (every run's line in each), saved as ``file``."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, (tag, name, color) in zip(axes, panels):
+        for i, r in enumerate(runs):
+            _line(ax, r, tag, _label(r, runs, name), color, STYLES[i % len(STYLES)])
+        if yscale:
+            ax.set_yscale(yscale)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    _save(fig, out, file, title, made)
+
+
 def make_plots(runs, out: Path) -> list[tuple[str, str]]:
     """Write the plots of ``runs`` (the first is the report's run) into ``out``; returns (title, file name)."""
     made: list[tuple[str, str]] = []
     out = Path(out)
     any_tb = any(r.run.scalars.series for r in runs)
     if any_tb:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for i, r in enumerate(runs):
-            st = STYLES[i % len(STYLES)]
-            _line(axes[0], r, "train/actor_loss", _label(r, runs, "actor loss"), "tab:blue", st)
-            _line(axes[1], r, "train/critic_loss", _label(r, runs, "critic loss"), "tab:green", st)
-        for ax, t in zip(axes, ("actor loss", "critic loss")):
-            ax.set_yscale("symlog")
-            ax.set_xlabel("update")
-            ax.set_title(t)
-            ax.legend(fontsize=7)
-        _save(fig, out, "losses.png", "Losses", made)
+        _pair(runs, out, made, "losses.png", "Losses", "update", "symlog",
+              [("train/actor_loss", "actor loss", "tab:blue"), ("train/critic_loss", "critic loss", "tab:green")])
 
         fig, ax = plt.subplots(figsize=(12, 4.5))
         for i, r in enumerate(runs):
@@ -96,16 +102,9 @@ def make_plots(runs, out: Path) -> list[tuple[str, str]]:
             ax.legend(fontsize=7)
         _save(fig, out, "grad_norms.png", "Gradient norms and clip thresholds", made)
 
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for i, r in enumerate(runs):
-            st = STYLES[i % len(STYLES)]
-            _line(axes[0], r, "train/episode_reward", _label(r, runs, "episode reward"), "tab:blue", st)
-            _line(axes[1], r, "train/episode_length", _label(r, runs, "episode length"), "tab:purple", st)
-        for ax, t in zip(axes, ("training episode reward", "training episode length")):
-            ax.set_xlabel("env step")
-            ax.set_title(t)
-            ax.legend(fontsize=7)
-        _save(fig, out, "episodes.png", "Episode reward and length", made)
+        _pair(runs, out, made, "episodes.png", "Episode reward and length", "env step", None,
+              [("train/episode_reward", "training episode reward", "tab:blue"),
+               ("train/episode_length", "training episode length", "tab:purple")])
 
     if any(r.run.evals for r in runs):
         fig, ax = plt.subplots(figsize=(12, 4))

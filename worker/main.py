@@ -21,7 +21,7 @@ import zmq
 
 from protocol.chaos import REQUEST_SIGNAL
 from protocol.config import Config, load_config
-from protocol.exits import FatalError, fatal_message, say
+from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
@@ -283,13 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return worker.run()
     except Exception as exc:
-        message = fatal_message(exc, args.run_dir)
-        if message is None:
-            worker.log.exception("worker failed")
-            return 1
-        worker.log.error("worker cannot go on", reason=message, exc_info=not isinstance(exc, FatalError))
-        say(f"{worker.name}: {message}")
-        return worker.heartbeat.fatal(message)
+        return exit_on_error(exc, args.run_dir, worker.name, worker.log, worker.heartbeat)
     finally:
         worker.close()
 
