@@ -109,6 +109,7 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
     learner = stack.proc_row(status, "learner")
     grew = {"learner": rss(learner["pid"]) - before["learner"],
             "supervisor": rss(supervisor_pid(stack)) - before["supervisor"]}
+    print(f"memory growth under the attack: {grew}")
     assert grew["learner"] < 150 * 2**20 and grew["supervisor"] < 100 * 2**20, grew
     # every process's drops are in status: the learner's (the steps flood), the supervisor's (heartbeat, control)
     assert learner["dropped"] >= 1000 and status["supervisor_dropped"] >= 1000
