@@ -539,3 +539,25 @@ def test_a_torn_state_or_endpoints_file_is_no_traceback(tmp_path):
     (run / "endpoints.json").write_text("[1, 2")
     res = run_cli("status", "--run-dir", str(run))
     assert res.returncode == cli.EXIT_NO_SUPERVISOR and "Traceback" not in res.stderr
+
+
+def test_status_of_a_run_whose_state_file_could_not_say_how_it_ended_reads_its_events(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "supervisor.json").write_text(json.dumps({"pid": 1, "started": 1.0}))  # written before the disk filled
+    (run / "events.jsonl").write_text(
+        json.dumps({"time": 1.0, "event": "run_started", "name": "run"}) + "\n"
+        + json.dumps({"time": 2.0, "event": "run_ended", "name": "run", "exit_code": 1,
+                      "reason": "learner failed: no space left on device writing /x"}) + "\n{\"time\": 3, \"ev")
+    res = run_cli("status", "--run-dir", str(run))
+    assert res.returncode == cli.EXIT_NO_SUPERVISOR
+    assert "exit 1: learner failed: no space left on device writing /x" in res.stdout
+
+
+def test_a_replay_made_for_other_spaces_or_missing_an_array_is_named(tmp_path):
+    make_replay(tmp_path / "replay").flush()
+    with pytest.raises(FatalError, match="was made for"):
+        ReplayBuffer(tmp_path / "replay", 100, (4,), np.float32, 1)
+    (tmp_path / "replay" / "prev.npy").unlink()
+    with pytest.raises(FatalError, match="prev.npy is missing"):
+        make_replay(tmp_path / "replay")
