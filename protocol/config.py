@@ -167,6 +167,8 @@ class LearnerConfig(_Section):
     encoder: Literal["nature", "drqv2"] = "nature"
     encoder_mode: Literal["shared", "separate"] = "shared"
     target_encoder: Literal["polyak", "online"] = "polyak"  # next_obs for the TD target: see learner/td3.py
+    # between an image encoder and each head: Linear+LayerNorm+tanh, or Linear+ReLU (unbounded; see policy/network.py)
+    trunk: Literal["layernorm_tanh", "plain"] = "layernorm_tanh"
     feature_dim: int = Field(50, gt=0)
     hidden_dim: int = Field(256, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -362,7 +364,7 @@ class Config(_Section):
 
 # What a run's model and replay were built for: a resume may not change them.
 RESUME_FIXED = ("env.backend", "env.id", "env.kwargs", "env.frame_stack", "env.action_order", "env.carla.camera",
-                "learner.encoder", "learner.encoder_mode", "learner.feature_dim", "learner.hidden_dim",
+                "learner.encoder", "learner.encoder_mode", "learner.trunk", "learner.feature_dim", "learner.hidden_dim",
                 "learner.replay_capacity")
 
 
