@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,12 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
     metrics = Metrics(run_dir)
     checkpoints = Checkpoints(run_dir / "checkpoints", run_id=variant)
     events = open(run_dir / "events.jsonl", "w", buffering=1)
+
+    def event(kind: str, name: str, **fields) -> None:  # as the supervisor writes them
+        ev.check_event(kind, fields)
+        events.write(json.dumps({"time": round(time.time(), 3), "event": kind, "name": name, **fields}) + "\n")
+
+    event(ev.RUN_STARTED, "run", run_dir=str(run_dir), pid=os.getpid(), workers=0, children=["learner"])
     blowup, first_alert, trace, peak = None, {}, [], {"q": 0.0, "actor_loss": 0.0}
     stop_at = updates
     t0 = time.time()
@@ -119,11 +126,7 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
         m = agent.update(b, detailed=u % lc.log_every == 0)
         metrics.observe(m, time.perf_counter() - t, float(b.age.mean()))
         for alert in monitor.observe(u, m):
-            text = f"{alert['level']}:{alert['rule']}@{u}"
-            fields = {"alert": text}
-            ev.check_event(ev.ALERT, fields)
-            events.write(json.dumps({"time": round(time.time(), 3), "event": ev.ALERT, "name": "learner",
-                                     **fields}) + "\n")
+            event(ev.ALERT, "learner", alert=f"{alert['level']}:{alert['rule']}@{u}")
             first_alert.setdefault(alert["rule"], {"updates": u, "level": alert["level"],
                                                    "value": alert["value"], "limit": alert["limit"]})
             if alert["level"] == "critical":  # the learner keeps the weights that raised it
@@ -156,6 +159,8 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
         if u >= stop_at:
             break
     metrics.close()
+    event(ev.RUN_COMPLETE, "learner")
+    event(ev.RUN_ENDED, "run", reason=f"bench: {u} updates on a fixed replay", exit_code=0)
     events.close()
     result = {"variant": variant, "config": VARIANTS[variant], "device": device, "batch": lc.batch_size,
               "log_every": lc.log_every, "q_max": qmax, "blowup_limit": BLOWUP_QMAX * qmax, "updates_done": u,

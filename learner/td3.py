@@ -280,7 +280,10 @@ class TD3Agent:
         # shared: the encoder learns from the critic only, so the actor reads the critic's features, detached
         h_actor = self.encode(self.policy.encoder, obs) if self.separate else h_detached
         action = actor(h_actor)
-        q1, _ = self.critic(h_detached, action)
+        # ours: the critic judges the action on its own features; the users' design judged it on the actor
+        # CNN's, which the actor loss then pushes to wherever the critic extrapolates highest
+        on_actor_features = self.separate and cfg.actor_loss_features == "actor"
+        q1, _ = self.critic(h_actor if on_actor_features else h_detached, action)
         actor_loss = -q1.mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
