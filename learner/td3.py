@@ -6,6 +6,11 @@ Encoder modes:
 - ``separate``: the actor has its own encoder trained by the actor loss at
   ``actor_cnn_lr`` (the older design, kept for comparison).
 
+Trunk (``trunk``), between an image encoder and each head: ``layernorm_tanh``
+(the default: Linear, LayerNorm, tanh) or ``plain`` (Linear, ReLU: unbounded
+features). ``separate`` with ``plain`` is the network of a user's run whose actor
+loss went to -2.7e9 (``configs/users_diverging.yaml``; ``bench/diverge.py``).
+
 Target encoder (``target_encoder``), for the TD target's ``next_obs``:
 - ``polyak``: a Polyak-averaged copy of the encoder, updated with the other targets
   on actor steps only (every ``policy_delay`` updates: an effective tau of
@@ -35,11 +40,12 @@ from policy.network import Actor, Policy, is_image, make_encoder, make_trunk, or
 
 
 class Critic(nn.Module):
-    """Twin Q heads on encoder features (through a LayerNorm+tanh trunk for images)."""
+    """Twin Q heads on encoder features (through a trunk for images: LayerNorm+tanh unless ``trunk`` is plain)."""
 
-    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, image: bool):
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, image: bool,
+                 trunk: str = "layernorm_tanh"):
         super().__init__()
-        self.trunk = make_trunk(repr_dim, feature_dim, image)
+        self.trunk = make_trunk(repr_dim, feature_dim, image, trunk)
         in_dim = (feature_dim if image else repr_dim) + action_dim
 
         def head():
@@ -98,10 +104,10 @@ class TD3Agent:
         self.amp = bool(cfg.amp) and device.type == "cuda"  # bf16 autocast; no gain on CPU
         self.critic_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device)
         repr_dim = self.critic_encoder.repr_dim
-        self.critic = Critic(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image).to(device)
+        self.critic = Critic(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image, cfg.trunk).to(device)
         self.separate = cfg.encoder_mode == "separate" and self.image
         actor_encoder = make_encoder(self.obs_shape, cfg.encoder).to(device) if self.separate else self.critic_encoder
-        actor = Actor(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image).to(device)
+        actor = Actor(repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim, self.image, cfg.trunk).to(device)
         self.policy = Policy(actor_encoder, actor)
         if self.image:
             self.critic_encoder.to(memory_format=torch.channels_last)
@@ -274,7 +280,10 @@ class TD3Agent:
         # shared: the encoder learns from the critic only, so the actor reads the critic's features, detached
         h_actor = self.encode(self.policy.encoder, obs) if self.separate else h_detached
         action = actor(h_actor)
-        q1, _ = self.critic(h_detached, action)
+        # ours: the critic judges the action on its own features; the users' design judged it on the actor
+        # CNN's, which the actor loss then pushes to wherever the critic extrapolates highest
+        on_actor_features = self.separate and cfg.actor_loss_features == "actor"
+        q1, _ = self.critic(h_actor if on_actor_features else h_detached, action)
         actor_loss = -q1.mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()

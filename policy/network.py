@@ -71,19 +71,33 @@ def make_encoder(obs_shape: tuple[int, ...], arch: str) -> nn.Module:
     return ImageEncoder(obs_shape, arch) if is_image(obs_shape) else VectorEncoder(obs_shape)
 
 
-def make_trunk(repr_dim: int, feature_dim: int, image: bool) -> nn.Module:
-    """LayerNorm+tanh bottleneck in front of a head (DrQ-v2); identity for vector inputs."""
+# The bottleneck between an image encoder and a head (``learner.trunk``).
+TRUNKS = ("layernorm_tanh", "plain")
+
+
+def make_trunk(repr_dim: int, feature_dim: int, image: bool, kind: str = "layernorm_tanh") -> nn.Module:
+    """The bottleneck in front of a head; identity for vector inputs.
+
+    ``layernorm_tanh`` (the default, DrQ-v2): Linear, LayerNorm, tanh: features bounded in [-1, 1].
+    ``plain``: Linear and ReLU, as after a Nature CNN: unbounded features (the design of a user's run
+    that diverged, kept so it can be reproduced).
+    """
     if not image:
         return nn.Identity()
-    return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+    if kind == "layernorm_tanh":
+        return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+    if kind == "plain":
+        return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.ReLU())
+    raise ValueError(f"unknown trunk {kind!r}; one of {', '.join(TRUNKS)}")
 
 
 class Actor(nn.Module):
     """Deterministic policy head: features -> action in [-1, 1]."""
 
-    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, image: bool):
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, image: bool,
+                 trunk: str = "layernorm_tanh"):
         super().__init__()
-        self.trunk = make_trunk(repr_dim, feature_dim, image)
+        self.trunk = make_trunk(repr_dim, feature_dim, image, trunk)
         in_dim = feature_dim if image else repr_dim
         self.policy = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.ReLU(),
@@ -110,7 +124,8 @@ class Policy(nn.Module):
 
 def build_policy(obs_shape: tuple[int, ...], action_dim: int, learner_cfg) -> Policy:
     encoder = make_encoder(obs_shape, learner_cfg.encoder)
-    actor = Actor(encoder.repr_dim, action_dim, learner_cfg.feature_dim, learner_cfg.hidden_dim, is_image(obs_shape))
+    actor = Actor(encoder.repr_dim, action_dim, learner_cfg.feature_dim, learner_cfg.hidden_dim, is_image(obs_shape),
+                  learner_cfg.trunk)
     return Policy(encoder, actor)
 
 

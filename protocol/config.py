@@ -167,6 +167,12 @@ class LearnerConfig(_Section):
     encoder: Literal["nature", "drqv2"] = "nature"
     encoder_mode: Literal["shared", "separate"] = "shared"
     target_encoder: Literal["polyak", "online"] = "polyak"  # next_obs for the TD target: see learner/td3.py
+    # between an image encoder and each head: Linear+LayerNorm+tanh, or Linear+ReLU (unbounded; see policy/network.py)
+    trunk: Literal["layernorm_tanh", "plain"] = "layernorm_tanh"
+    # separate mode: the critic judges the actor's action on the critic's features (ours), or on the actor CNN's
+    # own features (the users' diverged design: the actor CNN can move its features to where the critic
+    # extrapolates, and -actor_loss runs away from Q)
+    actor_loss_features: Literal["critic", "actor"] = "critic"
     feature_dim: int = Field(50, gt=0)
     hidden_dim: int = Field(256, gt=0)
     batch_size: int = Field(256, gt=0)
@@ -195,6 +201,12 @@ class LearnerConfig(_Section):
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False
     compile: bool = False
+
+    @model_validator(mode="after")
+    def _actor_features(self):
+        if self.actor_loss_features == "actor" and self.encoder_mode != "separate":
+            raise ValueError("actor_loss_features: actor needs encoder_mode: separate (an actor CNN of its own)")
+        return self
 
 
 class SupervisorConfig(_Section):
@@ -393,7 +405,7 @@ class Config(_Section):
 
 # What a run's model and replay were built for: a resume may not change them.
 RESUME_FIXED = ("env.backend", "env.id", "env.kwargs", "env.frame_stack", "env.action_order", "env.carla.camera",
-                "learner.encoder", "learner.encoder_mode", "learner.feature_dim", "learner.hidden_dim",
+                "learner.encoder", "learner.encoder_mode", "learner.trunk", "learner.feature_dim", "learner.hidden_dim",
                 "learner.replay_capacity")
 
 

@@ -1,8 +1,11 @@
 """TD3 updates on tiny inputs: smoothing, policy delay, where the encoder's gradients come from."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from learner.alerts import AlertMonitor
 from learner.replay import Batch
@@ -13,6 +16,7 @@ from policy.network import build_policy, load_policy_arrays, policy_arrays
 pytestmark = pytest.mark.timeout(60)
 
 IMG = (4, 84, 84)
+USERS = Path(__file__).resolve().parent.parent / "configs" / "users_diverging.yaml"
 
 
 def cfg(**kw):
@@ -320,3 +324,98 @@ def test_checkpoints_carry_the_random_generators_through_a_restart(tmp_path):
     torch.manual_seed(0)
     restore_rng(ckpt.load(torch.device("cpu"))["rng"], fresh)
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(fresh.random(3), expected[1])
+
+
+def users_cfg(**kw):
+    """configs/users_diverging.yaml's learner, on the tiny test shapes."""
+    from protocol.config import load_config
+
+    users = load_config(USERS).learner
+    keys = ("encoder_mode", "trunk", "actor_lr", "critic_lr", "actor_cnn_lr", "max_grad_norm_actor",
+            "max_grad_norm_critic")
+    return cfg(**{**{k: getattr(users, k) for k in keys}, **kw})
+
+
+def test_the_plain_trunk_has_no_layernorm_or_tanh():
+    torch.manual_seed(0)
+    plain = TD3Agent(IMG, 2, users_cfg(), torch.device("cpu"))
+    default = TD3Agent(IMG, 2, cfg(), torch.device("cpu"))
+
+    def kinds(agent):
+        return {type(m) for net in (agent.critic, agent.policy, agent.critic_target, agent.actor_target)
+                for m in net.modules()}
+
+    assert nn.LayerNorm not in kinds(plain) and nn.Tanh not in kinds(plain)
+    assert [type(m) for m in plain.critic.trunk] == [nn.Linear, nn.ReLU] == [type(m) for m in plain.policy.actor.trunk]
+    assert nn.LayerNorm in kinds(default) and nn.Tanh in kinds(default)
+    with torch.no_grad():  # actions stay in [-1, 1]: the tanh on the actor's output is not the trunk's
+        a = plain.policy(torch.from_numpy(batch(IMG).obs))
+    assert a.abs().max() <= 1.0
+    assert type(TD3Agent((3,), 2, users_cfg(), torch.device("cpu")).critic.trunk) is nn.Identity, "vectors: none"
+
+
+def test_in_the_users_network_the_actor_cnn_learns_from_the_actor_loss_only():
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, users_cfg(), torch.device("cpu"))
+    actor_cnn, critic_cnn = agent.policy.encoder, agent.critic_encoder
+    assert actor_cnn is not critic_cnn
+    # the actor optimizer's second group is the actor CNN, at actor_cnn_lr; the critic's holds none of it
+    assert {id(p) for p in agent.actor_opt.param_groups[1]["params"]} == {id(p) for p in actor_cnn.parameters()}
+    assert agent.actor_opt.param_groups[1]["lr"] == 1e-4
+    assert not {id(p) for g in agent.critic_opt.param_groups for p in g["params"]} & {id(p) for p in
+                                                                                     actor_cnn.parameters()}
+    b = agent.to_device(batch(IMG))
+    obs, next_obs = agent._prep(b["obs"]), agent._prep(b["next_obs"])
+    before = params(actor_cnn)
+    m = {}
+    h = agent.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
+    assert all(p.grad is None for p in actor_cnn.parameters()), "the critic loss reaches no actor CNN weight"
+    assert not changed(before, actor_cnn) and "gradients/actor_cnn_norm" not in m
+    critic_cnn.zero_grad(set_to_none=True)
+    agent.update_actor(obs, h.detach(), m)
+    assert all(p.grad is None for p in critic_cnn.parameters()), "the actor loss reaches no critic CNN weight"
+    assert m["gradients/actor_cnn_norm"] > 0 and changed(before, actor_cnn)
+
+
+def test_the_trunk_option_is_validated_and_fixed_on_resume():
+    from protocol.config import ConfigError, load_config, resume_conflicts
+
+    users = load_config(USERS)
+    lc = users.learner
+    assert (lc.encoder_mode, lc.trunk, lc.actor_lr, lc.critic_lr, lc.actor_cnn_lr, lc.max_grad_norm_actor,
+            lc.max_grad_norm_critic) == ("separate", "plain", 1e-4, 1e-4, 1e-4, 1.0, 10.0)
+    assert load_config(None).learner.trunk == "layernorm_tanh"
+    with pytest.raises(ConfigError, match=r"learner\.trunk: .*'layernorm_tanh' or 'plain'"):
+        load_config(None, [("learner.trunk", "layernorm")])
+    assert any(c.startswith("learner.trunk='plain'") for c in
+               resume_conflicts(users, load_config(USERS, [("learner.trunk",
+                                                                                      "layernorm_tanh")])))
+
+
+def test_the_users_network_checkpoints_resumes_and_crosses_the_wire(tmp_path):
+    from learner.checkpoints import Checkpoints
+
+    torch.manual_seed(0)
+    agent = TD3Agent(IMG, 2, users_cfg(), torch.device("cpu"))
+    for i in range(2):
+        agent.update(batch(IMG, seed=i))
+    Checkpoints(tmp_path).save("latest", agent.state_dict(), 1, {})
+    state = Checkpoints(tmp_path).load(torch.device("cpu"))
+    torch.manual_seed(1)
+    resumed = TD3Agent(IMG, 2, users_cfg(), torch.device("cpu"))
+    resumed.load_state_dict(state["agent"])
+    assert resumed.updates == 2
+    obs = torch.from_numpy(batch(IMG, seed=5).obs)
+    with torch.no_grad():
+        assert torch.equal(resumed.policy(obs), agent.policy(obs))
+        x = agent._prep(obs)
+        assert torch.equal(resumed.actor_encoder_target(x), agent.actor_encoder_target(x))
+    # a checkpoint of one trunk does not load into the other (the learner names this as another model's)
+    with pytest.raises(RuntimeError, match="trunk"):
+        TD3Agent(IMG, 2, users_cfg(trunk="layernorm_tanh"), torch.device("cpu")).load_state_dict(state["agent"])
+    worker_policy = build_policy(IMG, 2, users_cfg())
+    load_policy_arrays(worker_policy, policy_arrays(agent.policy))
+    with torch.no_grad():
+        assert torch.allclose(worker_policy(obs), agent.policy(obs))  # channels-last there, not here
+    with pytest.raises(ValueError, match="missing"):
+        load_policy_arrays(build_policy(IMG, 2, cfg()), policy_arrays(agent.policy))
