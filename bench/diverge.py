@@ -116,6 +116,8 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
 
     event(ev.RUN_STARTED, "run", run_dir=str(run_dir), pid=os.getpid(), workers=0, children=["learner"])
     blowup, first_alert, trace, peak = None, {}, [], {"q": 0.0, "actor_loss": 0.0}
+    onset = None  # the first update past a diverging line of the report (-actor_loss far above Q, or past Qmax)
+    rc = cfg.report
     stop_at = updates
     t0 = time.time()
     for u in range(1, updates + 1):
@@ -144,6 +146,11 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
             peak["q"] = max(peak["q"], q)
         if math.isfinite(m.get("train/actor_loss", 0.0)):
             peak["actor_loss"] = max(peak["actor_loss"], abs(m.get("train/actor_loss", 0.0)))
+        if onset is None and "train/actor_loss" in m:
+            qm, al = (m["train/q1_value"] + m["train/q2_value"]) / 2.0, m["train/actor_loss"]
+            if not (math.isfinite(qm) and math.isfinite(al)) or (-al - qm) / (abs(qm) + 1.0) > rc.actor_q_gap_diverging \
+                    or max(abs(qm), abs(al)) > qmax:
+                onset = u
         if blowup is None:
             value = blown_up(m, qmax)
             if value is not None:
@@ -165,11 +172,19 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
     result = {"variant": variant, "config": VARIANTS[variant], "device": device, "batch": lc.batch_size,
               "log_every": lc.log_every, "q_max": qmax, "blowup_limit": BLOWUP_QMAX * qmax, "updates_done": u,
               "updates_max": updates, "seconds": time.time() - t0, "updates_per_s": u / (time.time() - t0),
-              "blowup": blowup, "first_alerts": first_alert, "counters": monitor.counters(), "peak": peak,
+              "blowup": blowup, "onset": onset, "report": report_verdict(run_dir), "first_alerts": first_alert, "counters": monitor.counters(), "peak": peak,
               "tb_first_blowup_step": tb_first_blowup(run_dir / "tb", BLOWUP_QMAX * qmax), "trace": trace,
               "run_dir": str(run_dir)}
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def report_verdict(run_dir: Path) -> dict:
+    """What ``supervisor report`` makes of the run directory: its verdict and the update it first went wrong."""
+    from supervisor.report import analyse, load_run
+
+    v = analyse(load_run(run_dir)).verdict
+    return {"verdict": v.verdict, "first_wrong": v.first_wrong}
 
 
 def tb_first_blowup(tb_dir: Path, limit: float) -> int | None:
@@ -214,8 +229,22 @@ def describe(r: dict) -> list[str]:
         lines.append("alerts: " + "; ".join(parts))
     else:
         lines.append("alerts: none")
+    rep = r["report"]
+    lines.append(f"supervisor report: {rep['verdict']}" + (f", first went wrong at update {rep['first_wrong']}"
+                                                           if rep["first_wrong"] is not None else "")
+                 + (f" (the per-update onset past its lines: {r['onset']})" if r["onset"] is not None else ""))
     lines.append(f"{r['updates_per_s']:.1f} updates/s, {r['seconds']:.0f}s; run directory {r['run_dir']}")
     return lines
+
+
+def report_right(r: dict) -> bool:
+    """The report calls a blown-up run diverging, first wrong within the log window of the per-update onset (a
+    window mean reaches a line in the window it is crossed, or the next), and never after the blow-up."""
+    rep, onset = r["report"], r["onset"]
+    if r["blowup"] is None:
+        return rep["verdict"] != "diverging"
+    return (rep["verdict"] == "diverging" and rep["first_wrong"] is not None and onset is not None
+            and onset <= rep["first_wrong"] < onset + 2 * r["log_every"] and rep["first_wrong"] <= r["blowup"]["updates"])
 
 
 def run(setting: str = "ci", device: str | None = None, out: Path = OUT, replay: Path | None = None,
@@ -253,10 +282,14 @@ def run(setting: str = "ci", device: str | None = None, out: Path = OUT, replay:
         print(f"  {name} ({what}):")
         for line in describe(r):
             print(f"    {line}")
-    ok = users["blowup"] is not None and default["blowup"] is None
+    alerts_first = bool(users["blowup"]) and any(a["updates"] < users["blowup"]["updates"]
+                                                 for a in users["first_alerts"].values())
+    reported = report_right(users) and report_right(default)
+    ok = users["blowup"] is not None and default["blowup"] is None and alerts_first and reported
     print(f"  {'as expected' if ok else 'NOT as expected'}: the users' network "
           f"{'diverges' if users['blowup'] else 'does not diverge'}, the default "
-          f"{'diverges' if default['blowup'] else 'does not'}; wall {wall:.0f}s (collection {collect_s:.0f}s)")
+          f"{'diverges' if default['blowup'] else 'does not'}; an alert before the blow-up: {alerts_first}; "
+          f"the report's verdicts and first updates right: {reported}; wall {wall:.0f}s (collection {collect_s:.0f}s)")
     print(f"  compare: supervisor report {out / 'users'} --compare {out / 'default'}")
     return {"setting": setting, **s, "seed": SEED, "collect_s": collect_s, "wall_s": wall, "as_expected": ok,
             "variants": results}
