@@ -103,7 +103,7 @@ class Supervisor:
         self.events_path = self.run_dir / "events.jsonl"
         self.events_file = open(self.events_path, "a", buffering=1)
         reserve_space(self.events_file, RESERVE_BYTES)  # the last events are written on a full disk too
-        self.events_written = self.events_lost = 0
+        self.events_written = 0
         self.os_errors: set = set()
         self.disk_checked_at = -1e9
         self.disk: dict = {}
@@ -158,9 +158,11 @@ class Supervisor:
         except OSError as exc:  # the old file stays whole; the run goes on
             self.os_trouble(exc, "writing its state file")
 
-    def os_trouble(self, exc: OSError, doing: str) -> None:
-        """An OS error of the supervisor's own files: never fatal; said once per kind, and a full disk stops the
-        run (every child's next write would fail too)."""
+    def os_trouble(self, exc: OSError, doing: str, path: Path | None = None) -> None:
+        """An OS error of the supervisor's own files (``path``, where the error names none): never fatal; said
+        once per kind, and a full disk stops the run (every child's next write would fail too)."""
+        if exc.filename is None and path is not None:
+            exc.filename = str(path)
         key = (doing, exc.errno)
         if key not in self.os_errors:
             self.os_errors.add(key)
@@ -178,10 +180,8 @@ class Supervisor:
             self.events_file.write(json.dumps(line, default=str) + "\n")
             self.events_file.flush()
         except OSError as exc:
-            self.events_lost += 1
             if event.kind != ev.DISK_FULL:
-                self.os_trouble(exc if exc.filename else OSError(exc.errno, exc.strerror, str(self.events_path)),
-                                "writing events.jsonl")
+                self.os_trouble(exc, "writing events.jsonl", self.events_path)
         self.events_written += 1
         if self.events_written % RESERVE_EVERY == 0:
             reserve_space(self.events_file, RESERVE_BYTES)
@@ -278,9 +278,7 @@ class Supervisor:
                 self.progress_file = open(self.run_dir / "progress.jsonl", "a", buffering=1)
             self.progress_file.write(json.dumps({"time": round(time.time(), 3), "children": children}) + "\n")
         except OSError as exc:
-            self.os_trouble(exc if exc.filename else OSError(exc.errno, exc.strerror,
-                                                             str(self.run_dir / "progress.jsonl")),
-                            "writing progress.jsonl")
+            self.os_trouble(exc, "writing progress.jsonl", self.run_dir / "progress.jsonl")
 
     # -- control -------------------------------------------------------------
 
@@ -444,9 +442,7 @@ def read_state(run_dir: Path) -> dict:
     path = Path(run_dir) / "supervisor.json"
     try:
         state = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (ValueError, UnicodeDecodeError):
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return {}
     return state if isinstance(state, dict) else {}
 

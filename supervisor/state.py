@@ -354,7 +354,6 @@ class Supervision:
         if c.heartbeat is not None:
             c.previous_count = max(c.count(), c.resumed["resumed_from"] if c.resumed else 0)
             c.dropped_earlier = min(COUNT_CAP, c.dropped_earlier + int(c.heartbeat.get("dropped") or 0))
-            c.heartbeat = dict(c.heartbeat, dropped=0)
         actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
         if not self.stopping and c.state in UP and code is not None:
             if code in c.spec.stall_dependencies_on:
@@ -623,8 +622,7 @@ class Supervision:
         if c.held:
             return self._hold(c)
         if code in spec.fatal_exit_codes and c.state != STALLED:
-            hb = c.heartbeat or {}
-            reason = hb.get("detail") if hb.get("incarnation") == c.incarnation and hb.get("detail") else None
+            reason = (c.heartbeat or {}).get("detail")  # the beat of this incarnation: spawning clears it
             return self._fail(c, reason or f"exited with code {code}, which says a restart would not help", {})
         abnormal = code != 0 or c.state == STALLED  # a stalled child was killed by us, whatever its exit code
         if not abnormal and spec.restart != PERMANENT:
@@ -728,7 +726,8 @@ class Supervision:
                 "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
                 "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
                 "detail": hb.get("detail") if alive else None,
-                "dropped": min(COUNT_CAP, c.dropped_earlier + int(hb.get("dropped") or 0)), "resumed": c.resumed,
+                "dropped": min(COUNT_CAP, c.dropped_earlier + (int(hb.get("dropped") or 0) if alive else 0)),
+                "resumed": c.resumed,
                 "last_incident": c.last_incident, "reason": c.kill_reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
