@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from protocol import chaos as pc
 from protocol import events as ev
 from supervisor.plan import LEARNER, SIMULATOR_ROLE, WORKER
-from supervisor.state import RUNNING, Event
+from supervisor.state import ALIVE, BACKOFF, RUNNING, UP, Event
 
 if TYPE_CHECKING:  # pragma: no cover
     from supervisor.run import Supervisor
@@ -246,8 +246,7 @@ class Chaos:
         now = self.clock()
         for name, pid in list(self.state.busy.items()):
             c = self.sup.machine.children[name]
-            if (c.state == RUNNING and c.pid not in (None, pid)) or c.state not in ("starting", "running",
-                                                                                    "stalled", "stopping", "backoff"):
+            if (c.state == RUNNING and c.pid not in (None, pid)) or c.state not in ALIVE + (BACKOFF,):
                 del self.state.busy[name]  # replaced (or failed or stopped: nothing more to wait for)
         for p in list(self.state.pending.values()):
             if now >= p.end_at:
@@ -377,7 +376,7 @@ def send_garbage(ctx, endpoints: dict[str, str], sockets: list[str], names: dict
 
 # -- what became of each fault -----------------------------------------------------------------------
 
-UNPLANNED_EXIT_STATES = ("starting", "running")  # an exit in these states is the child's own doing
+UNPLANNED_EXIT_STATES = UP  # an exit in these states is the child's own doing
 
 
 def fault_outcomes(events: list[dict]) -> list[dict]:

@@ -220,7 +220,7 @@ class EnvWorker:
 
     def recycles_simulator(self) -> bool:
         """Only a simulator the supervisor runs can be recycled on request."""
-        return self.cfg.env.backend == "carla" and self.cfg.simulators.mode == "container"
+        return self.cfg.has_containers()
 
     def close(self) -> None:
         env = getattr(self, "raw_env", None)
