@@ -29,7 +29,6 @@ reward).
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.network import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init, scale_frames
+from protocol.config import q_max  # noqa: F401  (the learner's callers import it from here)
 
 
 class Critic(nn.Module):
@@ -307,6 +307,3 @@ class TD3Agent:
             for p, tp in zip(online.parameters(), target.parameters()):
                 tp.lerp_(p, tau)
 
-
-def q_max(reward_max: float, gamma: float) -> float:
-    return reward_max / (1.0 - gamma) if gamma < 1 else math.inf

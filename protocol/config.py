@@ -6,6 +6,7 @@ the key path (``config error: learner.batch_sise: unknown key``), not hours late
 
 from __future__ import annotations
 
+import math
 import shlex
 import string
 from pathlib import Path
@@ -401,6 +402,11 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def q_max(reward_max: float, gamma: float) -> float:
+    """The largest |Q| an honest estimate can reach: reward_max / (1 - gamma)."""
+    return reward_max / (1.0 - gamma) if gamma < 1 else math.inf
 
 
 # What a run's model and replay were built for: a resume may not change them.

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from protocol import events as ev
+from protocol.config import q_max
 from supervisor import analysis as an
 from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes
 from supervisor.plan import LEARNER
@@ -89,8 +90,7 @@ class Run:
 def q_max_of(cfg) -> float:
     if cfg.report.q_max is not None:
         return cfg.report.q_max
-    gamma = cfg.learner.gamma
-    return cfg.env.reward_max / (1.0 - gamma) if gamma < 1 else math.inf
+    return q_max(cfg.env.reward_max, cfg.learner.gamma)
 
 
 def load_incidents(run_dir: Path) -> list[dict]:
