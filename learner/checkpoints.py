@@ -75,7 +75,7 @@ class Checkpoints:
             shutil.copyfile(latest, keep)
         os.replace(keep, self.dir / f"{PREVIOUS}.pt")
 
-    def load(self, device: torch.device, label: str = LATEST) -> dict | None:
+    def load(self, label: str = LATEST) -> dict | None:
         """The checkpoint's contents, or None when there is none yet; raises FatalError naming a corrupt one."""
         path = self.dir / f"{label}.pt"
         if not path.exists():

@@ -131,7 +131,7 @@ class Learner:
         frame_shape = tuple(spec["frame_shape"])
         obs_shape = (frame_shape[0] * self.cfg.env.frame_stack,) + frame_shape[1:]
         self.agent = TD3Agent(obs_shape, spec["action_dim"], self.lcfg, self.device)
-        state = self.checkpoints.load(self.device)
+        state = self.checkpoints.load()
         self.replay = ReplayBuffer(self.run_dir / "replay", self.lcfg.replay_capacity, frame_shape,
                                    np.dtype(spec["frame_dtype"]), spec["action_dim"],
                                    fallback_index=state.get("replay") if state else None)

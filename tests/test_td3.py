@@ -322,7 +322,7 @@ def test_checkpoints_carry_the_random_generators_through_a_restart(tmp_path):
     expected = (torch.rand(3), rng.random(3))
     fresh = np.random.default_rng(0)  # a restarted learner, seeded afresh
     torch.manual_seed(0)
-    restore_rng(ckpt.load(torch.device("cpu"))["rng"], fresh)
+    restore_rng(ckpt.load()["rng"], fresh)
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(fresh.random(3), expected[1])
 
 
@@ -400,7 +400,7 @@ def test_the_users_network_checkpoints_resumes_and_crosses_the_wire(tmp_path):
     for i in range(2):
         agent.update(batch(IMG, seed=i))
     Checkpoints(tmp_path).save("latest", agent.state_dict(), 1, {})
-    state = Checkpoints(tmp_path).load(torch.device("cpu"))
+    state = Checkpoints(tmp_path).load()
     torch.manual_seed(1)
     resumed = TD3Agent(IMG, 2, users_cfg(), torch.device("cpu"))
     resumed.load_state_dict(state["agent"])
