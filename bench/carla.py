@@ -43,7 +43,7 @@ def container_start_s(tag: str) -> float:
     """docker run to the first answered version request, host networking."""
     import docker
 
-    from supervisor.containers import server_version
+    from supervisor.drivers.container import server_version
     from tests.conftest import free_port_block
 
     port = free_port_block(3)

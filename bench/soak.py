@@ -170,7 +170,7 @@ class Run:
             from protocol.config import load_config
 
             if load_config(self.run_dir / "config.yaml").has_containers():
-                from supervisor.containers import RUN_LABEL, connect_engine
+                from supervisor.drivers.container import RUN_LABEL, connect_engine
 
                 engine = connect_engine(10)
                 containers = len(engine.containers.list(all=True, filters={"label": [f"{RUN_LABEL}={self.run_id}"]}))

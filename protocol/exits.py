@@ -16,24 +16,47 @@ class FatalError(RuntimeError):
     """An error a restart cannot mend; its message is the one line the operator sees, with what to do."""
 
 
+# Exit codes of a supervisor command that met an operating-system error it names in one line.
+EXIT_PERMISSION, EXIT_READ_ONLY, EXIT_NO_SPACE, EXIT_OS_ERROR = 7, 8, 9, 10
+
+_OPERATOR_ERRNOS = {errno.ENOSPC: EXIT_NO_SPACE, errno.EDQUOT: EXIT_NO_SPACE, errno.EROFS: EXIT_READ_ONLY,
+                    errno.EACCES: EXIT_PERMISSION, errno.EPERM: EXIT_PERMISSION}
+
+
+def operator_error(exc: BaseException) -> bool:
+    """An OS error an operator causes and mends (a full or read-only disk, a refused permission)."""
+    return isinstance(exc, OSError) and exc.errno in _OPERATOR_ERRNOS
+
+
+def os_error_exit(exc: OSError) -> int:
+    return _OPERATOR_ERRNOS.get(exc.errno, EXIT_OS_ERROR)
+
+
+def os_error_line(exc: OSError, path=None, resume: str | None = None) -> str:
+    """The one line for an OS error: what went wrong, on which path (the error's own, else ``path``), and what to
+    do; ``resume`` is the command that goes on once it is mended."""
+    path = exc.filename or (str(path) if path is not None else "a file of the run")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        then = f", then resume ({resume})" if resume else ", or choose another --runs-dir"
+        return f"no space left on device writing {path}: free space on that volume (df -h {path}){then}"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system writing {path}: put the run on a writable volume (--runs-dir)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {path}: check its owner and mode (ls -ld {path}), or run as its owner"
+    return f"{exc.strerror or exc} on {path}"
+
+
 def fatal_message(exc: BaseException, run_dir=None) -> str | None:
     """The one line for an error a restart cannot mend (a FatalError, a full or read-only disk, a refused
     permission), naming the path (the run directory when the error names none) and what to do; None for any
     other error."""
     if isinstance(exc, FatalError):
         return str(exc)
-    if not isinstance(exc, OSError):
+    if not operator_error(exc):
         return None
-    path = exc.filename or (str(run_dir) if run_dir is not None else "a file of the run")
     resume = (f"supervisor up --run-id {Path(run_dir).name} --runs-dir {Path(run_dir).parent}" if run_dir is not None
               else "supervisor up --run-id RUN")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on device writing {path}: free space on that volume (df -h {path}), then resume ({resume})"
-    if exc.errno == errno.EROFS:
-        return f"read-only file system writing {path}: put the run on a writable volume (--runs-dir)"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied on {path}: check its owner and mode (ls -ld {path})"
-    return None
+    return os_error_line(exc, run_dir, resume)
 
 
 def say(line: str) -> None:

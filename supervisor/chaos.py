@@ -1,13 +1,14 @@
-"""Chaos: faults injected into a running stack, on command or on a schedule, and what became of each.
+"""Chaos: faults injected into a running stack, on command or on a schedule.
 
-The supervisor carries faults out (it knows every child's pid and container):
-``supervisor chaos FAULT [--target NAME]`` sends it a ``chaos`` control request,
-and a ``chaos.every_s`` schedule draws one fault at a time. Each fault is an
-event, ``fault_injected``; a fault the stack must shrug off (``slow``,
-``garbage``) also gets ``fault_ended`` once its window is over. What the stack did
-about it is in the same ``events.jsonl`` (``stalled``, ``exited``, ``running``),
-so :func:`fault_outcomes` reads detection and recovery times from the events
-alone; ``supervisor report`` and the soak benchmark use it.
+``supervisor chaos FAULT [--target NAME]`` sends the supervisor a ``chaos``
+control request, and a ``chaos.every_s`` schedule draws one fault at a time. Every
+fault is carried out by the driver of its target's kind (:meth:`Driver.inject`:
+freeze, crash, or notify a process of a request written for it), never by
+signalling anything here. Each fault is an event, ``fault_injected``; a fault the
+stack must shrug off (``slow``, ``garbage``) also gets ``fault_ended`` once its
+window is over. What the stack did about it is in the same ``events.jsonl``
+(``stalled``, ``exited``, ``running``), so the run report reads detection and
+recovery from the events alone.
 
 The faults and their meaning are listed once, in :mod:`protocol.chaos`.
 """
@@ -16,22 +17,26 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Callable
 
 from protocol import chaos as pc
 from protocol import events as ev
-from supervisor.plan import LEARNER, SIMULATOR_ROLE, WORKER
-from supervisor.state import ALIVE, BACKOFF, RUNNING, UP, Event
+from protocol import roles
+from protocol.states import ALIVE, BACKOFF, RUNNING, UP
+from supervisor.drivers import CRASH, FREEZE, NOTIFY, Driver, Gone
+from supervisor.machine import Event, Supervision
+from supervisor.specs import ChildSpec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from supervisor.run import Supervisor
-
-ROLE_OF_TARGET = {pc.WORKER: WORKER, pc.LEARNER: LEARNER, pc.SIMULATOR: SIMULATOR_ROLE}
+ROLE_OF_TARGET = {pc.WORKER: roles.WORKER, pc.LEARNER: roles.LEARNER, pc.SIMULATOR: roles.SIMULATOR}
+# What each fault asks of its target's driver (``garbage`` goes to sockets, not to a child).
+INJECTION = {"worker_sigstop": FREEZE, "learner_sigstop": FREEZE, "docker_pause": FREEZE,
+             "worker_sigkill": CRASH, "learner_sigkill": CRASH, "docker_kill": CRASH,
+             **{fault: NOTIFY for fault in pc.IN_STEP_FAULTS}}
 # A slow step may take at most this share of the progress deadline.
 SLOW_SHARE = 0.5
 MAX_DURATION_S = 600.0
@@ -49,39 +54,53 @@ class Pending:
     fault: str
     name: str
     target: str
-    pid: int | None
+    incarnation: int | None
     count: int  # the target's progress count at injection
     dropped: int  # the supervisor's dropped messages at injection
     end_at: float
 
 
 @dataclass
-class ChaosState:
+class Schedule:
     next_id: int = 1
     next_at: float | None = None  # the next scheduled fault
     began_at: float | None = None  # when every child first ran: the schedule counts from here
     pending: dict[int, Pending] = field(default_factory=dict)
-    busy: dict[str, int | None] = field(default_factory=dict)  # name -> pid at injection, until replaced
+    busy: dict[str, int] = field(default_factory=dict)  # name -> incarnation hit, until replaced
     threads: list[threading.Thread] = field(default_factory=list)
 
 
 class Chaos:
-    """Injects faults for one :class:`supervisor.run.Supervisor`."""
+    """Injects faults into the children of one run.
 
-    def __init__(self, sup: "Supervisor", clock=time.monotonic):
-        self.sup = sup
-        self.cfg = sup.cfg.chaos
+    Its collaborators, each explicit: the chaos config and seed, the machine (to
+    read states and dependents), the children's specs, ``driver_of(name)`` (who
+    carries a fault out), ``record(event)``, ``dropped()`` (the supervisor's count
+    of dropped messages) and ``garbage(sockets, pids)`` (starts a thread that sends
+    garbage to the run's sockets).
+    """
+
+    def __init__(self, cfg, seed: int, machine: Supervision, specs: dict[str, ChildSpec], run_dir: Path,
+                 driver_of: Callable[[str], Driver], record: Callable[[Event], None], dropped: Callable[[], int],
+                 garbage: Callable[[list[str], dict], threading.Thread], clock=time.monotonic):
+        self.cfg = cfg
+        self.machine = machine
+        self.specs = specs
+        self.run_dir = Path(run_dir)
+        self.driver_of = driver_of
+        self.record = record
+        self.dropped = dropped
+        self.garbage = garbage
         self.clock = clock
-        seed = self.cfg.seed if self.cfg.seed is not None else sup.cfg.run.seed
-        self.rng = random.Random(seed)
-        self.state = ChaosState()
+        self.rng = random.Random(cfg.seed if cfg.seed is not None else seed)
+        self.state = Schedule()
 
     # -- what may be hit -----------------------------------------------------
 
     def names_of(self, target: str) -> list[str]:
         role = ROLE_OF_TARGET[target]
         kind = "container" if target == pc.SIMULATOR else "process"
-        return [s.name for s in self.sup.plan.specs if s.labels.get("role") == role and s.kind == kind]
+        return [s.name for s in self.specs.values() if s.labels.get("role") == role and s.kind == kind]
 
     def applicable(self) -> list[str]:
         """The faults this run can take (no docker faults without containers, no worker faults without workers)."""
@@ -97,8 +116,8 @@ class Chaos:
                 and n not in pending]
 
     def _running(self, name: str) -> bool:
-        c = self.sup.machine.children[name]
-        return c.state == RUNNING and c.pid is not None
+        c = self.machine.children[name]
+        return c.state == RUNNING and c.live
 
     # -- injecting -----------------------------------------------------------
 
@@ -113,7 +132,7 @@ class Chaos:
     def inject(self, fault: str, target: str | None = None, options: dict | None = None,
                source: str = "command") -> dict:
         """Inject one fault; returns what the ``fault_injected`` event says. Raises ChaosError."""
-        if self.sup.machine.stopping:
+        if self.machine.stopping:
             raise ChaosError("the run is stopping")
         f = pc.FAULTS.get(fault)
         if f is None:
@@ -122,43 +141,35 @@ class Chaos:
         if f.target == pc.SOCKETS:
             return self._garbage(target, source)
         name = self._target(f, target)
-        c = self.sup.machine.children[name]
+        c = self.machine.children[name]
         spec = c.spec
-        pid = c.pid
+        pid, incarnation = c.pid, c.incarnation
+        if fault == "slow" and options["slow_s"] > spec.deadlines.progress_s * SLOW_SHARE:
+            raise ChaosError(f"slow_s {options['slow_s']:g} is more than half of {name}'s progress deadline "
+                             f"({spec.deadlines.progress_s:g}s): that is a stall, not a slow step")
         try:
-            if fault in ("worker_sigstop", "learner_sigstop"):
-                os.kill(pid, signal.SIGSTOP)
-            elif fault in ("worker_sigkill", "learner_sigkill"):
-                os.kill(pid, signal.SIGKILL)
-            elif fault in pc.IN_STEP_FAULTS:
-                if fault == "slow" and options["slow_s"] > spec.deadlines.progress_s * SLOW_SHARE:
-                    raise ChaosError(f"slow_s {options['slow_s']:g} is more than half of {name}'s progress deadline "
-                                     f"({spec.deadlines.progress_s:g}s): that is a stall, not a slow step")
-                pc.write_request(self.sup.run_dir, name, pid, fault, fault_id=self.state.next_id, **options)
-                os.kill(pid, pc.REQUEST_SIGNAL)
-            elif fault in ("docker_pause", "docker_kill"):
-                self._docker(fault, name)
-        except ProcessLookupError:
+            if fault in pc.IN_STEP_FAULTS:
+                pc.write_request(self.run_dir, name, pid, fault, fault_id=self.state.next_id, **options)
+            self.driver_of(name).inject(name, incarnation, INJECTION[fault])
+        except Gone:
             self._failed(fault, name, "the process is gone", source)
             raise ChaosError(f"{name} (pid {pid}) is gone") from None
-        except ChaosError:
-            raise
         except Exception as exc:  # the Docker SDK raises many kinds
-            self._failed(fault, name, str(exc).splitlines()[0][:200] if str(exc) else repr(exc), source)
-            raise ChaosError(f"{fault} of {name} failed: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}") \
-                from None
+            said = str(exc).splitlines()[0][:200] if str(exc) else repr(exc)
+            self._failed(fault, name, said, source)
+            raise ChaosError(f"{fault} of {name} failed: {said}") from None
         deadline = {pc.HEARTBEAT: spec.deadlines.heartbeat_s, pc.LIVENESS: spec.deadlines.heartbeat_s,
                     pc.PROGRESS: spec.deadlines.progress_s}.get(f.seen_by)
-        data = self._record(fault, name, name, pid, c.incarnation, source, deadline, options)
+        data = self._record(fault, name, name, pid, incarnation, source, deadline, options)
         if f.expect == pc.RESTART:
-            self.state.busy[name] = pid
-            for d in self.sup.machine.dependents(c):  # rest_for_one: they are restarted with it
-                if d.pid is not None:
-                    self.state.busy.setdefault(d.name, d.pid)
+            self.state.busy[name] = incarnation
+            for d in self.machine.dependents(c):  # rest_for_one: they are restarted with it
+                if d.live:
+                    self.state.busy.setdefault(d.name, d.incarnation)
         else:
             window = options["duration_s"] + spec.deadlines.progress_s
-            self.state.pending[data["id"]] = Pending(data["id"], fault, name, name, pid, c.count(),
-                                                     self._dropped(), self.clock() + window)
+            self.state.pending[data["id"]] = Pending(data["id"], fault, name, name, incarnation, c.count(),
+                                                     self.dropped(), self.clock() + window)
         return data
 
     def _options(self, fault: str, given: dict) -> dict:
@@ -188,44 +199,27 @@ class Chaos:
             running = [n for n in names if self._running(n)]
             if not running:
                 raise ChaosError(f"no {ROLE_OF_TARGET[f.target]} is running to take {f.name} "
-                                 f"({', '.join(f'{n} is {self.sup.machine.children[n].state}' for n in names)})")
+                                 f"({', '.join(f'{n} is {self.machine.children[n].state}' for n in names)})")
             return self.rng.choice(running)
-        if target not in self.sup.specs:
-            raise ChaosError(f"no process named {target!r}; names: {', '.join(self.sup.specs)}")
+        if target not in self.specs:
+            raise ChaosError(f"no process named {target!r}; names: {', '.join(self.specs)}")
         if target not in names:
             raise ChaosError(f"{f.name} needs a {ROLE_OF_TARGET[f.target]} ({', '.join(names)}), "
                              f"and {target} is not one")
         if not self._running(target):
-            raise ChaosError(f"{target} is {self.sup.machine.children[target].state}, not running")
+            raise ChaosError(f"{target} is {self.machine.children[target].state}, not running")
         return target
-
-    def _docker(self, fault: str, name: str) -> None:
-        driver = self.sup.drivers.get("container")
-        run = getattr(driver, "running", {}).get(name)
-        if run is None:
-            raise ChaosError(f"{name} has no running container")
-        container = driver.engine.containers.get(run.container_id)
-        if fault == "docker_pause":
-            container.pause()
-        else:
-            container.kill()
 
     def _garbage(self, target: str | None, source: str) -> dict:
         if target is not None and target not in pc.SOCKET_TARGETS:
             raise ChaosError(f"garbage goes to a socket ({', '.join(pc.SOCKET_TARGETS)}), not {target!r}")
         sockets = [target] if target else list(pc.SOCKET_TARGETS)
-        names = {n: self.sup.machine.children[n].pid for n in self.sup.specs}
-        thread = threading.Thread(target=send_garbage, args=(self.sup.ctx, self.sup.endpoints, sockets, names),
-                                  name="chaos-garbage", daemon=True)
-        thread.start()
-        self.state.threads.append(thread)
+        pids = {n: self.machine.children[n].pid for n in self.specs}
+        self.state.threads.append(self.garbage(sockets, pids))
         data = self._record("garbage", "run", ",".join(sockets), None, None, source, None, {})
         self.state.pending[data["id"]] = Pending(data["id"], "garbage", "run", data["target"], None, 0,
-                                                 self._dropped(), self.clock() + self.cfg.settle_s)
+                                                 self.dropped(), self.clock() + self.cfg.settle_s)
         return data
-
-    def _dropped(self) -> int:
-        return self.sup.hb_inbox.dropped_total + self.sup.control_inbox.dropped_total
 
     def _record(self, fault, name, target, pid, incarnation, source, deadline, options) -> dict:
         f = pc.FAULTS[fault]
@@ -233,34 +227,34 @@ class Chaos:
                 "source": source, "expect": f.expect, "seen_by": f.seen_by, "deadline_s": deadline,
                 "options": options}
         self.state.next_id += 1
-        self.sup.record(Event(ev.FAULT_INJECTED, name, data))
+        self.record(Event(ev.FAULT_INJECTED, name, data))
         return data
 
     def _failed(self, fault: str, name: str, error: str, source: str) -> None:
-        self.sup.record(Event(ev.FAULT_FAILED, name, {"fault": fault, "error": error, "source": source}))
+        self.record(Event(ev.FAULT_FAILED, name, {"fault": fault, "error": error, "source": source}))
 
     # -- time ------------------------------------------------------------------
 
     def tick(self) -> None:
         """Close the windows of faults that are over; inject the next scheduled one when it is due."""
         now = self.clock()
-        for name, pid in list(self.state.busy.items()):
-            c = self.sup.machine.children[name]
-            if (c.state == RUNNING and c.pid not in (None, pid)) or c.state not in ALIVE + (BACKOFF,):
+        for name, incarnation in list(self.state.busy.items()):
+            c = self.machine.children[name]
+            if (c.state == RUNNING and c.incarnation != incarnation) or c.state not in ALIVE + (BACKOFF,):
                 del self.state.busy[name]  # replaced (or failed or stopped: nothing more to wait for)
         for p in list(self.state.pending.values()):
             if now >= p.end_at:
                 del self.state.pending[p.id]
                 detail = {"id": p.id, "fault": p.fault, "target": p.target, "progress": None,
-                          "dropped": self._dropped() - p.dropped}
-                if p.name in self.sup.machine.children:
-                    c = self.sup.machine.children[p.name]
-                    detail["progress"] = c.count() - p.count if c.pid == p.pid else None
-                self.sup.record(Event(ev.FAULT_ENDED, p.name, detail))
-        if self.cfg.every_s is None or self.sup.machine.stopping:
+                          "dropped": self.dropped() - p.dropped}
+                if p.name in self.machine.children:
+                    c = self.machine.children[p.name]
+                    detail["progress"] = c.count() - p.count if c.live and c.incarnation == p.incarnation else None
+                self.record(Event(ev.FAULT_ENDED, p.name, detail))
+        if self.cfg.every_s is None or self.machine.stopping:
             return
         if self.state.began_at is None:
-            if all(c.state == RUNNING for c in self.sup.machine.children.values()):
+            if all(c.state == RUNNING for c in self.machine.children.values()):
                 self.state.began_at = now
                 self.state.next_at = now + self.cfg.start_after_s
             return
@@ -287,9 +281,9 @@ class Chaos:
         for t in self.state.threads:
             t.join(timeout=3)
         try:
-            for path in (self.sup.run_dir / "chaos").glob("*.json"):
+            for path in (self.run_dir / "chaos").glob("*.json"):
                 path.unlink()
-            (self.sup.run_dir / "chaos").rmdir()
+            (self.run_dir / "chaos").rmdir()
         except OSError:
             pass
 
@@ -314,7 +308,7 @@ def garbage_frames(names: dict[str, int | None]) -> dict[str, list[list[bytes]]]
     def raw(header: dict) -> list[bytes]:
         return [msgpack.packb(header, use_bin_type=True)]
 
-    beat = {"name": "intruder", "role": WORKER, "pid": 1, "incarnation": 0, "phase": "stepping",
+    beat = {"name": "intruder", "role": roles.WORKER, "pid": 1, "incarnation": 0, "phase": "stepping",
             "phase_age_s": 0.0, "env_steps": 10**9, "episodes": 0, "updates": 0, "steps_per_s": 0.0,
             "rss_bytes": 0, "sent_at": time.time()}
     common = [[os.urandom(97)], [b"\xc1\xc1 not msgpack"], raw({"v": PROTOCOL_VERSION + 98, "type": "heartbeat"}),
@@ -341,6 +335,14 @@ def garbage_frames(names: dict[str, int | None]) -> dict[str, list[list[bytes]]]
                            raw(dict(v=PROTOCOL_VERSION, type="steps", worker="intruder", incarnation=0, seq=0,
                                     env_steps=1, arrays=[["first", "|u1", [2**40]]]))],
     }
+
+
+def start_garbage(ctx, endpoints: dict[str, str], sockets: list[str], names: dict[str, int | None]) -> threading.Thread:
+    """A thread that sends :func:`garbage_frames` to the run's sockets, started."""
+    thread = threading.Thread(target=send_garbage, args=(ctx, endpoints, sockets, names), name="chaos-garbage",
+                              daemon=True)
+    thread.start()
+    return thread
 
 
 def send_garbage(ctx, endpoints: dict[str, str], sockets: list[str], names: dict[str, int | None]) -> None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from protocol.exits import EXIT_NO_SPACE, EXIT_OS_ERROR, EXIT_PERMISSION, EXIT_READ_ONLY  # noqa: F401 (the CLI's codes)
+from protocol.states import FAILED, RUNNING
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_NO_SUPERVISOR = 0, 1, 2, 3, 4
 EXIT_RUN_BUSY, EXIT_OVERLOAD = 5, 6
-EXIT_PERMISSION, EXIT_READ_ONLY, EXIT_NO_SPACE, EXIT_OS_ERROR = 7, 8, 9, 10
 CONTROL_TIMEOUT_MS = 1500
 
 
@@ -80,188 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _index_or_name(value: str | None) -> int | str | None:
-    return int(value) if value is not None and value.isdigit() else value
-
-
-def overrides_from(args) -> list[tuple[str, object]]:
-    from protocol.config import ConfigError, parse_value
-
-    out: list[tuple[str, object]] = []
-    for key, value in (("run.max_timesteps", args.max_timesteps), ("workers.count", args.workers),
-                       ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
-                       ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir),
-                       ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs)):
-        if value is not None:
-            out.append((key, value))
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. learner.batch_size=128")
-        key, value = item.split("=", 1)
-        out.append((key.strip(), parse_value(value)))
-    return out
-
-
-def config_from(args):
-    """The run's config from ``up``'s arguments; raises ConfigError.
-
-    A run that exists is resumed with its own saved config, the overrides applied
-    on top (``--config`` replaces it); whatever would change its model or replay is
-    refused.
-    """
-    return resume_config(args, requested_config(args))
-
-
-def saved_config_path(args) -> Path | None:
-    """A resumed run's own config file (``--run-id`` of a run that exists), or None."""
-    from protocol.config import RunConfig
-
-    if not args.run_id:
-        return None
-    runs_dir = args.runs_dir
-    if runs_dir is None and args.config is not None:
-        from protocol.config import load_config
-
-        runs_dir = load_config(args.config).run.runs_dir
-    path = Path(runs_dir or RunConfig().runs_dir) / args.run_id / "config.yaml"
-    return path if path.exists() else None
-
-
-def requested_config(args):
-    """The config as the arguments give it: a resumed run's own config with the overrides on top (``--config``
-    replaces it), or ``--config`` (or the defaults) with them."""
-    from protocol.config import load_config
-
-    overrides = overrides_from(args)
-    saved = saved_config_path(args)
-    if saved is not None and args.config is None:  # the run's own config, not the defaults
-        cfg = load_config(saved, overrides + [("run.runs_dir", str(saved.parent.parent)),
-                                              ("run.run_id", args.run_id)])
-    else:
-        cfg = load_config(args.config, overrides)
-    carla = cfg.env.carla
-    if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
-        index = carla.scenario if isinstance(carla.scenario, int) else \
-            [s.name for s in carla.scenarios].index(carla.scenario)
-        base = saved if saved is not None and args.config is None else args.config
-        extra = [("run.runs_dir", cfg.run.runs_dir), ("run.run_id", cfg.run.run_id)] if base is saved else []
-        cfg = load_config(base, overrides + extra + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
-    return cfg
-
-
-def resume_config(args, cfg):
-    """``cfg``, checked against the saved config of the run it resumes: its model and replay cannot change."""
-    from protocol.config import ConfigError, load_config, resume_conflicts
-
-    saved_path = Path(cfg.run.runs_dir) / cfg.run.run_id / "config.yaml" if cfg.run.run_id else None
-    if saved_path is None or not saved_path.exists():
-        return cfg
-    conflicts = resume_conflicts(load_config(saved_path), cfg)
-    if conflicts:
-        raise ConfigError(f"config error: run {cfg.run.run_id} was built with {'; '.join(conflicts)}: its model "
-                          "and replay cannot change; resume without these changes, or start a new run "
-                          "(leave out --run-id)")
-    return cfg
-
-
-def os_error_line(exc: OSError, doing: str) -> tuple[str, int]:
-    """One line for an operating-system error: the path, what went wrong, what to do; and the exit code."""
-    import errno
-
-    path = exc.filename or "?"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"supervisor {doing}: permission denied on {path}: check its owner and mode (ls -ld {path}), "
-                "or run as the user who owns it"), EXIT_PERMISSION
-    if exc.errno == errno.EROFS:
-        return (f"supervisor {doing}: {path} is on a read-only file system: choose a writable --runs-dir"),\
-            EXIT_READ_ONLY
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"supervisor {doing}: no space left on device for {path}: free space there (df -h), "
-                "or choose another --runs-dir"), EXIT_NO_SPACE
-    return f"supervisor {doing}: {path}: {exc.strerror or exc}", EXIT_OS_ERROR
-
-
-def live_supervisor(run_dir: Path) -> int | None:
-    """The pid of a supervisor running this run, from its state file; None when there is none."""
-    from supervisor.run import live_pid, read_state
-
-    return live_pid(read_state(run_dir))
-
-
-def set_previous_checkpoint_aside(run_dir: Path) -> str:
-    """``--resume-from previous``: latest.pt is set aside (renamed, kept), previous.pt takes its place."""
-    ckpt = run_dir / "checkpoints"
-    previous, latest = ckpt / "previous.pt", ckpt / "latest.pt"
-    aside = ckpt / f"latest.pt.set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    if latest.exists():
-        os.replace(latest, aside)
-    os.replace(previous, latest)
-    return f"resuming from the checkpoint before the latest; the latest was set aside as {aside.name}"
-
-
 def cmd_up(args) -> int:
-    from protocol.config import ConfigError
-    from supervisor.plan import build_plan
-    from supervisor.run import RunBusy, Supervisor, create_run_dir, host_capacity_problem, lock_run
+    from supervisor.preflight import Refused, check_up
 
     try:
-        cfg = requested_config(args)
-    except ConfigError as exc:
+        ready = check_up(args)
+    except Refused as exc:
         print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    from supervisor.evidence import py_spy_path
+        return exc.code
+    from supervisor.loop import Supervisor
+    from supervisor.preflight import set_previous_checkpoint_aside
+    from supervisor.rundir import RunBusy, create_run_dir
 
-    run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id if cfg.run.run_id else None
-    resuming = run_dir is not None and run_dir.exists()
-    lock = None
-    if resuming:
-        lock = lock_run(run_dir)  # held for the life of this process: a second `up` cannot slip in
-        pid = live_supervisor(run_dir)
-        if lock is None or pid is not None:  # refused before anything is written: the live run is left as it is
-            print(f"supervisor up: another supervisor ({f'pid {pid}' if pid else 'holding its lock'}) is running "
-                  f"{run_dir}; see it with `supervisor status --run-dir {run_dir}`, or stop it with "
-                  f"`supervisor stop --run-dir {run_dir}`", file=sys.stderr)
-            return EXIT_RUN_BUSY
-    if args.resume_from != "latest" and not (resuming and (run_dir / "checkpoints" / "previous.pt").exists()):
-        print(f"supervisor up: --resume-from {args.resume_from} needs the --run-id of a run with a checkpoint before "
-              f"its latest (checkpoints/previous.pt)", file=sys.stderr)
-        return EXIT_USAGE
+    for line in ready.warnings:
+        print(line, file=sys.stderr)
+    cfg = ready.cfg
+    if ready.run_dir is not None and args.resume_from == "previous":
+        print(f"supervisor up: {set_previous_checkpoint_aside(ready.run_dir)}", file=sys.stderr)
     try:
-        cfg = resume_config(args, cfg)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    plan = build_plan(cfg, cfg.run.run_id or "")
-    missing = plan.missing_modules()
-    if missing:
-        print(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
-              "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", file=sys.stderr)
-        return EXIT_USAGE
-    problem = host_capacity_problem(cfg)
-    if problem is not None:
-        if not args.oversubscribe:
-            print(f"supervisor up: {problem}; use fewer workers (--workers N), or --oversubscribe to start anyway",
-                  file=sys.stderr)
-            return EXIT_OVERLOAD
-        print(f"supervisor up: warning: {problem}; starting anyway (--oversubscribe)", file=sys.stderr)
-    containers = [s for s in plan.specs if s.kind == "container"]
-    if containers:
-        from supervisor.containers import ContainerDriver, EngineError
-        from supervisor.drivers import SpawnError
-
-        try:
-            ContainerDriver(Path("."), "", 1.0, 1.0, cfg.simulators.docker_timeout_s).preflight(
-                containers, check_ports=not resuming)
-        except (EngineError, SpawnError) as exc:
-            print(f"supervisor up: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    if py_spy_path() is None:
-        print("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled processes "
-              "(pip install 'carla-rl-stack[supervisor]')", file=sys.stderr)
-    if resuming and args.resume_from == "previous":
-        print(f"supervisor up: {set_previous_checkpoint_aside(run_dir)}", file=sys.stderr)
-    try:
-        run_dir = create_run_dir(cfg, locked=lock is not None)
+        run_dir = create_run_dir(cfg, locked=ready.locked)
     except RunBusy as exc:
         print(f"supervisor up: {exc}", file=sys.stderr)
         return EXIT_RUN_BUSY
@@ -333,7 +171,7 @@ def cmd_status(args) -> int:
               f"dropped messages {status['dropped_messages']}")
         for line in status_notes(status):
             print(line)
-    all_running = all(p["state"] == "running" for p in status["processes"])
+    all_running = all(p["state"] == RUNNING for p in status["processes"])
     return EXIT_OK if all_running else EXIT_DEGRADED
 
 
@@ -353,6 +191,8 @@ def status_json(status: dict) -> dict:
 
 def last_run_ended(run_dir: Path) -> dict | None:
     """The last ``run_ended`` line of a run's events, as {time, exit_code, reason}; None when there is none."""
+    from protocol.events import RUN_ENDED
+
     path = run_dir / "events.jsonl"
     if not path.exists():
         return None
@@ -364,14 +204,14 @@ def last_run_ended(run_dir: Path) -> dict | None:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict) and event.get("event") == "run_ended":
+        if isinstance(event, dict) and event.get("event") == RUN_ENDED:
             return {"time": event.get("time"), "exit_code": event.get("exit_code"), "reason": event.get("reason")}
     return None
 
 
 def ended_run(run_dir: Path, as_json: bool) -> int:
     """No supervisor answers: say so, and how the run ended if its supervisor wrote that down."""
-    from supervisor.run import read_state
+    from protocol.runstate import read_state
 
     state = read_state(run_dir) if run_dir.exists() else {}
     ended = state.get("ended") or last_run_ended(run_dir)  # a full disk may have kept the state file from saying it
@@ -387,7 +227,7 @@ def ended_run(run_dir: Path, as_json: bool) -> int:
         print(f"run {state.get('run_id', run_dir.name)} is not running: it ended at {when} with exit "
               f"{ended.get('exit_code')}: {ended.get('reason')}")
         for p in state.get("processes", []):
-            if p.get("state") == "failed":
+            if p.get("state") == FAILED:
                 print(f"{p['name']} failed: {p.get('reason')}")
     return EXIT_NO_SUPERVISOR
 
@@ -443,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except OSError as exc:  # an operator's mistake (permissions, a read-only or full disk): one line, no traceback
-        line, code = os_error_line(exc, args.command)
-        print(line, file=sys.stderr)
-        return code
+        from protocol.exits import os_error_exit, os_error_line
+
+        print(f"supervisor {args.command}: {os_error_line(exc, '?')}", file=sys.stderr)
+        return os_error_exit(exc)
 
 
 def dispatch(args) -> int:

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-STATE_STYLE = {"running": "green", "starting": "cyan", "stalled": "bold red", "stopping": "yellow",
-               "backoff": "yellow", "failed": "bold red", "stopped": "dim"}
+from protocol.states import BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING
+from protocol.text import duration
 
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+STATE_STYLE = {RUNNING: "green", STARTING: "cyan", STALLED: "bold red", STOPPING: "yellow",
+               BACKOFF: "yellow", FAILED: "bold red", STOPPED: "dim"}
 
 
 def process_table(status: dict) -> Table:
@@ -39,7 +32,7 @@ def process_table(status: dict) -> Table:
         hb = "-" if p["heartbeat_age_s"] is None else f"{p['heartbeat_age_s']:.1f}s ago"
         state = p["state"]
         row = [p["name"], f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(p["pid"] or "-"),
-               fmt_duration(p["uptime_s"] if p["pid"] else None), steps, f"{p['steps_per_s']:.1f}", hb,
+               duration(p["uptime_s"] if p["pid"] else None), steps, f"{p['steps_per_s']:.1f}", hb,
                str(p["restarts"]), str(p.get("dropped") or 0), p["phase"] or (p["reason"] or "-")]
         if gpu:
             mem = p.get("gpu_memory_bytes")
@@ -59,7 +52,7 @@ def status_notes(status: dict) -> list[str]:
             lines.append(f"alert from {p['name']}: {alert}")
         if p.get("detail"):
             lines.append(f"{p['name']} reports: {p['detail']}")
-        if p["state"] == "failed" and p.get("reason"):
+        if p["state"] == FAILED and p.get("reason"):
             lines.append(f"{p['name']} failed: {p['reason']}")
         resumed = p.get("resumed")
         if resumed:
@@ -84,10 +77,10 @@ def plain_table(status: dict) -> str:
 class LiveDisplay:
     """The foreground view of ``supervisor up``: process table, progress toward max_timesteps, events."""
 
-    def __init__(self, supervisor):
-        self.sup = supervisor
+    def __init__(self, status: Callable[[], dict]):
+        self.status = status
         self.progress = Progress(TextColumn("env steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self.task = self.progress.add_task("steps", total=supervisor.cfg.run.max_timesteps)
+        self.task = self.progress.add_task("steps", total=status()["max_timesteps"])
         self.live = Live(refresh_per_second=4, transient=False)
         self._last = 0.0
 
@@ -99,7 +92,7 @@ class LiveDisplay:
         if now - self._last < 0.25:
             return
         self._last = now
-        status = self.sup.status()
+        status = self.status()
         self.progress.update(self.task, completed=min(status["env_steps"], status["max_timesteps"]))
         footer = (f"incidents: {status['incidents']}   dropped messages: {status['dropped_messages']}   "
                   f"run dir: {status['run_dir']}   (Ctrl-C stops)")

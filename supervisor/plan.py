@@ -1,6 +1,6 @@
 """The supervision tree of a run, built from its config: the one module that knows the roles.
 
-The learner and the env-workers are child specs (:class:`supervisor.state.ChildSpec`);
+The learner and the env-workers are child specs (:class:`supervisor.specs.ChildSpec`);
 every limit in them comes from the validated ``supervisor`` section, so a config
 key that is renamed or dropped fails here, loudly, instead of falling back to a
 default somewhere else. The state machine, the drivers and the CLI read specs and
@@ -18,21 +18,9 @@ from protocol.config import Config
 from protocol.exits import EXIT_FATAL
 from protocol.messages import LEARNER_PROGRESSING_PHASES, PROGRESSING_PHASES, STARTUP_PHASES
 from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, slot_server
-from supervisor.containers import CHILD_LABEL, RUN_LABEL, SLOT_LABEL
-from supervisor.state import PERMANENT, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
-
-LEARNER = "learner"
-WORKER = "worker"
-SIMULATOR = "carla"
-SIMULATOR_ROLE = "simulator"
-
-
-def worker_name(slot: int) -> str:
-    return f"{WORKER}-{slot}"
-
-
-def simulator_name(slot: int) -> str:
-    return f"{SIMULATOR}-{slot}"
+from protocol.roles import LEARNER, SIMULATOR, WORKER, simulator_name, worker_name
+from supervisor.drivers.container import CHILD_LABEL, RUN_LABEL, SLOT_LABEL
+from supervisor.specs import PERMANENT, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
 
 
 def container_name(run_id: str, slot: int) -> str:
@@ -136,4 +124,4 @@ def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intens
                 "ports": {f"{name} {what}": port for what, port in server.ports.items()},
                 "host": server.host, "rpc_port": server.rpc_port, "pull": sims.pull,
                 "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "needs": ("docker",)},
-        labels={"role": SIMULATOR_ROLE, "slot": str(slot)})
+        labels={"role": SIMULATOR, "slot": str(slot)})

@@ -50,7 +50,7 @@ def _fakecarla_tag() -> str:
 @pytest.fixture(scope="session")
 def docker_engine():
     """The Docker engine (`deploy/docker-engine.sh start` starts one; CI's .ci/run does)."""
-    from supervisor.containers import EngineError, connect_engine
+    from supervisor.drivers.container import EngineError, connect_engine
 
     try:
         return connect_engine(30)

@@ -14,7 +14,7 @@ from protocol.codec import ProtocolError, decode
 from protocol.config import ConfigError, load_config
 from supervisor.chaos import Chaos, fault_outcomes, format_summary, garbage_frames, summarize_outcomes
 from supervisor.plan import build_plan
-from supervisor.state import Event, Supervision
+from supervisor.machine import Event, Supervision
 from tests.conftest import ROOT
 
 def row(status, name):

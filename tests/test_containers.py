@@ -18,10 +18,10 @@ import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
-from supervisor.containers import RUN_LABEL, EngineError, connect_engine, server_version
+from supervisor.drivers.container import RUN_LABEL, EngineError, connect_engine, server_version
 from supervisor.drivers import SpawnError
 from supervisor.plan import Plan, build_plan
-from supervisor.run import Supervisor
+from supervisor.loop import Supervisor
 from tests.conftest import ROOT, free_port_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -231,7 +231,7 @@ def test_supervisor_up_refuses_a_missing_image_or_engine_before_writing_anything
 
 @pytest.mark.timeout(10)
 def test_gpu_memory_is_read_per_process_from_nvidia_smi_output():
-    from supervisor.containers import parse_gpu_apps
+    from supervisor.drivers.container import parse_gpu_apps
 
     out = "1234, 2048\n1234, 512\n99, 100\n[Not Supported], 0\n"
     assert parse_gpu_apps(out) == {1234: 2560 * 2**20, 99: 100 * 2**20}

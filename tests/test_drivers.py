@@ -17,8 +17,8 @@ from protocol import events as ev
 from protocol.config import load_config
 from supervisor.drivers import Beat, Exited, SpawnError
 from supervisor.plan import Plan, build_plan
-from supervisor.run import Supervisor
-from supervisor.state import PERMANENT, ChildSpec
+from supervisor.loop import Supervisor
+from supervisor.specs import PERMANENT, ChildSpec
 from tests.test_state import FakeClock
 
 pytestmark = pytest.mark.timeout(30)

@@ -10,7 +10,8 @@ import pytest
 
 from protocol.config import SupervisorConfig, load_config
 from supervisor.plan import build_plan
-from supervisor.state import PERMANENT, TRANSIENT, Supervision
+from supervisor.machine import Supervision
+from supervisor.specs import PERMANENT, TRANSIENT
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -27,8 +27,9 @@ from protocol.messages import STEPS
 from protocol.sockets import make_socket, send, steps_max_bytes
 from supervisor import cli
 from supervisor.plan import build_plan
-from supervisor.run import host_capacity_problem
-from supervisor.state import FAILED, Supervision
+from supervisor.preflight import host_capacity_problem
+from protocol.states import FAILED
+from supervisor.machine import Supervision
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -420,9 +421,9 @@ def test_a_dead_pid_in_the_state_file_does_not_block_a_resume(tmp_path):
 
 
 def test_the_run_directory_lock_is_held_by_one_process(tmp_path):
-    from supervisor.run import lock_run
+    from supervisor.rundir import lock_run
 
-    code = "import sys, time; from supervisor.run import lock_run; print(lock_run(sys.argv[1]) is not None, flush=True)"
+    code = "import sys, time; from supervisor.rundir import lock_run; print(lock_run(sys.argv[1]) is not None, flush=True)"
     fd = lock_run(tmp_path)
     try:
         assert fd is not None

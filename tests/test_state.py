@@ -3,16 +3,17 @@
 import itertools
 import math
 import random
-import signal
 
 import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
+from supervisor.control import status_rows
 from supervisor.plan import build_plan
-from supervisor.state import (BACKOFF, FAILED, PERMANENT, RUNNING, STALLED, STARTING, STOPPED, STOPPING, TEMPORARY,
-                              TRANSIENT, Backoff, CaptureEvidence, ChildSpec, Deadlines, DropStandby, EndRun, Event,
-                              Intensity, Signal, Spawn, StartStandby, Supervision)
+from protocol.states import BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING
+from supervisor.machine import (CaptureEvidence, DropStandby, EndRun, Event, Kill, Spawn, StartStandby, Supervision,
+                                Terminate)
+from supervisor.specs import PERMANENT, TEMPORARY, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -46,7 +47,7 @@ def start(specs):
     pids = iter(range(100, 10_000))
     for a in sup.start():
         assert isinstance(a, Spawn)
-        sup.spawned(a.name, next(pids))
+        sup.spawned(a.name, a.incarnation, next(pids))
     return sup, clock, pids
 
 
@@ -56,7 +57,7 @@ def make(workers=2, **supervisor):
 
 def beat(sup, name, phase="stepping", env_steps=0, updates=0, phase_age_s=0.0):
     c = sup.children[name]
-    return sup.heartbeat({"name": name, "pid": c.pid, "phase": phase, "env_steps": env_steps, "updates": updates,
+    return sup.heartbeat({"name": name, "pid": c.pid, "incarnation": c.incarnation, "phase": phase, "env_steps": env_steps, "updates": updates,
                           "phase_age_s": phase_age_s})
 
 
@@ -111,7 +112,7 @@ def test_worker_without_progress_is_stalled_with_evidence_first():
     for _ in range(10):
         clock.advance(1.0)
         beat(sup, "worker-0", "stepping", env_steps=7)  # heartbeats keep coming, steps do not
-        assert sup.children["worker-0"].state == RUNNING or clock.now - 1000 > 10
+        assert sup.children["worker-0"].state == RUNNING, "within its progress deadline"
         sup.tick()
     clock.advance(1.5)
     beat(sup, "worker-0", "stepping", env_steps=7)
@@ -119,11 +120,11 @@ def test_worker_without_progress_is_stalled_with_evidence_first():
     assert sup.children["worker-0"].state == STALLED
     cap = of(actions, CaptureEvidence)
     assert cap and cap[0].name == "worker-0" and "no progress" in cap[0].reason
-    assert not of(actions, Signal), "evidence is captured before any signal"
-    pid = sup.children["worker-0"].pid
+    assert not of(actions, (Terminate, Kill)), "evidence is captured before any signal"
+    incarnation = sup.children["worker-0"].incarnation
     actions = sup.evidence_done("worker-0", "incidents/x")
-    sigs = [a.signum for a in of(actions, Signal)]
-    assert sigs == [signal.SIGTERM, signal.SIGCONT] and of(actions, Signal)[0].pid == pid
+    sigs = [type(a) for a in of(actions, (Terminate, Kill))]
+    assert sigs == [Terminate] and of(actions, (Terminate, Kill))[0].incarnation == incarnation
 
 
 def test_worker_waiting_on_a_dead_learner_is_not_killed():
@@ -202,9 +203,9 @@ def test_evidence_timeout_does_not_hold_back_the_kill():
     sup.tick()
     assert sup.children["worker-0"].state == STALLED
     clock.advance(3.5)
-    assert not of(sup.tick(), Signal)
+    assert not of(sup.tick(), (Terminate, Kill))
     clock.advance(1.0)
-    assert [a.signum for a in of(sup.tick(), Signal) if a.name == "worker-0"] == [signal.SIGTERM, signal.SIGCONT]
+    assert [type(a) for a in of(sup.tick(), (Terminate, Kill)) if a.name == "worker-0"] == [Terminate]
 
 
 def test_transition_kills_unkillable_after_grace():
@@ -214,19 +215,18 @@ def test_transition_kills_unkillable_after_grace():
     sup.tick()
     sup.evidence_done("worker-0", None)
     clock.advance(1.9)
-    assert not [a for a in of(sup.tick(), Signal) if a.name == "worker-0"]
+    assert not [a for a in of(sup.tick(), (Terminate, Kill)) if a.name == "worker-0"]
     clock.advance(0.2)
-    sigs = [a for a in of(sup.tick(), Signal) if a.name == "worker-0"]
-    assert [a.signum for a in sigs] == [signal.SIGKILL]
+    sigs = [a for a in of(sup.tick(), (Terminate, Kill)) if a.name == "worker-0"]
+    assert [type(a) for a in sigs] == [Kill]
     clock.advance(5)
-    assert not [a for a in of(sup.tick(), Signal) if a.name == "worker-0"], "SIGKILL is sent once"
+    assert not [a for a in of(sup.tick(), (Terminate, Kill)) if a.name == "worker-0"], "SIGKILL is sent once"
 
 
 def test_killed_worker_backs_off_then_respawns_with_new_incarnation():
     sup, clock, pids = make()
     run_all(sup, clock)
-    pid = sup.children["worker-0"].pid
-    actions = sup.exited("worker-0", pid, -9)
+    actions = sup.exited("worker-0", sup.children["worker-0"].incarnation, -9)
     assert sup.children["worker-0"].state == BACKOFF
     assert [a.kind for a in of(actions, Event)] == ["exited", "backoff"] and not of(actions, Spawn)
     clock.advance(0.9)
@@ -242,28 +242,28 @@ def test_backoff_grows_exponentially_and_is_capped():
     delays = []
     for _ in range(6):
         c = sup.children["worker-0"]
-        sup.exited("worker-0", c.pid, 1)
+        sup.exited("worker-0", c.incarnation, 1)
         delays.append(c.restart_at - clock.now)
         clock.advance(c.restart_at - clock.now)
         spawn = of(sup.tick(), Spawn)[0]
-        sup.spawned(spawn.name, next(pids))
+        sup.spawned(spawn.name, spawn.incarnation, next(pids))
     assert delays == [1, 2, 4, 8, 8, 8]
 
 
 def test_backoff_jitter_stays_within_bounds():
     sup, clock, _ = make(backoff_jitter=0.25)
     c = sup.children["worker-0"]
-    sup.exited("worker-0", c.pid, 1)
+    sup.exited("worker-0", c.incarnation, 1)
     assert 0.75 <= c.restart_at - clock.now <= 1.25
 
 
 def test_healthy_period_resets_backoff():
     sup, clock, pids = make()
     c = sup.children["worker-0"]
-    sup.exited("worker-0", c.pid, 1)
+    sup.exited("worker-0", c.incarnation, 1)
     clock.advance(1.0)
-    sup.spawned("worker-0", next(pids)) if not of(sup.tick(), Spawn) else None
-    sup.spawned("worker-0", next(pids))
+    assert of(sup.tick(), Spawn) == [Spawn("worker-0", 1)], "after the initial backoff"
+    sup.spawned("worker-0", 1, next(pids))
     beat(sup, "worker-0", "stepping", env_steps=1)
     for i in range(61):
         clock.advance(1.0)
@@ -272,7 +272,7 @@ def test_healthy_period_resets_backoff():
         beat(sup, "learner", "training", updates=i + 2)
         sup.tick()
     assert c.consecutive == 0
-    sup.exited("worker-0", c.pid, 1)
+    sup.exited("worker-0", c.incarnation, 1)
     assert c.restart_at - clock.now == pytest.approx(1.0)
 
 
@@ -281,12 +281,13 @@ def test_crash_looping_worker_fails_after_intensity_limit_while_others_go_on():
     run_all(sup, clock)
     c = sup.children["worker-0"]
     for _ in range(3):
-        sup.exited("worker-0", c.pid, 1)
+        sup.exited("worker-0", c.incarnation, 1)
         clock.advance(c.restart_at - clock.now)
         beat(sup, "worker-1", "stepping", env_steps=int(clock.now))
         beat(sup, "learner", "training", updates=int(clock.now))
-        sup.spawned("worker-0", of(sup.tick(), Spawn)[0] and next(pids))
-    actions = sup.exited("worker-0", c.pid, 1)
+        spawn = of(sup.tick(), Spawn)[0]
+        sup.spawned("worker-0", spawn.incarnation, next(pids))
+    actions = sup.exited("worker-0", c.incarnation, 1)
     assert c.state == FAILED
     assert not of(actions, EndRun) and not sup.stopping
     assert sup.children["worker-1"].state == RUNNING
@@ -298,11 +299,11 @@ def test_restarts_outside_the_window_do_not_count():
     sup, clock, pids = make()
     c = sup.children["worker-0"]
     for _ in range(6):  # twice the limit, but spread over far more than the window
-        sup.exited("worker-0", c.pid, 1)
+        sup.exited("worker-0", c.incarnation, 1)
         assert c.state == BACKOFF
         clock.advance(101)
         assert of(sup.tick(), Spawn) == [Spawn("worker-0", c.incarnation)]
-        sup.spawned("worker-0", next(pids))
+        sup.spawned("worker-0", sup.children["worker-0"].incarnation, next(pids))
     assert c.state == STARTING
 
 
@@ -311,22 +312,22 @@ def test_learner_failing_past_its_limit_ends_the_run_nonzero():
     run_all(sup, clock)
     c = sup.children["learner"]
     for _ in range(3):
-        sup.exited("learner", c.pid, 1)
+        sup.exited("learner", c.incarnation, 1)
         clock.advance(c.restart_at - clock.now)
         of(sup.tick(), Spawn)
-        sup.spawned("learner", next(pids))
-    actions = sup.exited("learner", c.pid, 1)
+        sup.spawned("learner", sup.children["learner"].incarnation, next(pids))
+    actions = sup.exited("learner", c.incarnation, 1)
     assert c.state == FAILED and sup.stopping
-    assert {a.name for a in of(actions, Signal) if a.signum == signal.SIGTERM} == {"worker-0", "worker-1"}
+    assert {a.name for a in of(actions, (Terminate, Kill)) if isinstance(a, Terminate)} == {"worker-0", "worker-1"}
     for name in ("worker-0", "worker-1"):
-        sup.exited(name, sup.children[name].pid, 0)
+        sup.exited(name, sup.children[name].incarnation, 0)
     assert sup.end == EndRun(1, sup.stop_reason)
 
 
 def test_worker_exiting_zero_is_finished_not_restarted():
     sup, clock, _ = make()
     run_all(sup, clock)
-    sup.exited("worker-1", sup.children["worker-1"].pid, 0)
+    sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
     assert sup.children["worker-1"].state == STOPPED
     clock.advance(100)
     assert not of(sup.tick(), Spawn)
@@ -337,18 +338,18 @@ def test_stalled_worker_exiting_zero_is_still_restarted():
     run_all(sup, clock)
     clock.advance(6)
     sup.tick()
-    sup.exited("worker-0", sup.children["worker-0"].pid, 0)
+    sup.exited("worker-0", sup.children["worker-0"].incarnation, 0)
     assert sup.children["worker-0"].state == BACKOFF
 
 
 def test_learner_exiting_zero_completes_the_run():
     sup, clock, _ = make()
     run_all(sup, clock)
-    actions = sup.exited("learner", sup.children["learner"].pid, 0)
+    actions = sup.exited("learner", sup.children["learner"].incarnation, 0)
     assert sup.stopping
-    assert {a.name for a in of(actions, Signal) if a.signum == signal.SIGTERM} == {"worker-0", "worker-1"}
+    assert {a.name for a in of(actions, (Terminate, Kill)) if isinstance(a, Terminate)} == {"worker-0", "worker-1"}
     for name in ("worker-0", "worker-1"):
-        actions = sup.exited(name, sup.children[name].pid, 0)
+        actions = sup.exited(name, sup.children[name].incarnation, 0)
     assert of(actions, EndRun) == [EndRun(0, "run complete")]
 
 
@@ -358,8 +359,8 @@ def test_user_restart_respawns_at_once_outside_intensity():
     c = sup.children["worker-1"]
     actions = sup.request_restart("worker-1")
     assert c.state == STOPPING and not of(actions, CaptureEvidence)
-    assert [a.signum for a in of(actions, Signal)] == [signal.SIGTERM, signal.SIGCONT]
-    actions = sup.exited("worker-1", c.pid, 0)
+    assert [type(a) for a in of(actions, (Terminate, Kill))] == [Terminate]
+    actions = sup.exited("worker-1", c.incarnation, 0)
     assert of(actions, Spawn) == [Spawn("worker-1", 1)]
     assert c.restarts == 0
 
@@ -368,7 +369,7 @@ def test_user_restart_of_failed_worker_spawns_it():
     sup, clock, pids = make()
     c = sup.children["worker-0"]
     c.state = FAILED
-    c.pid = None
+    c.inc.live = False
     assert of(sup.request_restart("worker-0"), Spawn) == [Spawn("worker-0", 1)]
 
 
@@ -383,15 +384,15 @@ def test_stop_terminates_everyone_then_ends_with_zero():
     run_all(sup, clock)
     actions = sup.request_stop()
     assert all(c.state == STOPPING for c in sup.children.values())
-    assert len([a for a in of(actions, Signal) if a.signum == signal.SIGTERM]) == 3
+    assert len([a for a in of(actions, (Terminate, Kill)) if isinstance(a, Terminate)]) == 3
     clock.advance(2.5)
-    kills = [a.name for a in of(sup.tick(), Signal) if a.signum == signal.SIGKILL]
+    kills = [a.name for a in of(sup.tick(), (Terminate, Kill)) if isinstance(a, Kill)]
     assert sorted(kills) == ["worker-0", "worker-1"], "the learner gets the longer stop grace to checkpoint"
     clock.advance(13)
-    assert [a.name for a in of(sup.tick(), Signal) if a.signum == signal.SIGKILL] == ["learner"]
+    assert [a.name for a in of(sup.tick(), (Terminate, Kill)) if isinstance(a, Kill)] == ["learner"]
     end = []
     for name, c in sup.children.items():
-        end += of(sup.exited(name, c.pid, -9), EndRun)
+        end += of(sup.exited(name, c.incarnation, -9), EndRun)
     assert end == [EndRun(0, "stop requested")]
 
 
@@ -399,7 +400,7 @@ def test_no_restart_while_stopping():
     sup, clock, _ = make()
     run_all(sup, clock)
     sup.request_stop()
-    sup.exited("worker-0", sup.children["worker-0"].pid, -9)
+    sup.exited("worker-0", sup.children["worker-0"].incarnation, -9)
     assert sup.children["worker-0"].state == STOPPED
     clock.advance(100)
     assert not of(sup.tick(), Spawn)
@@ -409,16 +410,16 @@ def test_snapshot_reports_fields_for_status():
     sup, clock, _ = make()
     beat(sup, "worker-0", "stepping", env_steps=42)
     clock.advance(1.5)
-    row = next(r for r in sup.snapshot() if r["name"] == "worker-0")
+    row = next(r for r in status_rows(sup.snapshot()) if r["name"] == "worker-0")
     assert row["state"] == RUNNING and row["env_steps"] == 42 and row["phase"] == "stepping"
     assert row["heartbeat_age_s"] == pytest.approx(1.5) and row["uptime_s"] == pytest.approx(1.5)
-    assert [r["name"] for r in sup.snapshot()] == ["learner", "worker-0", "worker-1"]
+    assert [r["name"] for r in status_rows(sup.snapshot())] == ["learner", "worker-0", "worker-1"]
 
 
 def test_new_learner_alerts_become_events_once():
     sup, clock, _ = make()
     c = sup.children["learner"]
-    hb = {"name": "learner", "pid": c.pid, "phase": "training", "updates": 5, "alerts": ["warning:q_high@5"]}
+    hb = {"name": "learner", "pid": c.pid, "incarnation": c.incarnation, "phase": "training", "updates": 5, "alerts": ["warning:q_high@5"]}
     assert [a.detail for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"] == [{"alert": "warning:q_high@5"}]
     assert not [a for a in of(sup.heartbeat(hb), Event) if a.kind == "alert"]
     hb["alerts"] = ["warning:q_high@5", "critical:non_finite@9"]
@@ -431,13 +432,13 @@ def test_evaluation_steps_count_as_progress_and_a_hung_evaluation_does_not():
     c = sup.children["worker-0"]
     for i in range(30):  # a long evaluation: env_steps frozen, eval_steps growing
         clock.advance(1.0)
-        sup.heartbeat({"name": "worker-0", "pid": c.pid, "phase": "evaluating", "env_steps": 50, "eval_steps": i})
+        sup.heartbeat({"name": "worker-0", "pid": c.pid, "incarnation": c.incarnation, "phase": "evaluating", "env_steps": 50, "eval_steps": i})
         beat(sup, "worker-1", "stepping", env_steps=i + 1)
         beat(sup, "learner", "training", updates=i + 1)
         assert not of(sup.tick(), CaptureEvidence)
     for i in range(11):  # then the evaluation env hangs
         clock.advance(1.0)
-        sup.heartbeat({"name": "worker-0", "pid": c.pid, "phase": "evaluating", "env_steps": 50, "eval_steps": 29})
+        sup.heartbeat({"name": "worker-0", "pid": c.pid, "incarnation": c.incarnation, "phase": "evaluating", "env_steps": 50, "eval_steps": 29})
         sup.tick()
     assert c.state == STALLED
 
@@ -465,7 +466,7 @@ def up(sup, *names):
         for name in names or list(sup.children):
             c = sup.children[name]
             if c.pid is not None and c.state in (STARTING, RUNNING):
-                pending += sup.heartbeat({"name": name, "pid": c.pid, "phase": "busy", "count": 0})
+                pending += sup.heartbeat({"name": name, "pid": c.pid, "incarnation": c.incarnation, "phase": "busy", "count": 0})
         feed(sup, PIDS, pending)
     for name in names or list(sup.children):
         assert sup.children[name].state == RUNNING, name
@@ -488,9 +489,10 @@ def feed(sup, pids, actions, ready=True):
         if sup.wants_spawn(a):
             done.append(a)
             pid = next(pids)
-            sup.spawned(a.name, pid)
+            sup.spawned(a.name, a.incarnation, pid)
             if ready:
-                pending += of(sup.heartbeat({"name": a.name, "pid": pid, "phase": "busy", "count": 0}), Spawn)
+                pending += of(sup.heartbeat({"name": a.name, "pid": pid, "incarnation": a.incarnation, "phase": "busy",
+                                             "count": 0}), Spawn)
     return done
 
 
@@ -503,10 +505,10 @@ def test_start_order_follows_dependencies():
     clock = FakeClock()
     sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim"), spec("other")], clock)
     assert [a.name for a in of(sup.start(), Spawn)] == ["sim", "other"], "drv waits until sim is ready"
-    assert sup.children["drv"].state == BACKOFF and sup.children["drv"].kill_reason == "waiting for sim"
-    sup.spawned("sim", 10)
-    assert not of(sup.heartbeat({"name": "sim", "pid": 10, "phase": "booting"}), Spawn), "still starting up"
-    assert of(sup.heartbeat({"name": "sim", "pid": 10, "phase": "busy", "count": 1}), Spawn) == [Spawn("drv", 0)]
+    assert sup.children["drv"].state == BACKOFF and sup.children["drv"].reason == "waiting for sim"
+    sup.spawned("sim", sup.children["sim"].incarnation, 10)
+    assert not of(sup.heartbeat({"name": "sim", "pid": 10, "incarnation": 0, "phase": "booting"}), Spawn), "still starting up"
+    assert of(sup.heartbeat({"name": "sim", "pid": 10, "incarnation": 0, "phase": "busy", "count": 1}), Spawn) == [Spawn("drv", 0)]
 
 
 def test_unknown_dependency_cycle_and_duplicates_are_refused():
@@ -524,20 +526,20 @@ def test_dependency_restart_restarts_its_dependent_after_it():
     sup, clock, pids = sim_pair()
     up(sup)
     sim, drv, other = sup.children["sim"], sup.children["drv"], sup.children["other"]
-    drv_pid = drv.pid
-    actions = sup.exited("sim", sim.pid, 1)
+    drv_inc = drv.incarnation
+    actions = sup.exited("sim", sim.incarnation, 1)
     assert sim.state == BACKOFF
     assert drv.state == STOPPING and drv.held
-    assert [a.signum for a in of(actions, Signal) if a.name == "drv"] == [signal.SIGTERM, signal.SIGCONT]
+    assert [type(a) for a in of(actions, (Terminate, Kill)) if a.name == "drv"] == [Terminate]
     assert [e.detail for e in of(actions, Event) if e.kind == ev.DEPENDENCY_RESTART] == [{"dependency": "sim"}]
     assert not of(actions, CaptureEvidence), "a dependent stopped for its dependency is not an incident"
     assert other.state == RUNNING, "a child that does not depend on sim is left alone"
-    sup.exited("drv", drv_pid, 0)
+    sup.exited("drv", drv_inc, 0)
     assert drv.state == BACKOFF and math.isinf(drv.restart_at), "it waits for sim, not for a timer"
     clock.advance(100)
     assert of(sup.tick(), Spawn) == [Spawn("sim", 1)], "the dependency first"
-    assert not of(sup.spawned("sim", 77), Spawn)
-    assert of(sup.heartbeat({"name": "sim", "pid": 77, "phase": "busy", "count": 0}), Spawn) == [Spawn("drv", 1)], \
+    assert not of(sup.spawned("sim", sup.children["sim"].incarnation, 77), Spawn)
+    assert of(sup.heartbeat({"name": "sim", "pid": 77, "incarnation": 1, "phase": "busy", "count": 0}), Spawn) == [Spawn("drv", 1)], \
         "then, once it is ready, its dependent"
     assert drv.incarnation == 1 and drv.restarts == 1
     assert len(drv.restart_times) == 0, "restarting with a dependency does not count against its own intensity"
@@ -546,7 +548,7 @@ def test_dependency_restart_restarts_its_dependent_after_it():
 def test_dependent_not_yet_running_waits_for_a_failed_dependency_and_fails_with_it():
     sup, clock, pids = start([spec("drv", depends_on=("sim",)), spec("sim", intensity=Intensity(0, 100))])
     sup.spawn_failed("drv", "no such file")  # drv is in its backoff when sim fails
-    sup.exited("sim", sup.children["sim"].pid, 1)
+    sup.exited("sim", sup.children["sim"].incarnation, 1)
     assert sup.children["sim"].state == FAILED and sup.children["drv"].state == FAILED
     clock.advance(100)
     assert not of(sup.tick(), Spawn)
@@ -556,12 +558,12 @@ def test_a_restarted_dependency_waits_until_its_stopping_dependents_are_gone():
     sup, clock, pids = sim_pair()
     up(sup)
     drv = sup.children["drv"]
-    drv_pid = drv.pid
-    sup.exited("sim", sup.children["sim"].pid, 1)
+    drv_inc = drv.incarnation
+    sup.exited("sim", sup.children["sim"].incarnation, 1)
     assert respawn(sup, clock, pids, "sim") == [], "the old drv is still stopping: no new sim beside it"
     clock.advance(30)
     assert not of(sup.tick(), Spawn)
-    assert not of(sup.exited("drv", drv_pid, -15), Spawn), "drv waits for sim"
+    assert not of(sup.exited("drv", drv_inc, -15), Spawn), "drv waits for sim"
     assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
 
 
@@ -569,13 +571,13 @@ def test_a_spawn_the_machine_no_longer_wants_is_not_carried_out():
     clock = FakeClock()
     sup = Supervision([spec("drv", depends_on=("sim",)), spec("sim")], clock)
     sup.start()
-    sup.spawned("sim", 10)
-    release = sup.heartbeat({"name": "sim", "pid": 10, "phase": "busy", "count": 0})
+    sup.spawned("sim", sup.children["sim"].incarnation, 10)
+    release = sup.heartbeat({"name": "sim", "pid": 10, "incarnation": 0, "phase": "busy", "count": 0})
     assert of(release, Spawn) == [Spawn("drv", 0)]
-    sup.exited("sim", 10, 1)  # before the driver got to drv's spawn
+    sup.exited("sim", 0, 1)  # before the driver got to drv's spawn
     assert not sup.wants_spawn(Spawn("drv", 0)), "its dependency is down again"
     assert sup.children["drv"].state == BACKOFF and sup.children["drv"].held
-    assert of(sup.spawned("drv", 77), Signal) == [Signal("drv", 77, signal.SIGKILL)], "a late pid is killed"
+    assert of(sup.spawned("drv", sup.children["drv"].incarnation, 77), (Terminate, Kill)) == [Kill("drv", 0)], "a late spawn is killed"
     assert sup.children["drv"].pid is None
     assert respawn(sup, clock, iter(range(200, 300)), "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
 
@@ -585,7 +587,7 @@ def test_dependents_restart_leaves_its_dependency_alone():
     up(sup)
     sim = sup.children["sim"]
     sim_pid = sim.pid
-    actions = sup.exited("drv", sup.children["drv"].pid, 1)
+    actions = sup.exited("drv", sup.children["drv"].incarnation, 1)
     assert not [a for a in actions if getattr(a, "name", None) == "sim"]
     respawn(sup, clock, pids, "drv")
     assert sim.state == RUNNING and sim.pid == sim_pid and sim.incarnation == 0
@@ -595,12 +597,12 @@ def test_user_restart_of_a_dependency_restarts_its_dependent():
     sup, clock, pids = sim_pair()
     up(sup)
     sim, drv = sup.children["sim"], sup.children["drv"]
-    sim_pid, drv_pid = sim.pid, drv.pid
+    sim_inc, drv_inc = sim.incarnation, drv.incarnation
     sup.request_restart("sim")
-    actions = sup.exited("sim", sim_pid, 0)
+    actions = sup.exited("sim", sim_inc, 0)
     assert not of(actions, Spawn), "sim waits until drv, stopped for it, is gone"
-    assert drv.state == STOPPING and [a.name for a in of(actions, Signal)] == ["drv", "drv"]
-    assert not of(sup.exited("drv", drv_pid, 0), Spawn)
+    assert drv.state == STOPPING and [a.name for a in of(actions, (Terminate, Kill))] == ["drv"]
+    assert not of(sup.exited("drv", drv_inc, 0), Spawn)
     assert feed(sup, pids, sup.tick()) == [Spawn("sim", 1), Spawn("drv", 1)]
     assert sim.restarts == 0, "a user's restart is outside the intensity limit"
 
@@ -608,8 +610,8 @@ def test_user_restart_of_a_dependency_restarts_its_dependent():
 def test_a_user_restart_of_a_held_dependent_waits_for_its_dependency():
     sup, clock, pids = sim_pair()
     up(sup)
-    sup.exited("sim", sup.children["sim"].pid, 1)
-    sup.exited("drv", sup.children["drv"].pid, -15)
+    sup.exited("sim", sup.children["sim"].incarnation, 1)
+    sup.exited("drv", sup.children["drv"].incarnation, -15)
     actions = sup.request_restart("drv")
     assert not of(actions, Spawn) and sup.children["drv"].held
 
@@ -619,14 +621,14 @@ def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_
     up(sup)
     sim, drv = sup.children["sim"], sup.children["drv"]
     for _ in range(3):
-        sup.exited("sim", sim.pid, 1)
-        sup.exited("drv", drv.pid, -15)
+        sup.exited("sim", sim.incarnation, 1)
+        sup.exited("drv", drv.incarnation, -15)
         assert respawn(sup, clock, pids, "sim") == [Spawn("sim", sim.incarnation), Spawn("drv", drv.incarnation)]
         assert drv.state == RUNNING and drv.pid is not None
-    actions = sup.exited("sim", sim.pid, 1)
+    actions = sup.exited("sim", sim.incarnation, 1)
     assert sim.state == FAILED and drv.state == STOPPING
-    actions = sup.exited("drv", drv.pid, -15)
-    assert drv.state == FAILED and drv.kill_reason == "sim failed"
+    actions = sup.exited("drv", drv.incarnation, -15)
+    assert drv.state == FAILED and drv.reason == "sim failed"
     assert [e.detail for e in of(actions, Event) if e.kind == ev.FAILED] == [{"reason": "sim failed"}]
     assert sup.children["other"].state != FAILED and not sup.stopping
     actions = sup.request_restart("sim")
@@ -637,9 +639,9 @@ def test_a_failed_dependency_fails_its_dependent_and_a_user_restart_brings_both_
 def test_transient_is_restarted_after_a_crash_and_not_after_exit_zero():
     sup, clock, pids = start([spec("t", restart=TRANSIENT), spec("u", restart=TRANSIENT)])
     up(sup)
-    sup.exited("t", sup.children["t"].pid, 3)
+    sup.exited("t", sup.children["t"].incarnation, 3)
     assert sup.children["t"].state == BACKOFF and respawn(sup, clock, pids, "t") == [Spawn("t", 1)]
-    actions = sup.exited("u", sup.children["u"].pid, 0)
+    actions = sup.exited("u", sup.children["u"].incarnation, 0)
     assert sup.children["u"].state == STOPPED and [e.kind for e in of(actions, Event)] == [ev.EXITED, ev.FINISHED]
     clock.advance(100)
     assert not [a for a in sup.tick() if isinstance(a, Spawn)]
@@ -648,15 +650,15 @@ def test_transient_is_restarted_after_a_crash_and_not_after_exit_zero():
 def test_permanent_is_restarted_even_after_exit_zero():
     sup, clock, pids = start([spec("p", restart=PERMANENT)])
     up(sup)
-    sup.exited("p", sup.children["p"].pid, 0)
+    sup.exited("p", sup.children["p"].incarnation, 0)
     assert sup.children["p"].state == BACKOFF and respawn(sup, clock, pids, "p") == [Spawn("p", 1)]
 
 
 def test_temporary_is_never_restarted():
     sup, clock, pids = start([spec("crashes", restart=TEMPORARY), spec("ends", restart=TEMPORARY)])
     up(sup)
-    sup.exited("crashes", sup.children["crashes"].pid, 1)
-    sup.exited("ends", sup.children["ends"].pid, 0)
+    sup.exited("crashes", sup.children["crashes"].incarnation, 1)
+    sup.exited("ends", sup.children["ends"].incarnation, 0)
     assert sup.children["crashes"].state == FAILED and sup.children["ends"].state == STOPPED
     clock.advance(1000)
     assert not [a for a in sup.tick() if isinstance(a, Spawn)]
@@ -667,37 +669,37 @@ def test_significant_child_past_its_limit_ends_the_run_and_an_insignificant_one_
     for significant in (True, False):
         sup, clock, pids = start([spec("a", significant=significant, intensity=Intensity(1, 100)), spec("b")])
         up(sup)
-        sup.exited("a", sup.children["a"].pid, 1)
+        sup.exited("a", sup.children["a"].incarnation, 1)
         respawn(sup, clock, pids, "a")
-        actions = sup.exited("a", sup.children["a"].pid, 1)
+        actions = sup.exited("a", sup.children["a"].incarnation, 1)
         assert sup.children["a"].state == FAILED
         if significant:
-            assert sup.stopping and [a.signum for a in of(actions, Signal)] == [signal.SIGTERM, signal.SIGCONT]
-            assert of(sup.exited("b", sup.children["b"].pid, -15), EndRun)[0].exit_code == 1
+            assert sup.stopping and [type(a) for a in of(actions, (Terminate, Kill))] == [Terminate]
+            assert of(sup.exited("b", sup.children["b"].incarnation, -15), EndRun)[0].exit_code == 1
         else:
-            assert not sup.stopping and sup.children["b"].state == RUNNING and not of(actions, Signal)
+            assert not sup.stopping and sup.children["b"].state == RUNNING and not of(actions, (Terminate, Kill))
 
 
 def test_significant_child_finishing_completes_the_run_with_zero():
     sup, clock, pids = start([spec("a", significant=True), spec("b")])
     up(sup)
-    actions = sup.exited("a", sup.children["a"].pid, 0)
+    actions = sup.exited("a", sup.children["a"].incarnation, 0)
     assert ev.RUN_COMPLETE in [e.kind for e in of(actions, Event)] and sup.stopping
-    assert of(sup.exited("b", sup.children["b"].pid, 0), EndRun) == [EndRun(0, "run complete")]
+    assert of(sup.exited("b", sup.children["b"].incarnation, 0), EndRun) == [EndRun(0, "run complete")]
 
 
 def test_stop_order_is_the_reverse_of_start_order():
     sup, clock, pids = sim_pair()
     up(sup)
     actions = sup.request_stop()
-    assert {a.name for a in of(actions, Signal)} == {"drv", "other"}, "sim waits until its dependent is gone"
+    assert {a.name for a in of(actions, (Terminate, Kill))} == {"drv", "other"}, "sim waits until its dependent is gone"
     assert sup.children["sim"].state == STOPPING
     clock.advance(60)
-    assert not [a for a in sup.tick() if isinstance(a, Signal) and a.name == "sim"], "no grace runs before SIGTERM"
-    actions = sup.exited("drv", sup.children["drv"].pid, 0)
-    assert [a.name for a in of(actions, Signal)] == ["sim", "sim"]
+    assert not [a for a in sup.tick() if isinstance(a, (Terminate, Kill)) and a.name == "sim"], "no grace runs before SIGTERM"
+    actions = sup.exited("drv", sup.children["drv"].incarnation, 0)
+    assert [a.name for a in of(actions, (Terminate, Kill))] == ["sim"]
     clock.advance(4.1)
-    assert [a.signum for a in sup.tick() if isinstance(a, Signal)] == [signal.SIGKILL], "after sim's stop grace"
+    assert [type(a) for a in sup.tick() if isinstance(a, (Terminate, Kill))] == [Kill], "after sim's stop grace"
 
 
 def test_stop_grace_is_the_specs_own():
@@ -705,16 +707,16 @@ def test_stop_grace_is_the_specs_own():
     up(sup)
     sup.request_stop()
     clock.advance(2.1)
-    assert [a.name for a in sup.tick() if isinstance(a, Signal)] == ["quick"]
+    assert [a.name for a in sup.tick() if isinstance(a, (Terminate, Kill))] == ["quick"]
     clock.advance(13)
-    assert [a.name for a in sup.tick() if isinstance(a, Signal)] == ["slow"]
+    assert [a.name for a in sup.tick() if isinstance(a, (Terminate, Kill))] == ["slow"]
 
 
 def test_a_second_stop_request_is_harmless():
     sup, clock, pids = start([spec("a"), spec("b")])
     up(sup)
     first = sup.request_stop("stop requested")
-    assert len(of(first, Signal)) == 4
+    assert len(of(first, (Terminate, Kill))) == 2
     assert sup.request_stop("stop requested") == []
     assert sup.request_stop("another reason", 1) == [] and sup.stop_reason == "stop requested"
 
@@ -722,30 +724,30 @@ def test_a_second_stop_request_is_harmless():
 def test_second_signal_forces_the_stop_and_a_third_is_harmless():
     sup, clock, pids = start([spec("a", stop_grace_s=30), spec("b", stop_grace_s=30)])
     up(sup)
-    first = sup.signal_received(signal.SIGINT)
-    assert sup.stopping and {a.signum for a in of(first, Signal)} == {signal.SIGTERM, signal.SIGCONT}
-    forced = sup.signal_received(signal.SIGINT)
+    first = sup.signal_received("SIGINT")
+    assert sup.stopping and {type(a) for a in of(first, (Terminate, Kill))} == {Terminate}
+    forced = sup.signal_received("SIGINT")
     assert [e.kind for e in of(forced, Event)] == [ev.FORCED_STOP]
-    assert sorted((a.name, a.signum) for a in of(forced, Signal)) == [("a", signal.SIGKILL), ("b", signal.SIGKILL)]
-    assert sup.signal_received(signal.SIGINT) == []
-    sup.exited("a", sup.children["a"].pid, -9)
-    assert of(sup.exited("b", sup.children["b"].pid, -9), EndRun) == [EndRun(0, "signal SIGINT")]
+    assert sorted((a.name, type(a).__name__) for a in of(forced, (Terminate, Kill))) == [("a", "Kill"), ("b", "Kill")]
+    assert sup.signal_received("SIGINT") == []
+    sup.exited("a", sup.children["a"].incarnation, -9)
+    assert of(sup.exited("b", sup.children["b"].incarnation, -9), EndRun) == [EndRun(0, "signal SIGINT")]
 
 
 def test_one_signal_is_an_orderly_stop_not_a_forced_one():
     sup, clock, pids = start([spec("a", stop_grace_s=30)])
     up(sup)
-    actions = sup.signal_received(signal.SIGTERM)
-    assert not [a for a in actions if isinstance(a, Signal) and a.signum == signal.SIGKILL]
+    actions = sup.signal_received("SIGTERM")
+    assert not [a for a in actions if isinstance(a, (Terminate, Kill)) and isinstance(a, Kill)]
     clock.advance(29)
-    assert not [a for a in sup.tick() if isinstance(a, Signal)]
+    assert not [a for a in sup.tick() if isinstance(a, (Terminate, Kill))]
 
 
 def test_a_forced_stop_ends_even_if_a_child_never_reports_its_exit():
     sup, clock, pids = start([spec("a"), spec("b")])
     up(sup)
     sup.force_stop("test")
-    sup.exited("a", sup.children["a"].pid, -9)
+    sup.exited("a", sup.children["a"].incarnation, -9)
     clock.advance(1.9)
     assert not of(sup.tick(), EndRun)
     clock.advance(0.2)
@@ -769,7 +771,7 @@ def test_successful_spawn_does_not_back_off():
     clock = FakeClock()
     sup = Supervision([spec("a")], clock)
     sup.start()
-    sup.spawned("a", 42)
+    sup.spawned("a", sup.children["a"].incarnation, 42)
     assert sup.children["a"].state == STARTING and sup.children["a"].pid == 42
 
 
@@ -779,9 +781,9 @@ def test_standby_is_asked_for_once_running_and_used_by_the_next_spawn():
     up(sup)
     assert of(sup.tick(), StartStandby) == [StartStandby("w")]
     assert not of(sup.tick(), StartStandby), "asked for once"
-    sup.exited("w", sup.children["w"].pid, 1)
+    sup.exited("w", sup.children["w"].incarnation, 1)
     assert respawn(sup, clock, pids, "w") == [Spawn("w", 1, standby=True)]
-    sup.exited("plain", sup.children["plain"].pid, 1)
+    sup.exited("plain", sup.children["plain"].incarnation, 1)
     assert respawn(sup, clock, pids, "plain") == [Spawn("plain", 1, standby=False)]
 
 
@@ -792,7 +794,7 @@ def test_a_lost_standby_is_replaced_and_the_next_spawn_starts_cold():
     sup.standby_lost("w")
     assert of(sup.tick(), StartStandby) == [StartStandby("w")]
     sup.standby_lost("w")
-    sup.exited("w", sup.children["w"].pid, 1)
+    sup.exited("w", sup.children["w"].incarnation, 1)
     assert respawn(sup, clock, pids, "w") == [Spawn("w", 1, standby=False)]
 
 
@@ -809,15 +811,15 @@ def test_progress_counters_and_phases_are_the_specs_own():
     c = sup.children["a"]
     for i in range(20):  # x frozen, y growing: progress
         clock.advance(1.0)
-        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "work", "x": 5, "y": i})
+        sup.heartbeat({"name": "a", "pid": c.pid, "incarnation": c.incarnation, "phase": "work", "x": 5, "y": i})
         assert not of(sup.tick(), CaptureEvidence)
     for i in range(20):  # in a phase outside progress_phases, nothing has to grow
         clock.advance(1.0)
-        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "idle", "x": 5, "y": 19})
+        sup.heartbeat({"name": "a", "pid": c.pid, "incarnation": c.incarnation, "phase": "idle", "x": 5, "y": 19})
         assert not of(sup.tick(), CaptureEvidence)
     for i in range(12):  # back in a progressing phase with nothing growing: stalled past the deadline
         clock.advance(1.0)
-        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "work", "x": 5, "y": 19})
+        sup.heartbeat({"name": "a", "pid": c.pid, "incarnation": c.incarnation, "phase": "work", "x": 5, "y": 19})
         sup.tick()
     assert c.state == STALLED
 
@@ -839,7 +841,7 @@ def test_a_significant_child_cannot_be_permanent():
 def test_alerts_that_are_not_strings_are_ignored():
     sup, clock, pids = start([spec("a")])
     c = sup.children["a"]
-    actions = sup.heartbeat({"name": "a", "pid": c.pid, "phase": "busy", "count": 1,
+    actions = sup.heartbeat({"name": "a", "pid": c.pid, "incarnation": c.incarnation, "phase": "busy", "count": 1,
                              "alerts": [{"level": "warning"}, "warning:x@1"]})
     assert [e.detail for e in of(actions, Event) if e.kind == ev.ALERT] == [{"alert": "warning:x@1"}]
 
@@ -848,7 +850,7 @@ def test_a_finished_child_drops_its_standby():
     sup, clock, pids = start([spec("w", standby=True)])
     up(sup)
     assert of(sup.tick(), StartStandby)
-    assert of(sup.exited("w", sup.children["w"].pid, 0), DropStandby) == [DropStandby("w")]
+    assert of(sup.exited("w", sup.children["w"].incarnation, 0), DropStandby) == [DropStandby("w")]
     assert not of(sup.tick(), StartStandby)
 
 
@@ -861,13 +863,13 @@ def test_a_dependent_that_finds_its_dependency_stalled_gets_it_replaced_at_once(
     sup, clock, pids = stalling_pair()
     up(sup)
     sim, drv = sup.children["sim"], sup.children["drv"]
-    actions = sup.exited("drv", drv.pid, 76)
+    actions = sup.exited("drv", drv.incarnation, 76)
     assert sim.state == STALLED, "no waiting for sim's own deadline"
     cap = of(actions, CaptureEvidence)
     assert [c.name for c in cap] == ["sim"] and "drv found it stalled (exit 76)" in cap[0].reason
     assert drv.state == BACKOFF and drv.held and len(drv.restart_times) == 0, "not drv's own failure"
     sup.evidence_done("sim", "incidents/x-sim")
-    sup.exited("sim", sim.pid, -15)
+    sup.exited("sim", sim.incarnation, -15)
     assert respawn(sup, clock, pids, "sim") == [Spawn("sim", 1), Spawn("drv", 1)]
 
 
@@ -875,7 +877,7 @@ def test_a_dependents_ordinary_crash_leaves_its_dependency_alone():
     sup, clock, pids = stalling_pair()
     up(sup)
     sim, drv = sup.children["sim"], sup.children["drv"]
-    actions = sup.exited("drv", drv.pid, 1)
+    actions = sup.exited("drv", drv.incarnation, 1)
     assert sim.state == RUNNING and not of(actions, CaptureEvidence)
     assert drv.state == BACKOFF and not drv.held and len(drv.restart_times) == 1
 
@@ -884,10 +886,10 @@ def test_a_dependent_asking_for_a_fresh_dependency_recycles_it_without_evidence(
     sup, clock, pids = stalling_pair()
     up(sup)
     sim, drv = sup.children["sim"], sup.children["drv"]
-    actions = sup.exited("drv", drv.pid, 75)
+    actions = sup.exited("drv", drv.incarnation, 75)
     assert sim.state == STOPPING and not of(actions, CaptureEvidence)
     assert [e.kind for e in of(actions, Event) if e.name == "sim"] == [ev.RECYCLED, ev.TERMINATING]
-    assert feed(sup, pids, sup.exited("sim", sim.pid, -15)) == [Spawn("sim", 1), Spawn("drv", 1)]
+    assert feed(sup, pids, sup.exited("sim", sim.incarnation, -15)) == [Spawn("sim", 1), Spawn("drv", 1)]
     assert len(sim.restart_times) == 0 and len(drv.restart_times) == 0, "planned: outside the intensity limit"
 
 
@@ -898,14 +900,14 @@ def test_a_child_past_its_max_age_is_recycled_and_not_before():
     for _ in range(35):
         clock.advance(100)
         for name in ("sim", "drv"):
-            sup.heartbeat({"name": name, "pid": sup.children[name].pid, "phase": "busy", "count": clock.now})
+            sup.heartbeat({"name": name, "pid": sup.children[name].pid, "incarnation": sup.children[name].incarnation, "phase": "busy", "count": clock.now})
         assert not [e for e in of(sup.tick(), Event) if e.kind == ev.RECYCLED]
     clock.advance(100)
     for name in ("sim", "drv"):
-        sup.heartbeat({"name": name, "pid": sup.children[name].pid, "phase": "busy", "count": clock.now})
+        sup.heartbeat({"name": name, "pid": sup.children[name].pid, "incarnation": sup.children[name].incarnation, "phase": "busy", "count": clock.now})
     actions = sup.tick()
     assert [e.name for e in of(actions, Event) if e.kind == ev.RECYCLED] == ["sim"] and sim.state == STOPPING
-    actions = sup.exited("sim", sim.pid, -15)
+    actions = sup.exited("sim", sim.incarnation, -15)
     assert sup.children["drv"].state == STOPPING, "its dependent restarts after it"
 
 
@@ -914,8 +916,8 @@ def test_a_stall_reason_carries_what_the_child_says_of_itself():
     c = sup.children["a"]
     for _ in range(12):
         clock.advance(1.0)
-        sup.heartbeat({"name": "a", "pid": c.pid, "phase": "busy", "count": 3,
+        sup.heartbeat({"name": "a", "pid": c.pid, "incarnation": c.incarnation, "phase": "busy", "count": 3,
                        "detail": "sampling fails for 11s: RuntimeError: too few transitions"})
         sup.tick()
-    assert c.state == STALLED and "it reports: sampling fails" in c.kill_reason
-    assert "sampling fails" in sup.snapshot()[0]["detail"]
+    assert c.state == STALLED and "it reports: sampling fails" in c.reason
+    assert "sampling fails" in status_rows(sup.snapshot())[0]["detail"]

@@ -1,4 +1,7 @@
-"""The driver of ``process`` children: spawn, signal and reap them, each in its own process group."""
+"""The driver of ``process`` children: spawn, signal and reap them, each in its own process group.
+
+The machine's terminate is SIGTERM to the group, then SIGCONT (a stopped process
+cannot handle SIGTERM until it runs again); its kill is SIGKILL to the group."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supervisor import evidence
-from supervisor.drivers import Exited, Observation, StandbyLost
-from supervisor.state import CaptureEvidence, ChildSpec
+from protocol.chaos import REQUEST_SIGNAL
+from supervisor.drivers import CRASH, FREEZE, NOTIFY, Exited, Gone, NotSupported, Observation, StandbyLost, evidence
+from supervisor.machine import CaptureEvidence
+from supervisor.specs import ChildSpec
 
 PR_SET_PDEATHSIG = 1
 
@@ -45,7 +49,7 @@ class ProcessDriver:
     def __init__(self, run_dir: Path, nice: int = 0):
         self.run_dir = Path(run_dir)
         self.nice = nice
-        self.procs: dict[int, tuple[str, subprocess.Popen]] = {}
+        self.procs: dict[tuple[str, int], subprocess.Popen] = {}  # (name, incarnation) -> its process
         self.spares: dict[str, subprocess.Popen] = {}
 
     def command(self, spec: ChildSpec, incarnation: int) -> list[str]:
@@ -70,7 +74,7 @@ class ProcessDriver:
         used_standby = proc is not None
         if proc is None:
             proc = self._popen(spec.name, self.command(spec, incarnation), subprocess.DEVNULL)
-        self.procs[proc.pid] = (spec.name, proc)
+        self.procs[(spec.name, incarnation)] = proc
         return proc.pid, used_standby
 
     def start_standby(self, spec: ChildSpec) -> None:
@@ -97,29 +101,48 @@ class ProcessDriver:
             return None
 
     def _discard(self, proc: subprocess.Popen) -> None:
-        self.signal("", proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         proc.wait()
         if proc.stdin is not None:
             proc.stdin.close()
 
-    def signal(self, name: str, pid: int, signum: int) -> None:
-        """Signal the child's whole process group (its pgid is its pid)."""
+    def terminate(self, name: str, incarnation: int) -> None:
+        proc = self.procs.get((name, incarnation))
+        if proc is not None:
+            signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGCONT)
+
+    def kill(self, name: str, incarnation: int) -> None:
+        proc = self.procs.get((name, incarnation))
+        if proc is not None:
+            signal_group(proc.pid, signal.SIGKILL)
+
+    def inject(self, name: str, incarnation: int, what: str) -> None:
+        """FREEZE: SIGSTOP (the process only: its heartbeat thread stops with it); CRASH: SIGKILL; NOTIFY: the
+        request signal, by which a child reads the fault request written for it."""
+        signum = {FREEZE: signal.SIGSTOP, CRASH: signal.SIGKILL, NOTIFY: REQUEST_SIGNAL}.get(what)
+        if signum is None:
+            raise NotSupported(f"a process cannot take {what!r}")
+        proc = self.procs.get((name, incarnation))
+        if proc is None or proc.poll() is not None:
+            raise Gone(f"{name} (incarnation {incarnation}) is not running")
         try:
-            os.killpg(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            raise Gone(f"{name} (pid {proc.pid}) is gone") from None
+
+    def pid_of(self, name: str, incarnation: int) -> int | None:
+        proc = self.procs.get((name, incarnation))
+        return proc.pid if proc is not None else None
 
     def poll(self) -> list[Observation]:
         """Children that exited (exit code; -N for signal N), and standby spares that died."""
         seen: list[Observation] = []
-        for pid, (name, proc) in list(self.procs.items()):
+        for (name, incarnation), proc in list(self.procs.items()):
             code = proc.poll()
             if code is not None:
-                del self.procs[pid]
-                seen.append(Exited(name, pid, code))
+                del self.procs[(name, incarnation)]
+                seen.append(Exited(name, incarnation, code))
         for name, spare in list(self.spares.items()):
             if spare.poll() is not None:
                 del self.spares[name]
@@ -127,15 +150,16 @@ class ProcessDriver:
         return seen
 
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
-        return evidence.capture(run_dir, action.name, action.pid, action.reason, action.heartbeat, timeout_s)
+        pid = self.pid_of(action.name, action.incarnation)
+        return evidence.capture(run_dir, action.name, pid, action.reason, action.heartbeat, timeout_s)
 
     def kill_leftovers(self, saved: dict) -> list[int]:
         return kill_leftovers(saved.get("children", []), str(self.run_dir))
 
     def kill_all(self) -> None:
-        procs = [proc for _, proc in self.procs.values()] + list(self.spares.values())
+        procs = list(self.procs.values()) + list(self.spares.values())
         for proc in procs:
-            self.signal("", proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         for proc in procs:
             try:
                 proc.wait(timeout=5)
@@ -147,7 +171,18 @@ class ProcessDriver:
         self.spares.clear()
 
     def pids(self) -> list[int]:
-        return list(self.procs) + [p.pid for p in self.spares.values()]
+        return [p.pid for p in self.procs.values()] + [p.pid for p in self.spares.values()]
+
+
+def signal_group(pid: int, signum: int) -> None:
+    """Signal a child's whole process group (its pgid is its pid), or the process where the group is gone."""
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def kill_leftovers(pids: list[int], marker: str) -> list[int]:

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import msgpack
 
-from supervisor.drivers import Beat, Exited, Observation, SpawnError
-from supervisor.evidence import incident_dir
-from supervisor.state import CaptureEvidence, ChildSpec
+from supervisor.drivers import CRASH, FREEZE, Beat, Exited, Gone, NotSupported, Observation, SpawnError
+from supervisor.drivers.evidence import incident_dir
+from supervisor.machine import CaptureEvidence
+from supervisor.specs import ChildSpec
 
 RUN_LABEL = "rlstack.run"
 SLOT_LABEL = "rlstack.slot"
@@ -144,8 +145,9 @@ def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
 @dataclass
 class Running:
     name: str
+    incarnation: int
     container_id: str
-    pid: int
+    pid: int | None  # the container's main process on this host; None when it exited at once
     host: str
     rpc_port: int
     stop: threading.Event = field(default_factory=threading.Event)
@@ -216,7 +218,7 @@ class ContainerDriver:
             for spec in specs:
                 check_ports_free(spec.launch["ports"])
 
-    def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int, bool]:
+    def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int | None, bool]:
         import docker
 
         launch = spec.launch
@@ -254,10 +256,8 @@ class ContainerDriver:
             self._remove_named(launch["container_name"])
             raise SpawnError(f"container {launch['container_name']} started but could not be inspected: "
                              f"{_first_line(exc)}") from None
-        pid = int(container.attrs.get("State", {}).get("Pid") or 0)
-        if pid <= 0:  # it exited at once; report it as an exit the machine handles
-            pid = -abs(hash(container.id)) % (2**31) or 1
-        run = Running(spec.name, container.id, pid, launch["host"], launch["rpc_port"])
+        pid = int(container.attrs.get("State", {}).get("Pid") or 0) or None  # None: it exited at once
+        run = Running(spec.name, incarnation, container.id, pid, launch["host"], launch["rpc_port"])
         self.running[spec.name] = run
         threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
         threading.Thread(target=self._wait_loop, args=(run,), name=f"wait-{spec.name}", daemon=True).start()
@@ -289,9 +289,10 @@ class ContainerDriver:
                 server_version(run.host, run.rpc_port, self.probe_timeout_s)
                 run.probes += 1
                 run.last_answer = time.time()
-                if run.probes % GPU_EVERY_PROBES == 1:
+                if run.probes % GPU_EVERY_PROBES == 1 and run.pid is not None:
                     run.gpu_memory_bytes = gpu_memory_of(run.pid)
-                beat = {"name": run.name, "pid": run.pid, "phase": "serving", "probes": run.probes, "phase_age_s": 0.0}
+                beat = {"name": run.name, "incarnation": run.incarnation, "pid": run.pid, "phase": "serving",
+                        "probes": run.probes, "phase_age_s": 0.0}
                 if run.gpu_memory_bytes is not None:
                     beat["gpu_memory_bytes"] = run.gpu_memory_bytes
                 self.seen.put(Beat(beat))
@@ -319,7 +320,7 @@ class ContainerDriver:
         run.stop.set()
         if run.killed and code == 137:
             code = -int(signal.SIGKILL)
-        self.seen.put(Exited(run.name, run.pid, code))
+        self.seen.put(Exited(run.name, run.incarnation, code))
 
     def poll(self) -> list[Observation]:
         seen = []
@@ -327,7 +328,7 @@ class ContainerDriver:
             obs = self.seen.get()
             if isinstance(obs, Exited):
                 run = self.running.get(obs.name)
-                if run is not None and run.pid == obs.pid:
+                if run is not None and run.incarnation == obs.incarnation:
                     del self.running[obs.name]
                     self.removing.add(run.container_id)
                     threading.Thread(target=self._record_exit_and_remove, args=(run, obs.code), daemon=True).start()
@@ -336,15 +337,39 @@ class ContainerDriver:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def signal(self, name: str, pid: int, signum: int) -> None:
-        """SIGTERM kills the container (a CARLA server is not worth a graceful stop); SIGKILL, the machine's
-        second word after the grace period, tries again and removes it by force; SIGCONT is moot."""
+    def _run_of(self, name: str, incarnation: int) -> Running | None:
         run = self.running.get(name)
-        if run is None or run.pid != pid or signum == signal.SIGCONT or (run.killed and signum != signal.SIGKILL):
+        return run if run is not None and run.incarnation == incarnation else None
+
+    def terminate(self, name: str, incarnation: int) -> None:
+        """docker kill (a CARLA server is not worth a graceful stop; it works on a paused container too)."""
+        run = self._run_of(name, incarnation)
+        if run is None or run.killed:
+            return
+        run.killed = True
+        threading.Thread(target=self._kill, args=(run.container_id, False), daemon=True).start()
+
+    def kill(self, name: str, incarnation: int) -> None:
+        """The machine's last word after the grace: forced removal when a kill was already sent, else a kill."""
+        run = self._run_of(name, incarnation)
+        if run is None:
             return
         force = run.killed  # the first kill did not end it in time
         run.killed = True
         threading.Thread(target=self._kill, args=(run.container_id, force), daemon=True).start()
+
+    def inject(self, name: str, incarnation: int, what: str) -> None:
+        """FREEZE: docker pause; CRASH: docker kill (as the container's own death: no kill of ours)."""
+        if what not in (FREEZE, CRASH):
+            raise NotSupported(f"a simulator container cannot take {what!r}")
+        run = self._run_of(name, incarnation)
+        if run is None:
+            raise Gone(f"{name} has no running container")
+        container = self.engine.containers.get(run.container_id)
+        if what == FREEZE:
+            container.pause()
+        else:
+            container.kill()
 
     def _kill(self, container_id: str, force: bool) -> None:
         import docker
@@ -393,10 +418,11 @@ class ContainerDriver:
 
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         """The container's state and log tail, and the prober's last word, before the kill."""
-        return self.write_incident(Path(run_dir), self.running.get(action.name), action.reason, action.pid,
+        run = self._run_of(action.name, action.incarnation)
+        return self.write_incident(Path(run_dir), run, action.reason, run.pid if run else None,
                                    action.heartbeat, name=action.name)
 
-    def write_incident(self, run_dir: Path, run: Running | None, reason: str, pid: int, heartbeat: dict | None,
+    def write_incident(self, run_dir: Path, run: Running | None, reason: str, pid: int | None, heartbeat: dict | None,
                        name: str | None = None, suffix: str = "") -> Path:
         name = name or run.name
         out = incident_dir(run_dir, name, suffix)
@@ -437,7 +463,7 @@ class ContainerDriver:
         return gone
 
     def pids(self) -> list[int]:
-        return [r.pid for r in self.running.values()]
+        return [r.pid for r in self.running.values() if r.pid is not None]
 
     def kill_all(self) -> None:
         """Remove every container of this driver, running or exited, at once, before the supervisor leaves."""

@@ -1,20 +1,19 @@
-"""The supervisor process: drives the state machine with real processes, sockets and files.
+"""The supervisor process: the loop that ties the drivers to the machine.
 
-It owns the run directory, binds the heartbeat (PULL) and control (REP) endpoints,
-spawns the learner and the env-workers, and carries out what
-:class:`supervisor.state.Supervision` decides. Signal handlers only queue the
-signal; the main loop does the work.
+:class:`Supervisor` binds the heartbeat (PULL) and control (REP) endpoints,
+feeds the machine (:mod:`supervisor.machine`) what the sockets and the drivers
+observe, and hands each of its actions to the driver of the child's kind.
+Signal handlers only queue the signal; the loop does the work. The run
+directory's files are :mod:`supervisor.rundir`'s, the control requests
+:mod:`supervisor.control`'s, the faults :mod:`supervisor.chaos`'s.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import json
 import os
 import queue
 import random
-import secrets
 import shutil
 import signal
 import sys
@@ -23,62 +22,31 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import yaml
 import zmq
 
 from protocol import events as ev
 from protocol.config import Config
-from protocol.exits import say
-from protocol.files import atomic_write, replace_symlink
-from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HEARTBEAT
+from protocol.exits import os_error_line, say
+from protocol.messages import HEARTBEAT
+from protocol.runstate import live_pid, process_start_time, read_state
 from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_BYTES, HEARTBEAT_RCVHWM, Receiver,
-                              ipc_path, make_socket, prepare_endpoints, send)
-from supervisor.chaos import Chaos
+                              ipc_path, make_socket, prepare_endpoints)
+from supervisor.chaos import Chaos, start_garbage
+from supervisor.control import ControlServer, progress_row, status_rows
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
+from supervisor.drivers.process import ProcessDriver
+from supervisor.machine import (CaptureEvidence, DropStandby, EndRun, Event, Kill, Spawn, StartStandby, Supervision,
+                                Terminate)
 from supervisor.plan import Plan, build_plan
-from supervisor.processes import ProcessDriver
-from supervisor.state import (CaptureEvidence, DropStandby, EndRun, Event, Signal, Spawn, StartStandby,
-                              Supervision)
+from supervisor.rundir import RunFiles
 
 # The main loop wakes at least this often to judge deadlines.
 TICK_S = 0.05
-# events.jsonl keeps this much disk space reserved beyond its end (renewed every RESERVE_EVERY lines), so the
-# events that tell how a run ended on a full disk still find room.
-RESERVE_BYTES = 1024 * 1024
-RESERVE_EVERY = 1000
 DISK_CHECK_EVERY_S = 5.0
 # progress.jsonl: every child's counters, phase and steps/s, this often (what `supervisor report` plots per worker
 # and judges a frozen run by); about 100 bytes per child per line.
 PROGRESS_SAMPLE_S = 2.0
-
-
-_HELD_LOCKS: list[int] = []  # run-directory locks this process holds until it ends
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-def create_run_dir(cfg: Config, locked: bool = False) -> Path:
-    """The run directory with its config; locked (see :func:`lock_run`) unless the caller holds the lock.
-    Raises RunBusy when another supervisor holds it."""
-    runs = Path(cfg.run.runs_dir)
-    run_id = cfg.run.run_id or new_run_id()
-    run_dir = runs / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not locked:
-        fd = lock_run(run_dir)
-        if fd is None:
-            raise RunBusy(f"another supervisor is starting or running {run_dir}")
-        _HELD_LOCKS.append(fd)
-    for sub in ("logs", "checkpoints", "incidents", "tb"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
-    data = cfg.to_dict()
-    data["run"]["run_id"] = run_id
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
-    replace_symlink(runs / "latest", run_id)
-    return run_dir.resolve()
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Supervisor:
@@ -90,7 +58,6 @@ class Supervisor:
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.live = live
-        self.out = out
         self.plan = plan or build_plan(cfg, self.run_id)
         self.specs = {s.name: s for s in self.plan.specs}
         self.machine = Supervision(list(self.plan.specs), clock, random.Random(cfg.run.seed))
@@ -100,22 +67,20 @@ class Supervisor:
         if missing:
             raise ValueError(f"no driver for child kind(s) {sorted(missing)}")
         self.ctx = zmq.Context()
-        self.events_path = self.run_dir / "events.jsonl"
-        self.events_file = open(self.events_path, "a", buffering=1)
-        reserve_space(self.events_file, RESERVE_BYTES)  # the last events are written on a full disk too
-        self.events_written = 0
+        self.files = RunFiles(self.run_dir, out, live)
         self.os_errors: set = set()
         self.disk_checked_at = -1e9
         self.disk: dict = {}
         self.process_started = process_start_time(os.getpid())
         self.progress_sampled_at = -1e9
-        self.progress_file = None
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
         self.started = time.monotonic()
         self.exit_code: int | None = None
         self.incidents = 0
-        self.chaos = Chaos(self)
+        self.chaos = Chaos(cfg.chaos, cfg.run.seed, self.machine, self.specs, self.run_dir, self.driver_of,
+                           self.record, self.dropped,
+                           lambda sockets, pids: start_garbage(self.ctx, self.endpoints, sockets, pids))
 
     def driver_of(self, name: str) -> Driver:
         return self.drivers[self.specs[name].kind]
@@ -127,12 +92,17 @@ class Supervisor:
         self.endpoints = eps
         self.hb_sock = make_socket(self.ctx, zmq.PULL, hwm=HEARTBEAT_RCVHWM, max_bytes=HEARTBEAT_MAX_BYTES)
         self.hb_sock.bind(eps["heartbeat"])
-        self.control = make_socket(self.ctx, zmq.REP, hwm=CONTROL_RCVHWM, max_bytes=CONTROL_MAX_BYTES)
-        self.control.bind(eps["control"])
+        control = make_socket(self.ctx, zmq.REP, hwm=CONTROL_RCVHWM, max_bytes=CONTROL_MAX_BYTES)
+        control.bind(eps["control"])
         os.chmod(ipc_path(eps["control"]), 0o600)
         self.hb_inbox = Receiver(self.hb_sock, lambda msg, **kw: self.record(Event(ev.MALFORMED, "heartbeat", kw)))
-        self.control_inbox = Receiver(self.control,
-                                      lambda msg, **kw: self.record(Event(ev.MALFORMED, "control", kw)))
+        control_inbox = Receiver(control, lambda msg, **kw: self.record(Event(ev.MALFORMED, "control", kw)))
+        self.control = ControlServer(control, control_inbox, {
+            "status": lambda name, fields: {"ok": True, "data": self.status()},
+            "restart": self.answer_restart,
+            "stop": self.answer_stop,
+            "chaos": lambda name, fields: self.chaos.command(fields.get("fault"), name, fields.get("options")),
+        })
 
     def clean_leftovers(self) -> None:
         """Kill children of an earlier supervisor of this run that died without cleaning up."""
@@ -154,7 +124,7 @@ class Supervisor:
             state["processes"] = [{k: row.get(k) for k in ("name", "state", "restarts", "reason", "last_exit")}
                                   for row in self.machine.snapshot()]
         try:
-            atomic_write(self.run_dir / "supervisor.json", json.dumps(state), fsync=False)
+            self.files.save_state(state)
         except OSError as exc:  # the old file stays whole; the run goes on
             self.os_trouble(exc, "writing its state file")
 
@@ -166,31 +136,20 @@ class Supervisor:
         key = (doing, exc.errno)
         if key not in self.os_errors:
             self.os_errors.add(key)
-            then = "the run stops" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "carrying on without it"
-            say(f"supervisor: {os_error_text(exc)} ({doing}); {then}")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and not self.machine.stopping:
+            then = "the run stops" if exc.errno in FULL_DISK else "carrying on without it"
+            say(f"supervisor: {os_error_line(exc)} ({doing}); {then}")
+        if exc.errno in FULL_DISK and not self.machine.stopping:
             self.record(Event(ev.DISK_FULL, "run", {"path": str(exc.filename), "error": exc.strerror or str(exc)}))
             self.execute(self.machine.request_stop(f"no space left on device ({exc.filename})", 1))
 
     # -- actions -------------------------------------------------------------
 
     def record(self, event: Event) -> None:
-        line = {"time": round(time.time(), 3), "event": event.kind, "name": event.name, **event.detail}
         try:
-            self.events_file.write(json.dumps(line, default=str) + "\n")
-            self.events_file.flush()
+            self.files.event(event.kind, event.name, event.detail, quiet=event.kind == ev.MALFORMED)
         except OSError as exc:
             if event.kind != ev.DISK_FULL:
-                self.os_trouble(exc, "writing events.jsonl", self.events_path)
-        self.events_written += 1
-        if self.events_written % RESERVE_EVERY == 0:
-            reserve_space(self.events_file, RESERVE_BYTES)
-        if not self.live and event.kind != ev.MALFORMED:
-            detail = " ".join(f"{k}={v}" for k, v in event.detail.items() if k != "heartbeat")
-            try:
-                print(f"[supervisor] {event.name}: {event.kind} {detail}", file=self.out, flush=True)
-            except OSError:
-                pass  # stdout on a full disk: events.jsonl (with its reserved space) still has the line
+                self.os_trouble(exc, "writing events.jsonl", self.files.events_path)
 
     def execute(self, actions) -> None:
         pending = list(actions)
@@ -205,7 +164,7 @@ class Supervisor:
                 except (OSError, SpawnError) as exc:
                     pending += self.machine.spawn_failed(action.name, str(exc))
                     continue
-                pending += self.machine.spawned(action.name, pid, standby)
+                pending += self.machine.spawned(action.name, action.incarnation, pid, standby)
                 self.save_state()
             elif isinstance(action, StartStandby):
                 try:
@@ -217,8 +176,10 @@ class Supervisor:
             elif isinstance(action, CaptureEvidence):
                 self.incidents += 1
                 threading.Thread(target=self._capture, args=(action,), daemon=True).start()
-            elif isinstance(action, Signal):
-                self.driver_of(action.name).signal(action.name, action.pid, action.signum)
+            elif isinstance(action, Terminate):
+                self.driver_of(action.name).terminate(action.name, action.incarnation)
+            elif isinstance(action, Kill):
+                self.driver_of(action.name).kill(action.name, action.incarnation)
             elif isinstance(action, Event):
                 self.record(action)
             elif isinstance(action, EndRun):
@@ -238,7 +199,7 @@ class Supervisor:
         for driver in self.drivers.values():
             for seen in driver.poll():
                 if isinstance(seen, Exited):
-                    self.execute(self.machine.exited(seen.name, seen.pid, seen.code))
+                    self.execute(self.machine.exited(seen.name, seen.incarnation, seen.code))
                 elif isinstance(seen, Beat):
                     self.execute(self.machine.heartbeat(seen.fields))
                 elif isinstance(seen, StandbyLost):
@@ -269,24 +230,21 @@ class Supervisor:
         if now - self.progress_sampled_at < PROGRESS_SAMPLE_S:
             return
         self.progress_sampled_at = now
-        children = {r["name"]: {"role": r["labels"].get("role"), "state": r["state"], "phase": r["phase"],
-                                "incarnation": r["incarnation"], "env_steps": r["env_steps"], "updates": r["updates"],
-                                "steps_per_s": r["steps_per_s"], "heartbeat_age_s": r["heartbeat_age_s"]}
-                    for r in self.machine.snapshot()}
+        children = {r["name"]: progress_row(r) for r in status_rows(self.machine.snapshot())}
         try:
-            if self.progress_file is None:
-                self.progress_file = open(self.run_dir / "progress.jsonl", "a", buffering=1)
-            self.progress_file.write(json.dumps({"time": round(time.time(), 3), "children": children}) + "\n")
+            self.files.progress(children)
         except OSError as exc:
-            self.os_trouble(exc, "writing progress.jsonl", self.run_dir / "progress.jsonl")
+            self.os_trouble(exc, "writing progress.jsonl", self.files.progress_path)
 
     # -- control -------------------------------------------------------------
 
+    def dropped(self) -> int:
+        """Messages the supervisor's own sockets dropped as malformed or unwanted."""
+        return self.hb_inbox.dropped_total + self.control.inbox.dropped_total
+
     def status(self) -> dict:
-        rows = self.machine.snapshot()
-        for row in rows:
-            row["role"] = row["labels"].get("role")
-        own = self.hb_inbox.dropped_total + self.control_inbox.dropped_total
+        rows = status_rows(self.machine.snapshot())
+        own = self.dropped()
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), "supervisor_pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 2),
                 "env_steps": self.plan.run_env_steps(rows),
@@ -295,43 +253,15 @@ class Supervisor:
                 "supervisor_dropped": own, "disk": self.disk,
                 "stopping": self.machine.stopping, "processes": rows}
 
-    def serve_control(self) -> None:
-        for _ in range(20):
-            try:
-                frames = self.control.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            msg = self.control_inbox.decode_frames(frames)
-            if msg is None or msg.type != CONTROL_REQUEST:
-                if msg is not None:
-                    self.control_inbox.drop("wrong_type", f"{msg.type} on the control socket")
-                reply = {"ok": False, "error": "malformed request"}
-            else:
-                try:
-                    reply = self.answer(msg["cmd"], msg.get("name"), msg.fields)
-                except Exception as exc:  # a request the supervisor cannot answer must not end the run
-                    self.control_inbox.drop("unanswerable", f"{msg.get('cmd')!r}: {exc!r:.200}")
-                    reply = {"ok": False, "error": f"cannot answer {msg.get('cmd')!r}: {type(exc).__name__}"}
-            try:
-                send(self.control, CONTROL_REPLY, reply)
-            except Exception as exc:  # a reply that cannot be encoded: the REP socket still owes one
-                send(self.control, CONTROL_REPLY, {"ok": False, "error": f"reply not encodable: {type(exc).__name__}"})
+    def answer_restart(self, name: str | None, fields: dict) -> dict:
+        if name not in self.specs:
+            return {"ok": False, "error": f"no process named {name!r}; names: {', '.join(self.specs)}"}
+        self.execute(self.machine.request_restart(name))
+        return {"ok": True, "data": {"restarting": name}}
 
-    def answer(self, cmd: str, name: str | None, fields: dict | None = None) -> dict:
-        if cmd == "status":
-            return {"ok": True, "data": self.status()}
-        if cmd == "restart":
-            if name not in self.specs:
-                return {"ok": False, "error": f"no process named {name!r}; names: {', '.join(self.specs)}"}
-            self.execute(self.machine.request_restart(name))
-            return {"ok": True, "data": {"restarting": name}}
-        if cmd == "stop":
-            self.execute(self.machine.request_stop("stop requested"))
-            return {"ok": True, "data": {"stopping": True}}
-        if cmd == "chaos":
-            fields = fields or {}
-            return self.chaos.command(fields.get("fault"), name, fields.get("options"))
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+    def answer_stop(self, name: str | None, fields: dict) -> dict:
+        self.execute(self.machine.request_stop("stop requested"))
+        return {"ok": True, "data": {"stopping": True}}
 
     # -- the loop ------------------------------------------------------------
 
@@ -340,8 +270,8 @@ class Supervisor:
 
     def loop_once(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(int(TICK_S * 1000)))
-        if self.control in events:  # first: an operator's request is answered however busy the run is
-            self.serve_control()
+        if self.control.sock in events:  # first: an operator's request is answered however busy the run is
+            self.control.serve()
         if self.hb_sock in events:
             for msg in self.hb_inbox.drain(limit=500):
                 if msg.type == HEARTBEAT:
@@ -354,7 +284,7 @@ class Supervisor:
             self.execute(self.machine.evidence_done(name, path))
         self.observe()
         while not self.signals.empty():
-            self.execute(self.machine.signal_received(self.signals.get()))
+            self.execute(self.machine.signal_received(signal.Signals(self.signals.get()).name))
         self.execute(self.machine.tick())
         self.chaos.tick()
         self.sample_progress()
@@ -367,7 +297,7 @@ class Supervisor:
         self.execute(self.machine.start())
         poller = zmq.Poller()
         poller.register(self.hb_sock, zmq.POLLIN)
-        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
         return poller
 
     def close(self) -> None:
@@ -378,12 +308,7 @@ class Supervisor:
         end = self.machine.end
         self.save_state(ended={"time": round(time.time(), 3), "exit_code": end.exit_code if end else None,
                                "reason": end.reason if end else "the supervisor stopped"})
-        for f in (self.events_file, self.progress_file):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
+        self.files.close()
         self.ctx.destroy(linger=0)
         self.remove_sockets()
 
@@ -397,7 +322,7 @@ class Supervisor:
             if self.live:
                 from supervisor.display import LiveDisplay
 
-                display = LiveDisplay(self)
+                display = LiveDisplay(self.status)
                 display.start()
             while self.exit_code is None:
                 self.loop_once(poller)
@@ -429,112 +354,9 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan) -> dict[str, Driver]
     """A driver for each kind of child in the plan (no Docker engine is asked for when no child needs one)."""
     drivers: dict[str, Driver] = {"process": ProcessDriver(run_dir, cfg.supervisor.child_nice)}
     if any(s.kind == "container" for s in plan.specs):
-        from supervisor.containers import ContainerDriver
+        from supervisor.drivers.container import ContainerDriver
 
         sims = cfg.simulators
         drivers["container"] = ContainerDriver(run_dir, Path(run_dir).name, sims.probe_interval_s,
                                                sims.probe_timeout_s, sims.docker_timeout_s)
     return drivers
-
-
-def read_state(run_dir: Path) -> dict:
-    """A run's ``supervisor.json``; {} when it is missing or torn (never raises for its content)."""
-    path = Path(run_dir) / "supervisor.json"
-    try:
-        state = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
-        return {}
-    return state if isinstance(state, dict) else {}
-
-
-def process_start_time(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def live_pid(state: dict) -> int | None:
-    """The pid of the supervisor a run's state file names, if that very process still runs; None when the run
-    ended, the pid is ours (a container restarted with the same pid), or the pid now belongs to another process."""
-    pid = state.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or state.get("ended") or pid == os.getpid():
-        return None
-    started = state.get("started")
-    if isinstance(started, (int, float)):
-        now = process_start_time(pid)
-        return pid if now is not None and abs(now - started) < 1.0 else None
-    return pid if supervisor_alive(pid) else None
-
-
-def supervisor_alive(pid: int) -> bool:
-    """Whether ``pid`` looks like a live supervisor (for state files that do not record its start time)."""
-    import psutil
-
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-    return any("supervisor" in part for part in cmdline)
-
-
-def lock_run(run_dir: Path) -> int | None:
-    """An exclusive lock on the run directory itself (``flock`` on its descriptor: nothing is written), held
-    until the process ends; None when another process holds it."""
-    import fcntl
-
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-class RunBusy(RuntimeError):
-    """Another supervisor holds the run."""
-
-
-def os_error_text(exc: OSError) -> str:
-    return f"{exc.strerror or exc} on {exc.filename}" if exc.filename else str(exc)
-
-
-def reserve_space(f, nbytes: int) -> None:
-    """Reserve disk blocks beyond the end of an append-only file without changing its size (Linux
-    FALLOC_FL_KEEP_SIZE); where the file system cannot, nothing is reserved."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-        libc.fallocate(f.fileno(), 1, os.fstat(f.fileno()).st_size, nbytes)
-    except (OSError, AttributeError, ValueError):
-        pass
-
-
-# What one child of each kind takes, for the check that a host can hold a run (measured on the embedded
-# default: a worker with torch and highway-env ~0.35 GiB, its standby spare as much, the learner ~1.5 GiB).
-WORKER_MEMORY_BYTES = int(0.35 * 2**30)
-LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
-
-
-def host_capacity_problem(cfg: Config) -> str | None:
-    """Why this host cannot run ``cfg``'s workers (cores and memory), or None when it can."""
-    import psutil
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg.workers.count
-    most = cfg.supervisor.max_workers_per_core * cores
-    if workers > most:
-        return (f"{workers} workers on {cores} cores: at most {most} fit "
-                f"(supervisor.max_workers_per_core {cfg.supervisor.max_workers_per_core:g})")
-    per_worker = WORKER_MEMORY_BYTES * (2 if cfg.supervisor.standby_workers else 1)
-    need = LEARNER_MEMORY_BYTES + workers * per_worker
-    available = psutil.virtual_memory().available
-    if need > available:
-        return (f"{workers} workers need about {need / 2**30:.1f} GiB of memory (learner {LEARNER_MEMORY_BYTES / 2**30:.1f}"
-                f", {per_worker / 2**30:.2f} per worker with its standby), {available / 2**30:.1f} GiB is available")
-    return None

@@ -42,14 +42,16 @@ def incident_dir(run_dir: Path, name: str, suffix: str = "") -> Path:
     return out
 
 
-def capture(run_dir: Path, name: str, pid: int, reason: str, heartbeat: dict | None, timeout_s: float,
+def capture(run_dir: Path, name: str, pid: int | None, reason: str, heartbeat: dict | None, timeout_s: float,
             native: bool = False) -> Path:
     """Write one incident directory and return it."""
     out = incident_dir(run_dir, name)
     (out / "incident.json").write_text(json.dumps(
         {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat}, indent=2))
     spy = py_spy_path()
-    if spy is None:
+    if pid is None:
+        stack = "the process had exited before its stack could be taken\n"
+    elif spy is None:
         stack = "py-spy is not installed; no stack captured\n"
     else:
         cmd = [spy, "dump", "--nonblocking", "--pid", str(pid)] + (["--native"] if native else [])

@@ -1,22 +1,31 @@
 """The supervisor's decisions: a pure state machine over child specs, with an injectable clock.
 
-No I/O happens here, and nothing here knows what a child *is*: every policy
-(restart type, significance, deadlines, progress counters, grace periods, backoff,
-intensity, dependencies, a standby spare) comes from its :class:`ChildSpec`, which
-:mod:`supervisor.plan` builds from the validated config. Drivers feed in what
-they observe (a child spawned, a heartbeat, an exit, evidence captured, a user
-request, a signal) and :meth:`Supervision.tick` turns the passage of time into
-decisions; every call returns a list of actions (spawn, capture evidence, signal,
+No I/O happens here, and nothing here knows what a child *is* or how it runs:
+every policy (restart type, significance, deadlines, progress counters, grace
+periods, backoff, intensity, dependencies, a standby spare) comes from its
+:class:`~supervisor.specs.ChildSpec`, which :mod:`supervisor.plan` builds from the
+validated config. Drivers feed in what they observe (an incarnation spawned, a
+heartbeat, an exit, evidence captured, a user request, a stop) and
+:meth:`Supervision.tick` turns the passage of time into decisions; every call
+returns a list of kind-neutral actions (spawn, capture evidence, terminate, kill,
 keep a standby, log an event, end the run) that the driver of the child's kind
-carries out. That keeps every transition testable without processes or sleeping.
+carries out in its own terms: a process driver signals a process group, a
+container driver asks Docker. An incarnation is named by (child name,
+incarnation number); a pid, where a driver has one, is shown, never relied on.
 
-Per child::
+Per child (states in :mod:`protocol.states`)::
 
     starting --first heartbeat outside its start-up phases--> running
-    starting/running --deadline missed--> stalled --evidence, SIGTERM, grace, SIGKILL--> (exit)
+    starting/running --deadline missed--> stalled --evidence, terminate, grace, kill--> (exit)
     (exit, to be restarted) --> backoff --delay--> starting
     (exit, too many restarts in the window, or temporary) --> failed
     (exit 0 of a transient or temporary child, or any exit while stopping) --> stopped
+
+A child's history (:class:`Child`: its state, restarts, backoff, what earlier
+incarnations reached) and its current run (:class:`Incarnation`: started when,
+heartbeats, progress, a kill under way) are two objects; a spawn replaces the
+incarnation whole. Every state is entered through :meth:`Supervision._enter`,
+which also makes the state's event.
 
 Restart types follow Erlang/OTP: ``permanent`` children are always restarted,
 ``transient`` ones only after an abnormal exit (non-zero, or killed for a stall),
@@ -32,20 +41,13 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from protocol import events as ev
-
-STARTING, RUNNING, STALLED, STOPPING, BACKOFF, FAILED, STOPPED = (
-    "starting", "running", "stalled", "stopping", "backoff", "failed", "stopped")
-ALIVE = (STARTING, RUNNING, STALLED, STOPPING)
-UP = (STARTING, RUNNING)  # what a dependent needs of what it depends on
-
-PERMANENT, TRANSIENT, TEMPORARY = "permanent", "transient", "temporary"
-RESTART_TYPES = (PERMANENT, TRANSIENT, TEMPORARY)
+from protocol.states import ALIVE, BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING, UP
+from supervisor.specs import PERMANENT, TEMPORARY, ChildSpec, start_order
 
 # Counters a child reports are capped here, so sums of them stay numbers every reader can take.
 COUNT_CAP = 2**48
@@ -55,60 +57,7 @@ COUNT_CAP = 2**48
 EVIDENCE_SLACK_S = 1.0
 
 
-@dataclass(frozen=True)
-class Deadlines:
-    heartbeat_s: float  # silence: a frozen process (SIGSTOP, GIL held in native code)
-    progress_s: float  # no growth of the progress count while in a progressing phase
-    startup_s: float  # in a start-up phase (or without a first heartbeat) this long
-    evidence_s: float  # capturing evidence may hold back a kill this long
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial_s: float
-    max_s: float
-    jitter: float  # +- this fraction, so restarted children do not move in lockstep
-    healthy_reset_s: float  # running this long resets the backoff to its initial delay
-
-
-@dataclass(frozen=True)
-class Intensity:
-    """At most ``max_restarts`` restarts in ``window_s`` seconds, then the child is failed."""
-
-    max_restarts: int
-    window_s: float
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """Everything the machine decides about one child by. Built by :mod:`supervisor.plan`."""
-
-    name: str
-    kind: str  # which driver runs it: "process", ...
-    restart: str  # permanent, transient or temporary
-    significant: bool  # its failure (or its finishing) ends the run
-    deadlines: Deadlines
-    progress_phases: frozenset[str]  # phases in which the progress count must grow
-    startup_phases: frozenset[str]  # phases bounded by the start-up deadline
-    progress_counters: tuple[str, ...]  # heartbeat fields whose sum is the progress count
-    kill_grace_s: float  # SIGTERM to SIGKILL for a stalled child
-    stop_grace_s: float  # SIGTERM to SIGKILL for an orderly stop (time to write a checkpoint)
-    backoff: Backoff
-    intensity: Intensity
-    depends_on: tuple[str, ...] = ()
-    # exit codes by which a child says its dependency is stalled (evidence, kill, replace it, then this child)
-    # or due for a planned fresh start; neither counts against this child's own intensity
-    stall_dependencies_on: frozenset[int] = frozenset()
-    recycle_dependencies_on: frozenset[int] = frozenset()
-    fatal_exit_codes: frozenset[int] = frozenset()  # a restart would not help: failed at once, with its reason
-    pool: str = ""  # children doing the same work: when every one of a pool has failed, the run ends
-    max_age_s: float | None = None  # a planned restart after running this long (servers that leak memory)
-    standby: bool = False  # keep a pre-started spare that a respawn activates
-    launch: Mapping[str, Any] = field(default_factory=dict)  # for the driver; the machine never reads it
-    labels: Mapping[str, str] = field(default_factory=dict)  # for people and tools; the machine never reads it
-
-
-# -- actions -------------------------------------------------------------------
+# -- actions: what a driver carries out, each for one incarnation (name, incarnation) --------------
 
 @dataclass(frozen=True)
 class Spawn:
@@ -130,16 +79,25 @@ class DropStandby:
 @dataclass(frozen=True)
 class CaptureEvidence:
     name: str
-    pid: int
+    incarnation: int
     reason: str
     heartbeat: dict | None
 
 
 @dataclass(frozen=True)
-class Signal:
+class Terminate:
+    """Ask the incarnation to end (a process gets SIGTERM, and SIGCONT in case it is stopped)."""
+
     name: str
-    pid: int
-    signum: int
+    incarnation: int
+
+
+@dataclass(frozen=True)
+class Kill:
+    """End the incarnation now, whatever it is doing (a process group gets SIGKILL; a container is removed)."""
+
+    name: str
+    incarnation: int
 
 
 @dataclass(frozen=True)
@@ -158,30 +116,43 @@ class EndRun:
     reason: str
 
 
-Action = Spawn | StartStandby | DropStandby | CaptureEvidence | Signal | Event | EndRun
+Action = Spawn | StartStandby | DropStandby | CaptureEvidence | Terminate | Kill | Event | EndRun
 
+
+# -- a child: its history, and its current incarnation ----------------------------------------------
 
 @dataclass
-class Child:
-    spec: ChildSpec
-    state: str = STOPPED
-    pid: int | None = None
-    incarnation: int = -1
-    started_at: float = 0.0
+class Incarnation:
+    """One start of a child, from the spawn the machine asked for until it exited."""
+
+    number: int
+    started_at: float
+    pid: int | None = None  # what the driver reported, for people; None where it has none
+    live: bool = False  # the driver started it, and it has not exited
     last_heartbeat_at: float | None = None
     heartbeat: dict | None = None
     progress_at: float = 0.0
     progress_count: int | None = None
     progress_phase: str | None = None
+    kill_started_at: float | None = None  # terminate sent
+    evidence_since: float | None = None
+    kill_sent: bool = False
+    restart_after_exit: bool = False  # a user restart or a recycle: spawn again at once when it exits
+    resumed: dict | None = None  # it resumed from saved state: from where, and what it redoes
+
+
+@dataclass
+class Child:
+    """A child's history across its incarnations."""
+
+    spec: ChildSpec
+    state: str = STOPPED
+    inc: Incarnation | None = None  # the current (or last) incarnation
     restart_times: deque = field(default_factory=deque)
     restarts: int = 0
     consecutive: int = 0  # restarts since the child last ran healthily, for the backoff
     restart_at: float = 0.0
-    kill_reason: str = ""
-    kill_started_at: float | None = None  # SIGTERM sent
-    evidence_since: float | None = None
-    kill_sent: bool = False
-    restart_after_exit: bool = False  # a user restart: respawn at once when it exits
+    reason: str = ""  # why it is being stopped, failed, or waiting
     held: bool = False  # stopped with a dependency: starts again once its dependencies are up
     spare: bool = False  # a standby was asked for and not used or lost since
     last_exit: int | None = None
@@ -189,53 +160,33 @@ class Child:
     alerts_seen: set = field(default_factory=set)
     previous_count: int | None = None  # the progress count its last incarnation reached
     dropped_earlier: int = 0  # messages its earlier incarnations dropped
-    resumed: dict | None = None  # this incarnation resumed from saved state: from where, and what it redoes
 
     @property
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def live(self) -> bool:
+        """An incarnation runs (spawned, not exited)."""
+        return self.inc is not None and self.inc.live
+
+    @property
+    def incarnation(self) -> int:
+        return self.inc.number if self.inc is not None else -1
+
+    @property
+    def pid(self) -> int | None:
+        return self.inc.pid if self.live else None
+
+    @property
+    def heartbeat(self) -> dict | None:
+        """The last heartbeat of the current (or, once it exited, the last) incarnation."""
+        return self.inc.heartbeat if self.inc is not None else None
+
     def count(self) -> int:
         """What must grow while the child is in a progressing phase."""
         hb = self.heartbeat or {}
         return sum(int(hb.get(k) or 0) for k in self.spec.progress_counters)
-
-
-def start_order(specs: list[ChildSpec]) -> list[ChildSpec]:
-    """Specs with every dependency before its dependents, otherwise in the given order.
-
-    Raises ValueError naming an unknown dependency, a duplicate name or a cycle.
-    """
-    by_name: dict[str, ChildSpec] = {}
-    for s in specs:
-        if s.name in by_name:
-            raise ValueError(f"two children are named {s.name!r}")
-        if s.restart not in RESTART_TYPES:
-            raise ValueError(f"{s.name}: restart type {s.restart!r} is not one of {RESTART_TYPES}")
-        if s.significant and s.restart == PERMANENT:
-            raise ValueError(f"{s.name}: a significant child cannot be {PERMANENT} (it could never end the run)")
-        by_name[s.name] = s
-    for s in specs:
-        for d in s.depends_on:
-            if d not in by_name:
-                raise ValueError(f"{s.name} depends on {d!r}, which is not a child of this run")
-    ordered: list[ChildSpec] = []
-    placing: set[str] = set()
-
-    def place(s: ChildSpec) -> None:
-        if s in ordered:
-            return
-        if s.name in placing:
-            raise ValueError(f"dependency cycle through {s.name!r}")
-        placing.add(s.name)
-        for d in s.depends_on:
-            place(by_name[d])
-        placing.discard(s.name)
-        ordered.append(s)
-
-    for s in specs:
-        place(s)
-    return ordered
 
 
 class Supervision:
@@ -266,16 +217,30 @@ class Supervision:
 
     def _deps_up(self, c: Child) -> bool:
         """Every dependency is ready: running (past its start-up), not being stopped."""
-        return all(self.children[d].state == RUNNING and self.children[d].pid is not None for d in c.spec.depends_on)
+        return all(self.children[d].state == RUNNING and self.children[d].live for d in c.spec.depends_on)
 
     def _held_dependents_alive(self, c: Child) -> bool:
         """rest_for_one: a restarted child waits until the dependents stopped for it are gone."""
-        return any(d.held and d.pid is not None for d in self.dependents(c))
+        return any(d.held and d.live for d in self.dependents(c))
 
     def wants_spawn(self, action: Spawn) -> bool:
         """Whether a Spawn still stands: an earlier action of the same batch may have changed the machine's mind."""
         c = self.children[action.name]
-        return c.state == STARTING and c.pid is None and c.incarnation == action.incarnation and not self.stopping
+        return (c.state == STARTING and c.inc is not None and not c.inc.live and c.inc.number == action.incarnation
+                and not self.stopping)
+
+    def _current(self, name: str, incarnation: int) -> Child | None:
+        """The child whose live incarnation this is; None for an earlier one, or a stranger's."""
+        c = self.children.get(name)
+        if c is None or not c.live or c.inc.number != incarnation:
+            return None
+        return c
+
+    # -- entering a state: the one place that does, with the state's event -------------------------
+
+    def _enter(self, c: Child, state: str, event: str | None = None, **detail) -> list[Action]:
+        c.state = state
+        return [Event(event, c.name, detail)] if event else []
 
     # -- inputs ------------------------------------------------------------
 
@@ -290,18 +255,17 @@ class Supervision:
                 actions += self._spawn(c)
         return actions
 
-    def spawned(self, name: str, pid: int, standby: bool = False) -> list[Action]:
-        """The driver started it. Held dependents waiting for it start now, after it."""
+    def spawned(self, name: str, incarnation: int, pid: int | None = None, standby: bool = False) -> list[Action]:
+        """The driver started the incarnation (``pid`` where it has one). Held dependents start after it."""
         c = self.children[name]
-        if c.state != STARTING or c.pid is not None:
-            return [Signal(name, pid, signal.SIGKILL)]  # not wanted any more: nothing may run unwatched
-        c.pid = pid
-        return [Event(ev.SPAWNED, name, {"pid": pid, "incarnation": c.incarnation, "standby": standby})]
+        if c.state != STARTING or c.inc is None or c.inc.live or c.inc.number != incarnation:
+            return [Kill(name, incarnation)]  # not wanted any more: nothing may run unwatched
+        c.inc.live, c.inc.pid = True, pid
+        return [Event(ev.SPAWNED, name, {"pid": pid, "incarnation": incarnation, "standby": standby})]
 
     def spawn_failed(self, name: str, error: str) -> list[Action]:
         """The driver could not start it: handled as an abnormal exit (backoff, intensity)."""
         c = self.children[name]
-        c.pid = None
         return [Event(ev.SPAWN_FAILED, name, {"error": error})] + self._after_exit(c, None)
 
     def standby_lost(self, name: str) -> list[Action]:
@@ -310,28 +274,30 @@ class Supervision:
         return []
 
     def heartbeat(self, hb: dict) -> list[Action]:
+        """A beat counts for the live incarnation it names (and, where both have one, with its pid)."""
         c = self.children.get(hb.get("name", ""))
-        if c is None or c.pid is None or hb.get("pid") != c.pid or c.state not in ALIVE:
+        if c is None or not c.live or c.state not in ALIVE or hb.get("incarnation") != c.inc.number \
+                or (c.inc.pid is not None and hb.get("pid") != c.inc.pid):
             return []  # a late beat from an earlier incarnation, or from a stranger
+        inc = c.inc
         now = self.clock()
-        c.last_heartbeat_at = now
-        c.heartbeat = hb
+        inc.last_heartbeat_at = now
+        inc.heartbeat = hb
         count, phase = c.count(), hb.get("phase")
-        if count != c.progress_count or phase != c.progress_phase:
-            c.progress_count, c.progress_phase, c.progress_at = count, phase, now
+        if count != inc.progress_count or phase != inc.progress_phase:
+            inc.progress_count, inc.progress_phase, inc.progress_at = count, phase, now
         actions: list[Action] = []
-        if isinstance(hb.get("resumed_from"), int) and c.resumed is None:
+        if isinstance(hb.get("resumed_from"), int) and inc.resumed is None:
             previous = c.previous_count  # None: not known (a supervisor killed before it saved its counts)
-            c.resumed = {"resumed_from": hb["resumed_from"], "previous": previous,
-                         "redone": None if previous is None else max(0, previous - hb["resumed_from"])}
-            actions.append(Event(ev.RESUMED, c.name, dict(c.resumed)))
+            inc.resumed = {"resumed_from": hb["resumed_from"], "previous": previous,
+                           "redone": None if previous is None else max(0, previous - hb["resumed_from"])}
+            actions.append(Event(ev.RESUMED, c.name, dict(inc.resumed)))
         for alert in hb.get("alerts") or []:
             if isinstance(alert, str) and alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
                 c.alerts_seen.add(alert)
                 actions.append(Event(ev.ALERT, c.name, {"alert": alert}))
         if c.state == STARTING and phase not in c.spec.startup_phases:
-            c.state = RUNNING
-            actions.append(Event(ev.RUNNING, c.name, {"pid": c.pid, "phase": phase}))
+            actions += self._enter(c, RUNNING, ev.RUNNING, pid=inc.pid, phase=phase)
             actions += self._release_dependents(c)  # ready: what waits for it starts now
         return actions
 
@@ -341,18 +307,18 @@ class Supervision:
         if incident:
             c.last_incident = incident
             actions.append(Event(ev.EVIDENCE_CAPTURED, name, {"incident": incident}))
-        if c.state != STALLED or c.kill_started_at is not None or c.pid is None:
+        if c.state != STALLED or not c.live or c.inc.kill_started_at is not None:
             return actions
         return actions + self._terminate(c)
 
-    def exited(self, name: str, pid: int, code: int | None) -> list[Action]:
-        c = self.children[name]
-        if pid != c.pid:
+    def exited(self, name: str, incarnation: int, code: int | None) -> list[Action]:
+        c = self._current(name, incarnation)
+        if c is None:
             return []
         c.last_exit = code
-        c.pid = None
+        pid, c.inc.live = c.inc.pid, False
         if c.heartbeat is not None:
-            c.previous_count = max(c.count(), c.resumed["resumed_from"] if c.resumed else 0)
+            c.previous_count = max(c.count(), c.inc.resumed["resumed_from"] if c.inc.resumed else 0)
             c.dropped_earlier = min(COUNT_CAP, c.dropped_earlier + int(c.heartbeat.get("dropped") or 0))
         actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
         if not self.stopping and c.state in UP and code is not None:
@@ -371,13 +337,13 @@ class Supervision:
         actions: list[Action] = [Event(ev.RESTART_REQUESTED, name, {"state": c.state})]
         if self.stopping:
             return actions
-        if c.state in ALIVE and c.pid is not None:
+        if c.state in ALIVE and c.live:
             if c.held:
                 return actions  # already being restarted with its dependency
-            c.restart_after_exit = True
+            c.inc.restart_after_exit = True
             if c.state != STOPPING:
-                c.state = STOPPING
-                c.kill_reason = "restart requested"
+                actions += self._enter(c, STOPPING)
+                c.reason = "restart requested"
                 actions += self._terminate(c)
             return actions
         if c.held and not self._deps_up(c):
@@ -396,22 +362,22 @@ class Supervision:
         actions: list[Action] = [Event(ev.STOPPING, "run", {"reason": reason})]
         for c in self.children.values():
             actions += self._drop_spare(c)
-            if c.state in ALIVE and c.pid is not None:
-                if c.state == STALLED and c.kill_started_at is not None:
+            if c.state in ALIVE and c.live:
+                if c.state == STALLED and c.inc.kill_started_at is not None:
                     continue  # already being killed
                 if c.state != STOPPING:
-                    c.state = STOPPING
-                    c.kill_reason = reason
-                    c.kill_started_at = None  # asked to stop once its dependents are gone
-                    c.evidence_since = None
+                    actions += self._enter(c, STOPPING)
+                    c.reason = reason
+                    c.inc.kill_started_at = None  # asked to stop once its dependents are gone
+                    c.inc.evidence_since = None
             elif c.state in (BACKOFF, STARTING):
-                c.state = STOPPED
+                actions += self._enter(c, STOPPED)
         return actions + self._advance_stop() + self._check_end()
 
-    def signal_received(self, signum: int) -> list[Action]:
-        """SIGINT/SIGTERM to the supervisor: the first stops the run in order, the second kills everything."""
+    def signal_received(self, name: str) -> list[Action]:
+        """The supervisor was asked to stop (SIGINT/SIGTERM, named ``name``): the first time stops the run in
+        order, the second kills everything."""
         self.stop_signals += 1
-        name = signal.Signals(signum).name
         if self.stop_signals == 1 and not self.stopping:
             return self.request_stop(f"signal {name}")
         if self.forced_at is None:
@@ -429,14 +395,14 @@ class Supervision:
         actions: list[Action] = [Event(ev.FORCED_STOP, "run", {"reason": reason})]
         for c in self.children.values():
             actions += self._drop_spare(c)
-            if c.state in ALIVE and c.pid is not None:
-                c.state = STOPPING
-                c.kill_reason = reason
-                c.kill_started_at = now
-                c.kill_sent = True
-                actions.append(Signal(c.name, c.pid, signal.SIGKILL))
+            if c.state in ALIVE and c.live:
+                actions += self._enter(c, STOPPING)
+                c.reason = reason
+                c.inc.kill_started_at = now
+                c.inc.kill_sent = True
+                actions.append(Kill(c.name, c.inc.number))
             elif c.state in (BACKOFF, STARTING):
-                c.state = STOPPED
+                actions += self._enter(c, STOPPED)
         return actions + self._check_end()
 
     # -- time ----------------------------------------------------------------
@@ -446,28 +412,28 @@ class Supervision:
         now = self.clock()
         actions: list[Action] = []
         for c in self.children.values():
-            spec = c.spec
-            if c.state in UP and c.pid is not None:
+            spec, inc = c.spec, c.inc
+            if c.state in UP and c.live:
                 reason = self._stall_reason(c, now)
                 if reason:
                     actions += self._stall(c, reason, now)
-                elif c.state == RUNNING and c.consecutive and now - c.started_at >= spec.backoff.healthy_reset_s:
+                elif c.state == RUNNING and c.consecutive and now - inc.started_at >= spec.backoff.healthy_reset_s:
                     c.consecutive = 0  # healthy for a while: the next failure starts the backoff over
-            elif c.state == STALLED and c.kill_started_at is None and c.evidence_since is not None \
-                    and now - c.evidence_since >= spec.deadlines.evidence_s + EVIDENCE_SLACK_S:
+            elif c.state == STALLED and c.live and inc.kill_started_at is None and inc.evidence_since is not None \
+                    and now - inc.evidence_since >= spec.deadlines.evidence_s + EVIDENCE_SLACK_S:
                 actions += self._terminate(c)  # evidence never came back; kill without it
-            if c.state in (STALLED, STOPPING) and c.kill_started_at is not None and not c.kill_sent:
+            if c.state in (STALLED, STOPPING) and c.live and inc.kill_started_at is not None and not inc.kill_sent:
                 grace = spec.stop_grace_s if c.state == STOPPING else spec.kill_grace_s
-                if now - c.kill_started_at >= grace:
-                    c.kill_sent = True
-                    actions += [Signal(c.name, c.pid, signal.SIGKILL),
-                                Event(ev.KILLED, c.name, {"pid": c.pid, "after_s": round(now - c.kill_started_at, 2)})]
+                if now - inc.kill_started_at >= grace:
+                    inc.kill_sent = True
+                    actions += [Kill(c.name, inc.number),
+                                Event(ev.KILLED, c.name, {"pid": inc.pid, "after_s": round(now - inc.kill_started_at, 2)})]
             if c.state == BACKOFF and not c.held and now >= c.restart_at and not self.stopping \
                     and not self._held_dependents_alive(c):
                 actions += self._spawn(c)
-            if c.state == RUNNING and spec.max_age_s and now - c.started_at >= spec.max_age_s \
-                    and not c.restart_after_exit and not self.stopping:
-                actions += self._recycle(c, f"ran {now - c.started_at:.0f}s (max age {spec.max_age_s:g}s)")
+            if c.state == RUNNING and spec.max_age_s and now - inc.started_at >= spec.max_age_s \
+                    and not inc.restart_after_exit and not self.stopping:
+                actions += self._recycle(c, f"ran {now - inc.started_at:.0f}s (max age {spec.max_age_s:g}s)")
             if c.state == RUNNING and spec.standby and not c.spare and not self.stopping:
                 c.spare = True  # asked for once the child runs, so it never slows the child's own start
                 actions.append(StartStandby(c.name))
@@ -476,71 +442,60 @@ class Supervision:
         return actions
 
     def _stall_reason(self, c: Child, now: float) -> str:
-        d = c.spec.deadlines
-        if c.last_heartbeat_at is None:
-            if now - c.started_at > d.startup_s:
+        d, inc = c.spec.deadlines, c.inc
+        if inc.last_heartbeat_at is None:
+            if now - inc.started_at > d.startup_s:
                 return f"no heartbeat within the startup deadline ({d.startup_s:g}s)"
             return ""
-        silent = now - c.last_heartbeat_at
+        silent = now - inc.last_heartbeat_at
         if silent > d.heartbeat_s:
             return f"no heartbeat for {silent:.1f}s (deadline {d.heartbeat_s:g}s)"
-        phase = (c.heartbeat or {}).get("phase")
-        in_phase = float((c.heartbeat or {}).get("phase_age_s") or 0.0) + silent
+        hb = inc.heartbeat or {}
+        phase = hb.get("phase")
+        in_phase = float(hb.get("phase_age_s") or 0.0) + silent
         if phase in c.spec.startup_phases and in_phase > d.startup_s:
             return f"in phase {phase} for {in_phase:.1f}s (startup deadline {d.startup_s:g}s)"
-        if phase in c.spec.progress_phases and now - c.progress_at > d.progress_s:
-            said = (c.heartbeat or {}).get("detail")
-            return (f"no progress for {now - c.progress_at:.1f}s in phase {phase} at count {c.progress_count} "
+        if phase in c.spec.progress_phases and now - inc.progress_at > d.progress_s:
+            said = hb.get("detail")
+            return (f"no progress for {now - inc.progress_at:.1f}s in phase {phase} at count {inc.progress_count} "
                     f"(deadline {d.progress_s:g}s)" + (f"; it reports: {said}" if said else ""))
         return ""
 
     # -- transitions -----------------------------------------------------------
 
     def _spawn(self, c: Child) -> list[Action]:
+        """A new incarnation replaces the last one whole."""
         now = self.clock()
-        c.state = STARTING
-        c.incarnation += 1
-        c.pid = None
-        c.started_at = now
-        c.last_heartbeat_at = None
-        c.heartbeat = None
-        c.resumed = None
-        c.progress_at, c.progress_count, c.progress_phase = now, None, None
-        c.kill_started_at = c.evidence_since = None
-        c.kill_sent = False
-        c.restart_after_exit = False
+        c.inc = Incarnation(number=c.incarnation + 1, started_at=now, progress_at=now)
         c.held = False
-        c.kill_reason = ""
+        c.reason = ""
         standby, c.spare = c.spare, False
-        return [Spawn(c.name, c.incarnation, standby)]
+        return self._enter(c, STARTING) + [Spawn(c.name, c.inc.number, standby)]
 
     def _spawn_or_wait(self, c: Child) -> list[Action]:
         """Spawn now, or as soon as the dependents stopped for it have exited (tick does it)."""
         if self._held_dependents_alive(c):
-            c.state = BACKOFF
             c.restart_at = self.clock()
-            return []
+            return self._enter(c, BACKOFF)
         return self._spawn(c)
 
     def _stall(self, c: Child, reason: str, now: float) -> list[Action]:
-        c.state = STALLED
-        c.kill_reason = reason
-        c.evidence_since = now
-        return [Event(ev.STALLED, c.name, {"pid": c.pid, "reason": reason, "heartbeat": c.heartbeat}),
-                CaptureEvidence(c.name, c.pid, reason, c.heartbeat)]
+        c.reason = reason
+        c.inc.evidence_since = now
+        return (self._enter(c, STALLED, ev.STALLED, pid=c.inc.pid, reason=reason, heartbeat=c.heartbeat)
+                + [CaptureEvidence(c.name, c.inc.number, reason, c.heartbeat)])
 
     def _terminate(self, c: Child) -> list[Action]:
-        c.kill_started_at = self.clock()
-        # SIGCONT after SIGTERM: a stopped process cannot handle SIGTERM until it runs again
-        return [Signal(c.name, c.pid, signal.SIGTERM), Signal(c.name, c.pid, signal.SIGCONT),
-                Event(ev.TERMINATING, c.name, {"pid": c.pid, "reason": c.kill_reason})]
+        c.inc.kill_started_at = self.clock()
+        return [Terminate(c.name, c.inc.number),
+                Event(ev.TERMINATING, c.name, {"pid": c.inc.pid, "reason": c.reason})]
 
     def _replace_dependencies(self, c: Child, reason: str, stalled: bool) -> list[Action]:
         """A dependent that exited asked for its dependencies' replacement; it waits for them (held)."""
         actions: list[Action] = []
         for name in c.spec.depends_on:
             d = self.children[name]
-            if d.state not in UP or d.pid is None:
+            if d.state not in UP or not d.live:
                 continue
             c.held = True
             actions += self._stall(d, reason, self.clock()) if stalled else self._recycle(d, reason)
@@ -548,10 +503,9 @@ class Supervision:
 
     def _recycle(self, c: Child, reason: str) -> list[Action]:
         """A planned restart: no evidence, outside the intensity limit; dependents restart after it."""
-        c.state = STOPPING
-        c.kill_reason = f"recycled: {reason}"
-        c.restart_after_exit = True
-        return [Event(ev.RECYCLED, c.name, {"reason": reason})] + self._terminate(c)
+        c.reason = f"recycled: {reason}"
+        c.inc.restart_after_exit = True
+        return self._enter(c, STOPPING, ev.RECYCLED, reason=reason) + self._terminate(c)
 
     def _drop_spare(self, c: Child) -> list[Action]:
         if not c.spare:
@@ -566,13 +520,13 @@ class Supervision:
             if d.state in (FAILED, STOPPED) and not d.held:
                 continue  # failed or finished on its own: it stays so
             d.held = True
-            d.restart_after_exit = False  # it starts again after c, not on its own
-            if d.state in UP and d.pid is not None:
-                d.state = STOPPING
-                d.kill_reason = f"restarting with {c.name}"
-                actions.append(Event(ev.DEPENDENCY_RESTART, d.name, {"dependency": c.name}))
+            if d.inc is not None:
+                d.inc.restart_after_exit = False  # it starts again after c, not on its own
+            if d.state in UP and d.live:
+                d.reason = f"restarting with {c.name}"
+                actions += self._enter(d, STOPPING, ev.DEPENDENCY_RESTART, dependency=c.name)
                 actions += self._terminate(d)
-            elif d.state in (BACKOFF, STARTING) and d.pid is None:  # not running: wait for c
+            elif d.state in (BACKOFF, STARTING) and not d.live:  # not running: wait for c
                 actions += self._wait_for_dependencies(d)
         return actions
 
@@ -580,8 +534,8 @@ class Supervision:
         """Start the held dependents that have exited and whose dependencies are all up again."""
         actions: list[Action] = []
         for d in self.dependents(c):
-            if d.held and d.pid is None and d.state not in ALIVE and self._deps_up(d):
-                d.restarts += d.incarnation >= 0  # its first start is no restart
+            if d.held and not d.live and d.state not in ALIVE and self._deps_up(d):
+                d.restarts += d.inc is not None  # its first start is no restart
                 actions += self._spawn(d)
         return actions
 
@@ -599,25 +553,21 @@ class Supervision:
         ended = [d for d in down if self.children[d].state == STOPPED]
         c.restart_at = math.inf
         if failed:
-            c.state = FAILED
-            c.kill_reason = f"{failed[0]} failed"
-            return [Event(ev.FAILED, c.name, {"reason": c.kill_reason})] + self._drop_spare(c)
+            c.reason = f"{failed[0]} failed"
+            return self._enter(c, FAILED, ev.FAILED, reason=c.reason) + self._drop_spare(c)
         if ended:  # it finished and will not come back: neither will this
-            c.state = STOPPED
             c.held = False
-            c.kill_reason = f"{ended[0]} finished"
-            return [Event(ev.FINISHED, c.name, {})] + self._drop_spare(c)
-        c.state = BACKOFF
-        c.kill_reason = f"waiting for {down[0]}" if down else ""
-        return []
+            c.reason = f"{ended[0]} finished"
+            return self._enter(c, STOPPED, ev.FINISHED) + self._drop_spare(c)
+        c.reason = f"waiting for {down[0]}" if down else ""
+        return self._enter(c, BACKOFF)
 
     def _after_exit(self, c: Child, code: int | None) -> list[Action]:
         now = self.clock()
         spec = c.spec
         if self.stopping:
-            c.state = STOPPED
-            return self._advance_stop() + self._check_end()
-        if c.restart_after_exit:
+            return self._enter(c, STOPPED) + self._advance_stop() + self._check_end()
+        if c.inc is not None and c.inc.restart_after_exit:
             return self._restart_dependents(c) + self._spawn_or_wait(c)
         if c.held:
             return self._hold(c)
@@ -626,12 +576,11 @@ class Supervision:
             return self._fail(c, reason or f"exited with code {code}, which says a restart would not help", {})
         abnormal = code != 0 or c.state == STALLED  # a stalled child was killed by us, whatever its exit code
         if not abnormal and spec.restart != PERMANENT:
-            c.state = STOPPED
             if spec.significant:
-                return [Event(ev.RUN_COMPLETE, c.name, {})] + self.request_stop("run complete", 0)
-            actions: list[Action] = [Event(ev.FINISHED, c.name, {})] + self._drop_spare(c)
+                return self._enter(c, STOPPED, ev.RUN_COMPLETE) + self.request_stop("run complete", 0)
+            actions: list[Action] = self._enter(c, STOPPED, ev.FINISHED) + self._drop_spare(c)
             for d in self.dependents(c):  # held ones waiting for it will wait no more
-                if d.held and d.pid is None and d.state not in ALIVE:
+                if d.held and not d.live and d.state not in ALIVE:
                     actions += self._wait_for_dependencies(d)
             return actions
         if spec.restart == TEMPORARY:
@@ -648,15 +597,13 @@ class Supervision:
         delay = min(b.max_s, b.initial_s * (2 ** c.consecutive))
         delay *= 1.0 + b.jitter * (2.0 * self.rng.random() - 1.0)
         c.consecutive += 1
-        c.state = BACKOFF
         c.restart_at = now + delay
-        return ([Event(ev.BACKOFF, c.name, {"delay_s": round(delay, 3), "restarts": c.restarts, "code": code})]
+        return (self._enter(c, BACKOFF, ev.BACKOFF, delay_s=round(delay, 3), restarts=c.restarts, code=code)
                 + self._restart_dependents(c))
 
     def _fail(self, c: Child, reason: str, detail: dict) -> list[Action]:
-        c.state = FAILED
-        c.kill_reason = reason
-        actions: list[Action] = [Event(ev.FAILED, c.name, {"reason": reason, **detail})]
+        c.reason = reason
+        actions: list[Action] = self._enter(c, FAILED, ev.FAILED, reason=reason, **detail)
         actions += self._drop_spare(c) + self._restart_dependents(c)
         pool = [p for p in self.children.values() if c.spec.pool and p.spec.pool == c.spec.pool]
         if c.spec.significant:
@@ -666,12 +613,12 @@ class Supervision:
         return actions
 
     def _advance_stop(self) -> list[Action]:
-        """Reverse start order: SIGTERM a stopping child once nothing alive depends on it."""
+        """Reverse start order: terminate a stopping child once nothing alive depends on it."""
         actions: list[Action] = []
         if not self.stopping or self.forced_at is not None:
             return actions
         for c in reversed(list(self.children.values())):
-            if c.state == STOPPING and c.pid is not None and c.kill_started_at is None \
+            if c.state == STOPPING and c.live and c.inc.kill_started_at is None \
                     and not any(d.state in ALIVE for d in self.dependents(c)):
                 actions += self._terminate(c)
         return actions
@@ -684,7 +631,9 @@ class Supervision:
         for c in self.children.values():
             if c.state in ALIVE:
                 actions.append(Event(ev.EXITED, c.name, {"pid": c.pid, "code": None, "state": c.state}))
-                c.state, c.pid = STOPPED, None
+                if c.inc is not None:
+                    c.inc.live = False
+                actions += self._enter(c, STOPPED)
         return actions + self._check_end()
 
     def _check_end(self) -> list[Action]:
@@ -708,27 +657,25 @@ class Supervision:
                 self.children[name].previous_count = count
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """One row per child, in start order, for ``status``."""
+        """One row per child, in start order: what the machine knows of it, and its last heartbeat as it came
+        (readers pick the fields they show)."""
         now = self.clock()
         rows = []
         for c in self.children.values():
             hb = c.heartbeat or {}
-            alive = c.state in ALIVE and c.pid is not None
+            alive = c.state in ALIVE and c.live
             rows.append({
                 "name": c.name, "kind": c.spec.kind, "labels": dict(c.spec.labels), "state": c.state,
                 "pid": c.pid if alive else None, "incarnation": c.incarnation, "restarts": c.restarts,
-                "uptime_s": round(now - c.started_at, 2) if alive else 0.0,
-                "heartbeat_age_s": round(now - c.last_heartbeat_at, 2) if alive and c.last_heartbeat_at else None,
-                "phase": hb.get("phase") if alive else None,
+                "uptime_s": round(now - c.inc.started_at, 2) if alive else 0.0,
+                "heartbeat_age_s": (round(now - c.inc.last_heartbeat_at, 2)
+                                    if alive and c.inc.last_heartbeat_at else None),
+                "alive": alive, "heartbeat": dict(hb),
                 "progress": c.count(), "progress_counters": list(c.spec.progress_counters),
-                "env_steps": int(hb.get("env_steps", 0)), "updates": int(hb.get("updates", 0)),
-                "steps_per_s": float(hb.get("steps_per_s", 0.0)), "rss_bytes": int(hb.get("rss_bytes", 0)),
-                "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
-                "alerts": list(hb.get("alerts", [])), "last_exit": c.last_exit,
-                "detail": hb.get("detail") if alive else None,
+                "last_exit": c.last_exit,
                 "dropped": min(COUNT_CAP, c.dropped_earlier + (int(hb.get("dropped") or 0) if alive else 0)),
-                "resumed": c.resumed,
-                "last_incident": c.last_incident, "reason": c.kill_reason or None,
+                "resumed": c.inc.resumed if c.inc is not None else None,
+                "last_incident": c.last_incident, "reason": c.reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
         return rows

@@ -1,0 +1,87 @@
+"""The control socket: requests served (status, restart, stop, chaos) and the status payload.
+
+The supervisor's loop binds the socket and hands requests here first in every
+turn, so an operator's request is answered however busy the run is. A request
+the supervisor cannot answer gets an error reply and is counted as dropped: it
+never ends the run. The status payload is the machine's snapshot with the fields
+people read taken from each child's last heartbeat, as it came.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import zmq
+
+from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST
+from protocol.sockets import Receiver, send
+
+# Requests served per turn of the loop, at most (the rest wait for the next turn).
+REQUESTS_PER_TURN = 20
+
+Handler = Callable[[str | None, dict], dict]
+
+
+class ControlServer:
+    """Answers requests on a bound REP socket with one handler per command (``handler(name, fields)``)."""
+
+    def __init__(self, sock: zmq.Socket, inbox: Receiver, handlers: dict[str, Handler]):
+        self.sock = sock
+        self.inbox = inbox
+        self.handlers = handlers
+
+    def serve(self) -> None:
+        for _ in range(REQUESTS_PER_TURN):
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            msg = self.inbox.decode_frames(frames)
+            if msg is None or msg.type != CONTROL_REQUEST:
+                if msg is not None:
+                    self.inbox.drop("wrong_type", f"{msg.type} on the control socket")
+                reply = {"ok": False, "error": "malformed request"}
+            else:
+                try:
+                    reply = self.answer(msg["cmd"], msg.get("name"), msg.fields)
+                except Exception as exc:  # a request the supervisor cannot answer must not end the run
+                    self.inbox.drop("unanswerable", f"{msg.get('cmd')!r}: {exc!r:.200}")
+                    reply = {"ok": False, "error": f"cannot answer {msg.get('cmd')!r}: {type(exc).__name__}"}
+            try:
+                send(self.sock, CONTROL_REPLY, reply)
+            except Exception as exc:  # a reply that cannot be encoded: the REP socket still owes one
+                send(self.sock, CONTROL_REPLY, {"ok": False, "error": f"reply not encodable: {type(exc).__name__}"})
+
+    def answer(self, cmd: str, name: str | None, fields: dict | None = None) -> dict:
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return handler(name, fields or {})
+
+
+def status_rows(snapshot: list[dict]) -> list[dict]:
+    """The machine's rows with what ``status`` shows of each child's last heartbeat (a child that is not alive
+    shows its last counters, no phase or detail)."""
+    rows = []
+    for row in snapshot:
+        row = dict(row)
+        hb = row.pop("heartbeat") or {}
+        alive = row.pop("alive")
+        row.update({
+            "role": row["labels"].get("role"),
+            "phase": hb.get("phase") if alive else None,
+            "env_steps": int(hb.get("env_steps", 0)), "updates": int(hb.get("updates", 0)),
+            "steps_per_s": float(hb.get("steps_per_s", 0.0)), "rss_bytes": int(hb.get("rss_bytes", 0)),
+            "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
+            "alerts": list(hb.get("alerts", [])),
+            "detail": hb.get("detail") if alive else None,
+        })
+        rows.append(row)
+    return rows
+
+
+def progress_row(row: dict) -> dict:
+    """A child's entry in ``progress.jsonl`` (what the report plots per worker and judges a frozen run by)."""
+    return {"role": row["role"], "state": row["state"], "phase": row["phase"], "incarnation": row["incarnation"],
+            "env_steps": row["env_steps"], "updates": row["updates"], "steps_per_s": row["steps_per_s"],
+            "heartbeat_age_s": row["heartbeat_age_s"]}

@@ -1,0 +1,216 @@
+"""``supervisor up``'s checks before anything is written: the config (and a resumed run's own), the run free,
+the modules its children need installed, the host able to hold it, the simulators' images and ports.
+
+Each refusal is a :class:`Refused` with the one line the operator sees and the
+exit code; a run that passes every check is :class:`Ready` to be created.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol.runstate import live_pid, read_state
+
+# `supervisor up`'s refusals (the CLI's exit codes): a config or usage error, a run another supervisor holds,
+# a host that cannot hold the run.
+EXIT_USAGE, EXIT_RUN_BUSY, EXIT_OVERLOAD = 2, 5, 6
+
+
+class Refused(Exception):
+    """``up`` cannot start this run; ``str`` is the one line for the operator, ``code`` the exit status."""
+
+    def __init__(self, line: str, code: int):
+        super().__init__(line)
+        self.code = code
+
+
+@dataclass
+class Ready:
+    cfg: object  # protocol.config.Config
+    run_dir: Path | None  # the run resumed; None for a new one
+    locked: bool  # this process holds the resumed run's lock
+    warnings: list[str]
+
+
+def _index_or_name(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def overrides_from(args) -> list[tuple[str, object]]:
+    from protocol.config import ConfigError, parse_value
+
+    out: list[tuple[str, object]] = []
+    for key, value in (("run.max_timesteps", args.max_timesteps), ("workers.count", args.workers),
+                       ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
+                       ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir),
+                       ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs)):
+        if value is not None:
+            out.append((key, value))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. learner.batch_size=128")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def config_from(args):
+    """The run's config from ``up``'s arguments; raises ConfigError.
+
+    A run that exists is resumed with its own saved config, the overrides applied
+    on top (``--config`` replaces it); whatever would change its model or replay is
+    refused.
+    """
+    return resume_config(args, requested_config(args))
+
+
+def saved_config_path(args) -> Path | None:
+    """A resumed run's own config file (``--run-id`` of a run that exists), or None."""
+    from protocol.config import RunConfig
+
+    if not args.run_id:
+        return None
+    runs_dir = args.runs_dir
+    if runs_dir is None and args.config is not None:
+        from protocol.config import load_config
+
+        runs_dir = load_config(args.config).run.runs_dir
+    path = Path(runs_dir or RunConfig().runs_dir) / args.run_id / "config.yaml"
+    return path if path.exists() else None
+
+
+def requested_config(args):
+    """The config as the arguments give it: a resumed run's own config with the overrides on top (``--config``
+    replaces it), or ``--config`` (or the defaults) with them."""
+    from protocol.config import load_config
+
+    overrides = overrides_from(args)
+    saved = saved_config_path(args)
+    if saved is not None and args.config is None:  # the run's own config, not the defaults
+        cfg = load_config(saved, overrides + [("run.runs_dir", str(saved.parent.parent)),
+                                              ("run.run_id", args.run_id)])
+    else:
+        cfg = load_config(args.config, overrides)
+    carla = cfg.env.carla
+    if args.npcs is not None and carla.scenario is not None:  # the flag wins over the scenario's own count
+        index = carla.scenario if isinstance(carla.scenario, int) else \
+            [s.name for s in carla.scenarios].index(carla.scenario)
+        base = saved if saved is not None and args.config is None else args.config
+        extra = [("run.runs_dir", cfg.run.runs_dir), ("run.run_id", cfg.run.run_id)] if base is saved else []
+        cfg = load_config(base, overrides + extra + [(f"env.carla.scenarios.{index}.npcs", args.npcs)])
+    return cfg
+
+
+def resume_config(args, cfg):
+    """``cfg``, checked against the saved config of the run it resumes: its model and replay cannot change."""
+    from protocol.config import ConfigError, load_config, resume_conflicts
+
+    saved_path = Path(cfg.run.runs_dir) / cfg.run.run_id / "config.yaml" if cfg.run.run_id else None
+    if saved_path is None or not saved_path.exists():
+        return cfg
+    conflicts = resume_conflicts(load_config(saved_path), cfg)
+    if conflicts:
+        raise ConfigError(f"config error: run {cfg.run.run_id} was built with {'; '.join(conflicts)}: its model "
+                          "and replay cannot change; resume without these changes, or start a new run "
+                          "(leave out --run-id)")
+    return cfg
+
+
+def set_previous_checkpoint_aside(run_dir: Path) -> str:
+    """``--resume-from previous``: latest.pt is set aside (renamed, kept), previous.pt takes its place."""
+    ckpt = run_dir / "checkpoints"
+    previous, latest = ckpt / "previous.pt", ckpt / "latest.pt"
+    aside = ckpt / f"latest.pt.set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if latest.exists():
+        os.replace(latest, aside)
+    os.replace(previous, latest)
+    return f"resuming from the checkpoint before the latest; the latest was set aside as {aside.name}"
+
+
+def live_supervisor(run_dir: Path) -> int | None:
+    """The pid of a supervisor running this run, from its state file; None when there is none."""
+    return live_pid(read_state(run_dir))
+
+
+def check_up(args) -> Ready:
+    """Every check of ``up``, in order, before anything is written; raises Refused."""
+    from protocol.config import ConfigError
+    from supervisor.drivers.evidence import py_spy_path
+    from supervisor.plan import build_plan
+    from supervisor.rundir import lock_run
+
+    try:
+        cfg = requested_config(args)
+    except ConfigError as exc:
+        raise Refused(str(exc), EXIT_USAGE) from None
+    run_dir = Path(cfg.run.runs_dir) / cfg.run.run_id if cfg.run.run_id else None
+    resuming = run_dir is not None and run_dir.exists()
+    locked = False
+    if resuming:
+        locked = lock_run(run_dir) is not None  # held for the life of this process: a second `up` cannot slip in
+        pid = live_supervisor(run_dir)
+        if not locked or pid is not None:  # refused before anything is written: the live run is left as it is
+            raise Refused(f"supervisor up: another supervisor ({f'pid {pid}' if pid else 'holding its lock'}) is "
+                          f"running {run_dir}; see it with `supervisor status --run-dir {run_dir}`, or stop it with "
+                          f"`supervisor stop --run-dir {run_dir}`", EXIT_RUN_BUSY)
+    if args.resume_from != "latest" and not (resuming and (run_dir / "checkpoints" / "previous.pt").exists()):
+        raise Refused(f"supervisor up: --resume-from {args.resume_from} needs the --run-id of a run with a "
+                      f"checkpoint before its latest (checkpoints/previous.pt)", EXIT_USAGE)
+    try:
+        cfg = resume_config(args, cfg)
+    except ConfigError as exc:
+        raise Refused(str(exc), EXIT_USAGE) from None
+    plan = build_plan(cfg, cfg.run.run_id or "")
+    missing = plan.missing_modules()
+    if missing:
+        raise Refused(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
+                      "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", EXIT_USAGE)
+    warnings = []
+    problem = host_capacity_problem(cfg)
+    if problem is not None:
+        if not args.oversubscribe:
+            raise Refused(f"supervisor up: {problem}; use fewer workers (--workers N), or --oversubscribe to start "
+                          "anyway", EXIT_OVERLOAD)
+        warnings.append(f"supervisor up: warning: {problem}; starting anyway (--oversubscribe)")
+    containers = [s for s in plan.specs if s.kind == "container"]
+    if containers:
+        from supervisor.drivers import SpawnError
+        from supervisor.drivers.container import ContainerDriver, EngineError
+
+        try:
+            ContainerDriver(Path("."), "", 1.0, 1.0, cfg.simulators.docker_timeout_s).preflight(
+                containers, check_ports=not resuming)
+        except (EngineError, SpawnError) as exc:
+            raise Refused(f"supervisor up: {exc}", EXIT_USAGE) from None
+    if py_spy_path() is None:
+        warnings.append("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled "
+                        "processes (pip install 'carla-rl-stack[supervisor]')")
+    return Ready(cfg, run_dir if resuming else None, locked, warnings)
+
+
+# What one child of each kind takes, for the check that a host can hold a run (measured on the embedded
+# default: a worker with torch and highway-env ~0.35 GiB, its standby spare as much, the learner ~1.5 GiB).
+WORKER_MEMORY_BYTES = int(0.35 * 2**30)
+LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
+
+
+def host_capacity_problem(cfg) -> str | None:
+    """Why this host cannot run ``cfg``'s workers (cores and memory), or None when it can."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = cfg.workers.count
+    most = cfg.supervisor.max_workers_per_core * cores
+    if workers > most:
+        return (f"{workers} workers on {cores} cores: at most {most} fit "
+                f"(supervisor.max_workers_per_core {cfg.supervisor.max_workers_per_core:g})")
+    per_worker = WORKER_MEMORY_BYTES * (2 if cfg.supervisor.standby_workers else 1)
+    need = LEARNER_MEMORY_BYTES + workers * per_worker
+    available = psutil.virtual_memory().available
+    if need > available:
+        return (f"{workers} workers need about {need / 2**30:.1f} GiB of memory (learner {LEARNER_MEMORY_BYTES / 2**30:.1f}"
+                f", {per_worker / 2**30:.2f} per worker with its standby), {available / 2**30:.1f} GiB is available")
+    return None
