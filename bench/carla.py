@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.states import RUNNING
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,7 +83,7 @@ def freeze(tag: str, what: str) -> tuple[float, dict]:
         stack = Stack(Path(d), stepping_overrides(tag), base="configs/carla.yaml").start()
         try:
             row = lambda s, n: next(p for p in s["processes"] if p["name"] == n)  # noqa: E731
-            s = stack.wait_for(lambda s: all(p["state"] == "running" for p in s["processes"])
+            s = stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"])
                                and row(s, "worker-0")["env_steps"] > 100, 150, "stepping")
             t0 = time.monotonic()
             if what == "simulator":

@@ -44,6 +44,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from protocol.states import RUNNING  # noqa: E402
 from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
 from supervisor.cli import request  # noqa: E402
 from supervisor.report import read_jsonl  # noqa: E402
@@ -100,7 +101,7 @@ class Run:
                 raise RuntimeError(f"the supervisor exited ({self.proc.returncode}): "
                                    + (self.runs_dir / f"{self.run_id}.out").read_text()[-2000:])
             s = self.status()
-            if s is not None and all(p["state"] == "running" for p in s["processes"]):
+            if s is not None and all(p["state"] == RUNNING for p in s["processes"]):
                 return
             time.sleep(POLL_S)
         raise RuntimeError(f"not every process ran within {timeout:g}s")
@@ -124,7 +125,7 @@ class Run:
         while time.monotonic() - started < timeout:
             s = self.status()
             unsettled = [o for o in fault_outcomes(self.events()) if not o["ok"] and o["note"] in UNSETTLED]
-            if s is not None and not unsettled and all(p["state"] == "running" for p in s["processes"]):
+            if s is not None and not unsettled and all(p["state"] == RUNNING for p in s["processes"]):
                 break
             time.sleep(POLL_S)
         return time.monotonic() - started

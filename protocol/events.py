@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
+from protocol import states
 
 # Fields every line carries, whatever its kind.
 COMMON_FIELDS = {
@@ -31,22 +32,22 @@ RUN_STARTED = "run_started"
 LEFTOVERS_KILLED = "leftovers_killed"
 SPAWNED = "spawned"
 SPAWN_FAILED = "spawn_failed"
-RUNNING = "running"
+RUNNING = states.RUNNING  # the event of entering that state
 ALERT = "alert"
-STALLED = "stalled"
+STALLED = states.STALLED  # the event of entering that state
 EVIDENCE_CAPTURED = "evidence_captured"
 EVIDENCE_FAILED = "evidence_failed"
 TERMINATING = "terminating"
 KILLED = "killed"
 EXITED = "exited"
-BACKOFF = "backoff"
-FAILED = "failed"
+BACKOFF = states.BACKOFF  # the event of entering that state
+FAILED = states.FAILED  # the event of entering that state
 FINISHED = "finished"
 RUN_COMPLETE = "run_complete"
 DEPENDENCY_RESTART = "dependency_restart"
 RESTART_REQUESTED = "restart_requested"
 RECYCLED = "recycled"
-STOPPING = "stopping"
+STOPPING = states.STOPPING  # the event of entering that state
 FORCED_STOP = "forced_stop"
 RUN_ENDED = "run_ended"
 RESUMED = "resumed"

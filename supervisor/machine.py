@@ -86,7 +86,7 @@ class CaptureEvidence:
 
 @dataclass(frozen=True)
 class Terminate:
-    """Ask the incarnation to end (a process gets SIGTERM, and SIGCONT in case it is stopped)."""
+    """Ask the incarnation to end, with its grace period to do so (its driver says how)."""
 
     name: str
     incarnation: int
@@ -94,7 +94,7 @@ class Terminate:
 
 @dataclass(frozen=True)
 class Kill:
-    """End the incarnation now, whatever it is doing (a process group gets SIGKILL; a container is removed)."""
+    """End the incarnation now, whatever it is doing (its driver says how)."""
 
     name: str
     incarnation: int
@@ -375,7 +375,7 @@ class Supervision:
         return actions + self._advance_stop() + self._check_end()
 
     def signal_received(self, name: str) -> list[Action]:
-        """The supervisor was asked to stop (SIGINT/SIGTERM, named ``name``): the first time stops the run in
+        """The supervisor was asked to stop from outside (``name`` says how): the first time stops the run in
         order, the second kills everything."""
         self.stop_signals += 1
         if self.stop_signals == 1 and not self.stopping:

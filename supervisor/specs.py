@@ -1,6 +1,6 @@
 """What the machine decides a child by: its spec, built by :mod:`supervisor.plan` from the validated config.
 
-Nothing here knows a role or a kind of child: a spec says how to judge a child
+Nothing here knows what a child does or how it runs: a spec says how to judge a child
 (deadlines, progress phases and counters), how to restart it (restart type,
 backoff, intensity, dependencies) and, opaquely, how to launch it (``launch``,
 read by its driver only).
@@ -17,7 +17,7 @@ RESTART_TYPES = (PERMANENT, TRANSIENT, TEMPORARY)
 
 @dataclass(frozen=True)
 class Deadlines:
-    heartbeat_s: float  # silence: a frozen process (SIGSTOP, GIL held in native code)
+    heartbeat_s: float  # silence: a frozen process (stopped, or the GIL held in native code)
     progress_s: float  # no growth of the progress count while in a progressing phase
     startup_s: float  # in a start-up phase (or without a first heartbeat) this long
     evidence_s: float  # capturing evidence may hold back a kill this long

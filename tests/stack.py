@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from protocol.states import RUNNING
 from supervisor.cli import request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ class Stack:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + self.diagnostics())
 
     def wait_running(self, timeout: float = 90) -> dict:
-        return self.wait_for(lambda s: all(p["state"] == "running" for p in s["processes"]), timeout,
+        return self.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"]), timeout,
                              "every process running")
 
     def events(self) -> list[dict]:

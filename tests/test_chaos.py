@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,9 +12,11 @@ from protocol import events as ev
 from protocol.codec import ProtocolError, decode
 from protocol.config import ConfigError, load_config
 from supervisor.chaos import Chaos, fault_outcomes, format_summary, garbage_frames, summarize_outcomes
+from supervisor.drivers import CRASH
+from supervisor.machine import Event, Spawn, Supervision
 from supervisor.plan import build_plan
-from supervisor.machine import Event, Supervision
 from tests.conftest import ROOT
+
 
 def row(status, name):
     return next(p for p in status["processes"] if p["name"] == name)
@@ -174,7 +175,17 @@ def test_worker_fires_a_requested_fault_at_its_next_step_and_only_its_own(tmp_pa
         signal.signal(REQUEST_SIGNAL, old)
 
 
-# -- the schedule, with a fake supervisor and stand-in processes ---------------------------------------------
+# -- the schedule, on the real machine and a driver that records what it is asked -------------------------------
+
+class InjectionRecorder:
+    """A driver's inject, recorded: chaos hands every fault to the target's driver."""
+
+    def __init__(self):
+        self.injected = []
+
+    def inject(self, name, incarnation, what):
+        self.injected.append((name, incarnation, what))
+
 
 @pytest.mark.timeout(30)
 def test_schedule_draws_faults_into_running_children_and_waits_for_their_recovery(tmp_path):
@@ -184,40 +195,43 @@ def test_schedule_draws_faults_into_running_children_and_waits_for_their_recover
     plan = build_plan(cfg, "t")
     now = [0.0]
     machine = Supervision(list(plan.specs), lambda: now[0])
-    procs = {s.name: subprocess.Popen(["sleep", "60"]) for s in plan.specs}
-    recorded = []
-    try:
-        sup = SimpleNamespace(cfg=cfg, plan=plan, machine=machine, specs={s.name: s for s in plan.specs},
-                              run_dir=tmp_path, drivers={}, record=recorded.append,
-                              hb_inbox=SimpleNamespace(dropped_total=0), control_inbox=SimpleNamespace(dropped_total=0))
-        chaos = Chaos(sup, clock=lambda: now[0])
-        for action in machine.start():
-            machine.spawned(action.name, procs[action.name].pid)
-        now[0] = 100.0
+    driver, recorded = InjectionRecorder(), []
+    chaos = Chaos(cfg.chaos, cfg.run.seed, machine, {s.name: s for s in plan.specs}, tmp_path,
+                  driver_of=lambda name: driver, record=recorded.append, dropped=lambda: 0,
+                  garbage=lambda sockets, pids: None, clock=lambda: now[0])
+    pids = {s.name: 100 + i for i, s in enumerate(plan.specs)}
+    for action in machine.start():
+        machine.spawned(action.name, action.incarnation, pids[action.name])
+    now[0] = 100.0
+    chaos.tick()
+    assert chaos.state.next_at is None, "the schedule waits for every child to run"
+    now[0] = 110.0
+    for name, pid in pids.items():
+        machine.heartbeat({"name": name, "pid": pid, "incarnation": 0,
+                           "phase": "training" if name == "learner" else "stepping"})
+    chaos.tick()
+    assert not recorded and chaos.state.next_at == 115.0, "the first fault comes start_after_s after that"
+    for t in (115.0, 116.0, 117.0):
+        now[0] = t
         chaos.tick()
-        assert chaos.state.next_at is None, "the schedule waits for every child to run"
-        now[0] = 110.0
-        for name, proc in procs.items():
-            machine.heartbeat({"name": name, "pid": proc.pid, "phase": "training" if name == "learner" else "stepping"})
-        chaos.tick()
-        assert not recorded and chaos.state.next_at == 115.0, "the first fault comes start_after_s after that"
-        for t in (115.0, 116.0, 117.0):
-            now[0] = t
-            chaos.tick()
-        hits = [e for e in recorded if e.kind == ev.FAULT_INJECTED]
-        assert [e.detail["source"] for e in hits] == ["schedule", "schedule"]
-        assert sorted(e.name for e in hits) == ["worker-0", "worker-1"], "one each: a hit one waits for its recovery"
-        for e in hits:
-            assert procs[e.name].wait(5) == -signal.SIGKILL and e.detail["pid"] == procs[e.name].pid
-        assert procs["learner"].poll() is None, "the learner is not on the list"
-        assert isinstance(hits[0], Event) and hits[0].detail["expect"] == "restart"
-        now[0] = 118.0
-        chaos.tick()
-        assert chaos.state.next_at == float("inf"), "no fault after stop_after_s"
-    finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+    hits = [e for e in recorded if e.kind == ev.FAULT_INJECTED]
+    assert [e.detail["source"] for e in hits] == ["schedule", "schedule"]
+    assert sorted(e.name for e in hits) == ["worker-0", "worker-1"], "one each: a hit one waits for its recovery"
+    assert sorted(driver.injected) == [("worker-0", 0, CRASH), ("worker-1", 0, CRASH)], "through the driver"
+    assert all(e.detail["pid"] == pids[e.name] and e.detail["incarnation"] == 0 for e in hits)
+    assert isinstance(hits[0], Event) and hits[0].detail["expect"] == "restart"
+    now[0] = 118.0
+    chaos.tick()
+    assert chaos.state.next_at == float("inf"), "no fault after stop_after_s"
+    # the hit worker is replaced: it may be hit again
+    machine.exited("worker-0", 0, -9)
+    now[0] = 200.0
+    for action in machine.tick():
+        if isinstance(action, Spawn):
+            machine.spawned(action.name, action.incarnation, 300)
+    machine.heartbeat({"name": "worker-0", "pid": 300, "incarnation": 1, "phase": "stepping"})
+    chaos.tick()
+    assert "worker-0" not in chaos.state.busy and "worker-1" in chaos.state.busy
 
 
 # -- the CLI without a run -----------------------------------------------------------------------------------

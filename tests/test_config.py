@@ -136,7 +136,8 @@ def test_list_items_can_be_overridden_by_index():
 
 
 def test_scenario_and_npcs_flags_the_npcs_flag_wins():
-    from supervisor.cli import build_parser, config_from
+    from supervisor.cli import build_parser
+    from supervisor.preflight import config_from
 
     def cfg(*argv):
         return config_from(build_parser().parse_args(["up", "--config", "configs/carla.yaml", *argv]))

@@ -18,10 +18,11 @@ import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
-from supervisor.drivers.container import RUN_LABEL, EngineError, connect_engine, server_version
+from protocol.states import FAILED, RUNNING
 from supervisor.drivers import SpawnError
-from supervisor.plan import Plan, build_plan
+from supervisor.drivers.container import RUN_LABEL, EngineError, connect_engine, server_version
 from supervisor.loop import Supervisor
+from supervisor.plan import Plan, build_plan
 from tests.conftest import ROOT, free_port_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -103,7 +104,7 @@ def sims(tmp_path, docker_engine, fakecarla_image):
 
 
 def running(rows, name="carla-0", incarnation=0):
-    return rows[name]["state"] == "running" and rows[name]["incarnation"] >= incarnation
+    return rows[name]["state"] == RUNNING and rows[name]["incarnation"] >= incarnation
 
 
 def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a_new_one(sims, docker_engine):
@@ -115,7 +116,7 @@ def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a
     assert container.labels[RUN_LABEL] == loop.sup.run_id and container.attrs["HostConfig"]["NetworkMode"] == "host"
 
     container.pause()  # TCP still connects; nothing answers
-    rows = loop.until(lambda r: r["carla-0"]["incarnation"] >= 1 and r["carla-0"]["state"] == "running", 60,
+    rows = loop.until(lambda r: r["carla-0"]["incarnation"] >= 1 and r["carla-0"]["state"] == RUNNING, 60,
                       "the paused simulator replaced")
     kinds = [(e["event"], e["name"]) for e in loop.events()]
     stalled = kinds.index((ev.STALLED, "carla-0"))
@@ -153,7 +154,7 @@ def test_a_killed_container_and_one_that_exits_are_replaced(sims, docker_engine)
 
 def test_a_container_whose_server_dies_on_start_backs_off_and_fails(sims):
     loop = sims(command="python3 -c raise(SystemExit(3))").start()  # 5 restarts within 60 s, then failed
-    rows = loop.until(lambda r: r["carla-0"]["state"] == "failed", 90, "carla-0 failed")
+    rows = loop.until(lambda r: r["carla-0"]["state"] == FAILED, 90, "carla-0 failed")
     assert {e["code"] for e in loop.events() if e["event"] == ev.EXITED} == {3}
     assert rows["carla-0"]["restarts"] == 5
 

@@ -1,13 +1,12 @@
 """A second kind of child needs a driver and a spec, not a change to the state machine.
 
-A real :class:`supervisor.run.Supervisor` (run directory, sockets, event log)
+A real :class:`supervisor.loop.Supervisor` (run directory, sockets, event log)
 drives a plan that holds the run's own learner and worker plus a simulator of a
 kind the machine has never heard of; recording drivers stand in for processes and
 simulators, so the test sees which driver each action went to.
 """
 
 import json
-import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
+from protocol.states import RUNNING
 from supervisor.drivers import Beat, Exited, SpawnError
-from supervisor.plan import Plan, build_plan
 from supervisor.loop import Supervisor
+from supervisor.plan import Plan, build_plan
 from supervisor.specs import PERMANENT, ChildSpec
 from tests.test_state import FakeClock
 
@@ -25,11 +25,11 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class RecordingDriver:
-    """Children that 'run' until signalled; each beat carries a growing counter."""
+    """Children that 'run' until terminated or killed; each beat carries a growing counter."""
 
     def __init__(self, kind, log, counter, phase):
         self.kind, self.log, self.counter, self.phase = kind, log, counter, phase
-        self.running: dict[str, int] = {}
+        self.running: dict[str, tuple[int, int]] = {}  # name -> (incarnation, pid)
         self.frozen: set[str] = set()
         self.exits: list[Exited] = []
         self.pid = 1000 if kind == "process" else 5000
@@ -41,7 +41,7 @@ class RecordingDriver:
             self.fail_next_spawn = False
             raise SpawnError("engine unavailable")
         self.pid += 1
-        self.running[spec.name] = self.pid
+        self.running[spec.name] = (incarnation, self.pid)
         self.log.append((self.kind, "spawn", spec.name, incarnation))
         return self.pid, False
 
@@ -51,33 +51,42 @@ class RecordingDriver:
     def drop_standby(self, name):
         pass
 
-    def signal(self, name, pid, signum):
-        self.log.append((self.kind, signal.Signals(signum).name, name, pid))
-        if signum in (signal.SIGTERM, signal.SIGKILL) and self.running.get(name) == pid:
+    def terminate(self, name, incarnation):
+        self._end(name, incarnation, "terminate", -15)
+
+    def kill(self, name, incarnation):
+        self._end(name, incarnation, "kill", -9)
+
+    def _end(self, name, incarnation, what, code):
+        self.log.append((self.kind, what, name, incarnation))
+        if self.running.get(name, (None,))[0] == incarnation:
             del self.running[name]
             self.frozen.discard(name)
-            self.exits.append(Exited(name, pid, -signum))
+            self.exits.append(Exited(name, incarnation, code))
+
+    def inject(self, name, incarnation, what):
+        self.log.append((self.kind, what, name, incarnation))
 
     def poll(self):
         self.count += 1
         seen = list(self.exits)
         self.exits.clear()
-        seen += [Beat({"name": n, "pid": p, "phase": self.phase, self.counter: self.count})
-                 for n, p in self.running.items() if n not in self.frozen]
+        seen += [Beat({"name": n, "incarnation": i, "pid": p, "phase": self.phase, self.counter: self.count})
+                 for n, (i, p) in self.running.items() if n not in self.frozen]
         return seen
 
     def capture(self, run_dir, action, timeout_s):
         path = Path(run_dir) / "incidents" / f"{self.kind}-{action.name}"
         path.mkdir(parents=True, exist_ok=True)
         (path / "incident.json").write_text(json.dumps({"reason": action.reason}))
-        self.log.append((self.kind, "capture", action.name, action.pid))
+        self.log.append((self.kind, "capture", action.name, action.incarnation))
         return path
 
     def kill_leftovers(self, saved):
         return []
 
     def pids(self):
-        return list(self.running.values())
+        return [pid for _, pid in self.running.values()]
 
     def kill_all(self):
         self.running.clear()
@@ -125,8 +134,8 @@ def test_a_second_kind_of_child_is_driven_by_its_own_driver(setup):
     assert [(k, n) for k, what, n, _ in log if what == "spawn"][2:] == [("process", "worker-0")], \
         "and starts once the simulator answers"
     rows = {r["name"]: r for r in sup.status()["processes"]}
-    assert {n: r["state"] for n, r in rows.items()} == {"learner": "running", "sim-0": "running",
-                                                         "worker-0": "running"}
+    assert {n: r["state"] for n, r in rows.items()} == {"learner": RUNNING, "sim-0": RUNNING,
+                                                         "worker-0": RUNNING}
     assert rows["sim-0"]["kind"] == "simulator" and rows["sim-0"]["role"] == "simulator"
     assert rows["worker-0"]["depends_on"] == ["sim-0"]
 
@@ -135,10 +144,10 @@ def test_a_second_kind_of_child_is_driven_by_its_own_driver(setup):
     drivers["simulator"].frozen.add("sim-0")
     loop(sup, poller, clock, 8)
     sim_actions = [(what, n) for k, what, n, _ in log if k == "simulator"]
-    assert sim_actions[:3] == [("capture", "sim-0"), ("SIGTERM", "sim-0"), ("SIGCONT", "sim-0")]
+    assert sim_actions[:2] == [("capture", "sim-0"), ("terminate", "sim-0")]
     assert ("spawn", "sim-0") in sim_actions
     process_actions = [(what, n) for k, what, n, _ in log if k == "process"]
-    assert process_actions[:3] == [("SIGTERM", "worker-0"), ("SIGCONT", "worker-0"), ("spawn", "worker-0")]
+    assert process_actions[:2] == [("terminate", "worker-0"), ("spawn", "worker-0")]
     assert not [a for a in process_actions if a[1] == "learner"], "what does not depend on the simulator is untouched"
     assert log.index(("simulator", "spawn", "sim-0", 1)) < log.index(("process", "spawn", "worker-0", 1))
     kinds = [e["event"] for e in events(sup)]
@@ -147,7 +156,7 @@ def test_a_second_kind_of_child_is_driven_by_its_own_driver(setup):
     assert rows["sim-0"]["incarnation"] == 1 and rows["worker-0"]["incarnation"] == 1
     assert rows["sim-0"]["last_incident"] == "incidents/simulator-sim-0"
     loop(sup, poller, clock, 2)
-    assert all(r["state"] == "running" for r in sup.status()["processes"])
+    assert all(r["state"] == RUNNING for r in sup.status()["processes"])
 
 
 def test_a_drivers_spawn_error_backs_off_and_retries(setup):

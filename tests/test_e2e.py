@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import zmq
 
+from protocol import events as ev
 from protocol.codec import encode
 from protocol.sockets import load_endpoints, make_socket
+from protocol.states import FAILED, RUNNING
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -34,7 +36,7 @@ def test_stack_collects_steps_and_learner_updates(stack_factory):
     for p in out["processes"]:
         assert {"name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase",
                 "env_steps", "updates"} <= set(p)
-        assert p["state"] == "running" and p["restarts"] == 0 and p["heartbeat_age_s"] < 2
+        assert p["state"] == RUNNING and p["restarts"] == 0 and p["heartbeat_age_s"] < 2
         assert p["alerts"] == [], "a healthy run raises no alert"
     table = stack.cli("status")
     assert table.returncode == 0
@@ -54,10 +56,10 @@ def test_stack_collects_steps_and_learner_updates(stack_factory):
 def test_hang_inside_step_is_killed_and_respawned_within_deadline(stack_factory):
     stack = stack_factory({"workers": {"faults": [
         {"kind": "hang", "where": "step", "at_step": 150, "slots": [0], "incarnations": [0]}]}})
-    stack.wait_for(lambda s: row(s, "worker-0")["incarnation"] >= 1 and row(s, "worker-0")["state"] == "running"
+    stack.wait_for(lambda s: row(s, "worker-0")["incarnation"] >= 1 and row(s, "worker-0")["state"] == RUNNING
                    and row(s, "worker-0")["env_steps"] > 0, 120, "worker-0 respawned and stepping")
     events = stack.events()
-    stalled = next(e for e in events if e["event"] == "stalled" and e["name"] == "worker-0")
+    stalled = next(e for e in events if e["event"] == ev.STALLED and e["name"] == "worker-0")
     assert "no progress" in stalled["reason"] and "stepping" in stalled["reason"]
     hb = stalled["heartbeat"]
     assert hb["env_steps"] == 150 and hb["phase"] == "stepping"
@@ -69,7 +71,7 @@ def test_hang_inside_step_is_killed_and_respawned_within_deadline(stack_factory)
     assert json.loads((incidents[0] / "incident.json").read_text())["last_heartbeat"]["env_steps"] == 150
     assert (incidents[0] / "log_tail.txt").read_text().count("fault injected") >= 1
     order = [e["event"] for e in events if e["name"] == "worker-0"]
-    assert order.index("stalled") < order.index("terminating") < order.index("exited") < order.index("backoff")
+    assert order.index(ev.STALLED) < order.index(ev.TERMINATING) < order.index(ev.EXITED) < order.index(ev.BACKOFF)
     s = stack.status()
     assert row(s, "worker-0")["restarts"] == 1 and row(s, "worker-1")["restarts"] == 0
     assert s["incidents"] == 1
@@ -85,11 +87,11 @@ def test_sigstopped_and_sigkilled_workers_are_replaced(stack_factory):
     os.kill(stopped_pid, signal.SIGSTOP)
     os.kill(killed_pid, signal.SIGKILL)
     s = stack.wait_for(lambda s: all(row(s, f"worker-{i}")["incarnation"] == 1 and
-                                     row(s, f"worker-{i}")["state"] == "running" for i in range(2)),
+                                     row(s, f"worker-{i}")["state"] == RUNNING for i in range(2)),
                        90, "both workers replaced")
     assert row(s, "worker-0")["pid"] != stopped_pid and row(s, "worker-1")["pid"] != killed_pid
     events = stack.events()
-    stalled = [e for e in events if e["event"] == "stalled"]
+    stalled = [e for e in events if e["event"] == ev.STALLED]
     assert [e["name"] for e in stalled] == ["worker-0"] and "no heartbeat" in stalled[0]["reason"]
     killed = [e for e in events if e["event"] == "exited" and e["name"] == "worker-1"]
     assert killed[0]["code"] == -signal.SIGKILL
@@ -102,15 +104,15 @@ def test_sigstopped_and_sigkilled_workers_are_replaced(stack_factory):
 def test_crash_looping_worker_ends_failed_while_the_other_keeps_stepping(stack_factory):
     stack = stack_factory({"workers": {"faults": [{"kind": "crash", "where": "step", "at_step": 5, "slots": [1]}]},
                            "supervisor": {"max_restarts": 2}})
-    s = stack.wait_for(lambda s: row(s, "worker-1")["state"] == "failed", 120, "worker-1 failed")
+    s = stack.wait_for(lambda s: row(s, "worker-1")["state"] == FAILED, 120, "worker-1 failed")
     assert row(s, "worker-1")["restarts"] == 2
     steps = row(s, "worker-0")["env_steps"]
-    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 20 and row(s, "worker-0")["state"] == "running",
+    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 20 and row(s, "worker-0")["state"] == RUNNING,
                    60, "worker-0 still stepping")
     res = stack.cli("status", "--json")
     assert res.returncode == 3, "some process is not running"
-    assert row(json.loads(res.stdout), "worker-1")["state"] == "failed"
-    failed = [e for e in stack.events() if e["event"] == "failed"]
+    assert row(json.loads(res.stdout), "worker-1")["state"] == FAILED
+    failed = [e for e in stack.events() if e["event"] == ev.FAILED]
     assert [e["name"] for e in failed] == ["worker-1"]
     # a user can bring a failed slot back by hand
     assert stack.cli("restart", "worker-1").returncode == 0
@@ -124,7 +126,7 @@ def test_sigkilled_learner_resumes_from_checkpoint_and_workers_go_on(stack_facto
     learner_pid = row(s, "learner")["pid"]
     stored_before = row(s, "learner")["env_steps"]  # transitions in replay, as the learner last reported
     os.kill(learner_pid, signal.SIGKILL)
-    s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == "running"
+    s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == RUNNING
                        and row(s, "learner")["updates"] >= 300, 120, "learner back and updating")
     log = [json.loads(line) for line in stack.log("learner").splitlines()]
     resumed = [e for e in log if e["event"] == "resumed from checkpoint"]
@@ -168,7 +170,7 @@ def test_garbage_on_learner_and_supervisor_sockets_is_counted_and_ignored(stack_
     finally:
         ctx.destroy(linger=0)
     s = stack.wait_for(lambda s: s["dropped_messages"] >= 4, 20, "supervisor counted garbage")
-    assert all(p["state"] == "running" for p in s["processes"]) and not s["stopping"]
+    assert all(p["state"] == RUNNING for p in s["processes"]) and not s["stopping"]
     learner_log = stack.log("learner")
     for reason in ("bad_msgpack", "bad_version", "spec_mismatch"):
         assert reason in learner_log, reason
@@ -191,7 +193,7 @@ def test_restart_command_and_unknown_name(stack_factory):
     res = stack.cli("restart", "worker-7")
     assert res.returncode == 1 and "no process named 'worker-7'" in res.stderr
     assert stack.cli("restart", "worker-1").returncode == 0
-    s = stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 1 and row(s, "worker-1")["state"] == "running",
+    s = stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 1 and row(s, "worker-1")["state"] == RUNNING,
                        60, "worker-1 restarted")
     assert row(s, "worker-1")["restarts"] == 0 and not list((stack.run_dir / "incidents").iterdir())
 
@@ -305,4 +307,4 @@ def test_a_diverging_learner_raises_alerts_that_the_supervisor_shows(stack_facto
     assert alerts and alerts[0]["name"] == "learner"
     labelled = list((stack.run_dir / "checkpoints").glob("alert-*.pt"))
     assert labelled, "a critical alert writes a checkpoint labelled with it"
-    assert row(s, "learner")["state"] == "running", "an alert informs; it does not stop the run"
+    assert row(s, "learner")["state"] == RUNNING, "an alert informs; it does not stop the run"

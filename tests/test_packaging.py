@@ -5,10 +5,10 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,6 +72,7 @@ class Block:
             raise ImportError(f'{name} is not installed here')
 sys.meta_path.insert(0, Block())
 from supervisor.cli import main
+from protocol import events as ev
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -87,7 +88,7 @@ def test_status_and_report_run_on_the_base_install(tmp_path):
     assert res.returncode == 4 and "no supervisor answers" in res.stderr, res.stderr
     run = tmp_path / "run"
     (run / "incidents").mkdir(parents=True)
-    (run / "events.jsonl").write_text('{"time": 1, "event": "stalled", "name": "worker-0", "reason": "x"}\n')
+    (run / "events.jsonl").write_text('{"time": 1, "event": ev.STALLED, "name": "worker-0", "reason": "x"}\n')
     res = cli("report", str(run))
     assert res.returncode == 0 and "stalled: worker-0: x" in res.stdout, res.stderr
     res = cli("up", "--runs-dir", str(tmp_path / "runs"))

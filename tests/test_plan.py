@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from protocol.config import SupervisorConfig, load_config
-from supervisor.plan import build_plan
 from supervisor.machine import Supervision
+from supervisor.plan import build_plan
 from supervisor.specs import PERMANENT, TRANSIENT
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,14 +68,16 @@ def test_plan_policies():
     assert plan.run_env_steps([{"name": "worker-0", "env_steps": 5}, {"name": "learner", "env_steps": 42}]) == 42
 
 
-def test_the_state_machine_names_no_role():
-    text = (ROOT / "supervisor" / "state.py").read_text()
-    assert not re.search(r"learner|worker|\brole\b", text, re.IGNORECASE), "the machine reads specs, not roles"
+def test_the_state_machine_names_no_role_and_speaks_no_posix():
+    for name in ("machine.py", "specs.py"):
+        text = (ROOT / "supervisor" / name).read_text()
+        assert not re.search(r"learner|worker|\brole\b", text, re.IGNORECASE), f"{name} reads specs, not roles"
+        assert not re.search(r"\bSIG[A-Z]+|import signal|signum|\bpid\s*[:=]=", text), f"{name}: no POSIX signal"
 
 
 def test_only_the_plan_names_the_children():
     """Other supervisor modules read specs and labels; no child name or role literal outside the plan."""
-    for path in sorted((ROOT / "supervisor").glob("*.py")):
+    for path in sorted((ROOT / "supervisor").rglob("*.py")):
         if path.name == "plan.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):

@@ -21,15 +21,15 @@ from learner.replay import ReplayBuffer
 from protocol import events as ev
 from protocol.codec import decode
 from protocol.config import ConfigError, load_config, resume_conflicts
-from protocol.exits import EXIT_FATAL, FatalError, fatal_message
+from protocol.exits import EXIT_FATAL, FatalError, fatal_message, os_error_exit
 from protocol.files import atomic_write
 from protocol.messages import STEPS
 from protocol.sockets import make_socket, send, steps_max_bytes
-from supervisor import cli
+from protocol.states import FAILED
+from supervisor import cli, preflight
+from supervisor.machine import Supervision
 from supervisor.plan import build_plan
 from supervisor.preflight import host_capacity_problem
-from protocol.states import FAILED
-from supervisor.machine import Supervision
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
@@ -111,9 +111,9 @@ def beat(m, name, pid, **fields):
 
 def test_a_fatal_exit_fails_the_learner_at_once_with_its_reason_and_ends_the_run():
     m, _ = machine()
-    m.spawned("learner", 100)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
     beat(m, "learner", 100, detail="runs/x/checkpoints/latest.pt is corrupt (EOFError); ...")
-    actions = m.exited("learner", 100, EXIT_FATAL)
+    actions = m.exited("learner", m.children["learner"].incarnation, EXIT_FATAL)
     failed = [a for a in actions if getattr(a, "kind", None) == ev.FAILED]
     assert failed and "latest.pt is corrupt" in failed[0].detail["reason"]
     assert m.children["learner"].state == FAILED and m.children["learner"].restarts == 0
@@ -122,29 +122,29 @@ def test_a_fatal_exit_fails_the_learner_at_once_with_its_reason_and_ends_the_run
 
 def test_a_fatal_exit_of_a_worker_fails_it_alone():
     m, _ = machine()
-    m.spawned("learner", 100)
-    m.spawned("worker-0", 101)
-    actions = m.exited("worker-0", 101, EXIT_FATAL)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
+    m.spawned("worker-0", m.children["worker-0"].incarnation, 101)
+    actions = m.exited("worker-0", m.children["worker-0"].incarnation, EXIT_FATAL)
     assert m.children["worker-0"].state == FAILED
-    assert "restart would not help" in m.children["worker-0"].kill_reason
+    assert "restart would not help" in m.children["worker-0"].reason
     assert not m.stopping and not any(getattr(a, "kind", None) == ev.BACKOFF for a in actions)
 
 
 def test_any_other_exit_code_is_restarted_as_before():
     m, _ = machine()
-    m.spawned("learner", 100)
-    m.exited("learner", 100, 1)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
+    m.exited("learner", m.children["learner"].incarnation, 1)
     assert m.children["learner"].state != FAILED and m.children["learner"].restarts == 1
 
 
 def test_a_resumed_learner_records_the_updates_it_redoes():
     m, clock = machine()
-    m.spawned("learner", 100)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
     beat(m, "learner", 100, updates=340)
-    m.exited("learner", 100, -9)
+    m.exited("learner", m.children["learner"].incarnation, -9)
     clock.t += 60
     m.tick()
-    m.spawned("learner", 200)
+    m.spawned("learner", m.children["learner"].incarnation, 200)
     actions = beat(m, "learner", 200, updates=300, resumed_from=300)
     resumed = [a for a in actions if getattr(a, "kind", None) == ev.RESUMED]
     assert resumed and resumed[0].detail == {"resumed_from": 300, "previous": 340, "redone": 40}
@@ -155,35 +155,35 @@ def test_a_resumed_learner_records_the_updates_it_redoes():
 
 def test_a_resume_without_a_known_previous_count_says_so():
     m, _ = machine()
-    m.spawned("learner", 100)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
     resumed = [a for a in beat(m, "learner", 100, updates=300, resumed_from=300) if getattr(a, "kind", None) == ev.RESUMED]
     assert resumed[0].detail == {"resumed_from": 300, "previous": None, "redone": None}
     m2, _ = machine()
     m2.restore_counts({"learner": 340, "stranger": 5, "worker-0": "x"})
-    m2.spawned("learner", 100)
+    m2.spawned("learner", m2.children["learner"].incarnation, 100)
     resumed = [a for a in beat(m2, "learner", 100, updates=300, resumed_from=300) if getattr(a, "kind", None) == ev.RESUMED]
     assert resumed[0].detail["redone"] == 40
 
 
 def test_when_every_worker_has_failed_the_run_ends():
     m, _ = machine(**{"workers.count": 2})
-    m.spawned("learner", 100)
-    m.spawned("worker-0", 101)
-    m.spawned("worker-1", 102)
-    m.exited("worker-0", 101, EXIT_FATAL)
+    m.spawned("learner", m.children["learner"].incarnation, 100)
+    m.spawned("worker-0", m.children["worker-0"].incarnation, 101)
+    m.spawned("worker-1", m.children["worker-1"].incarnation, 102)
+    m.exited("worker-0", m.children["worker-0"].incarnation, EXIT_FATAL)
     assert not m.stopping, "one failed worker: the other goes on"
-    m.exited("worker-1", 102, EXIT_FATAL)
+    m.exited("worker-1", m.children["worker-1"].incarnation, EXIT_FATAL)
     assert m.stopping and "every child of pool worker failed" in m.stop_reason
 
 
 def test_drops_of_every_incarnation_add_up():
     m, clock = machine()
-    m.spawned("worker-0", 101)
+    m.spawned("worker-0", m.children["worker-0"].incarnation, 101)
     beat(m, "worker-0", 101, phase="stepping", dropped=5)
-    m.exited("worker-0", 101, -9)
+    m.exited("worker-0", m.children["worker-0"].incarnation, -9)
     clock.t += 60
     m.tick()
-    m.spawned("worker-0", 102)
+    m.spawned("worker-0", m.children["worker-0"].incarnation, 102)
     beat(m, "worker-0", 102, phase="stepping", dropped=2)
     assert next(r for r in m.snapshot() if r["name"] == "worker-0")["dropped"] == 7
 
@@ -342,18 +342,18 @@ def saved_run(tmp_path, *overrides) -> Path:
 
 def test_resuming_without_config_takes_the_runs_own(tmp_path):
     saved_run(tmp_path)
-    cfg = cli.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"), "--max-timesteps", "99"))
+    cfg = preflight.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"), "--max-timesteps", "99"))
     assert cfg.env.id == "Pendulum-v1" and cfg.run.max_timesteps == 99 and cfg.learner.hidden_dim == 256
 
 
 def test_a_resume_that_changes_the_model_is_refused_in_one_line(tmp_path):
     saved_run(tmp_path)
     with pytest.raises(ConfigError) as exc:
-        cli.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"),
+        preflight.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"),
                                 "--set", "learner.hidden_dim=64"))
     assert "learner.hidden_dim=256 (asked: 64)" in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="env.id"):
-        cli.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"),
+        preflight.config_from(up_args("--run-id", "r1", "--runs-dir", str(tmp_path / "runs"),
                                 "--config", str(ROOT / "configs/default.yaml")))
 
 
@@ -406,15 +406,15 @@ def test_a_dead_pid_in_the_state_file_does_not_block_a_resume(tmp_path):
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "supervisor"])
     try:
         (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid}))
-        assert cli.live_supervisor(run) == stranger.pid  # an old state file: its command line decides
+        assert preflight.live_supervisor(run) == stranger.pid  # an old state file: its command line decides
         # the pid now belongs to another process than the one that wrote the file
         (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid, "started": 12.0}))
-        assert cli.live_supervisor(run) is None
+        assert preflight.live_supervisor(run) is None
         # the run ended; or the pid is ours (a container restarted with the same pid 1)
         (run / "supervisor.json").write_text(json.dumps({"pid": stranger.pid, "ended": {"exit_code": 0}}))
-        assert cli.live_supervisor(run) is None
+        assert preflight.live_supervisor(run) is None
         (run / "supervisor.json").write_text(json.dumps({"pid": os.getpid()}))
-        assert cli.live_supervisor(run) is None
+        assert preflight.live_supervisor(run) is None
     finally:
         stranger.kill()
         stranger.wait()
@@ -524,7 +524,7 @@ def test_a_read_only_runs_dir_is_one_line(tmp_path):
 
 
 def test_os_errors_map_to_distinct_exit_codes():
-    codes = {cli.os_error_line(OSError(e, os.strerror(e), "/x"), "up")[1]
+    codes = {os_error_exit(OSError(e, os.strerror(e), "/x"))
              for e in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EIO)}
     assert codes == {cli.EXIT_PERMISSION, cli.EXIT_READ_ONLY, cli.EXIT_NO_SPACE, cli.EXIT_OS_ERROR}
     assert len({cli.EXIT_OK, cli.EXIT_ERROR, cli.EXIT_USAGE, cli.EXIT_DEGRADED, cli.EXIT_NO_SUPERVISOR,

@@ -15,7 +15,9 @@ import psutil
 import pytest
 import zmq
 
+from protocol import events as ev
 from protocol.sockets import SUBSCRIPTION_MAX_BYTES, load_endpoints, steps_max_bytes
+from protocol.states import RUNNING
 from supervisor import cli
 from tests.test_reliability import fill_up, needs_mount
 
@@ -103,7 +105,7 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
     status = stack.wait_for(lambda s: stack.proc_row(s, "learner")["updates"] > updates_before + 20, 60,
                             "updates going on after the attack")
     for p in status["processes"]:
-        assert p["restarts"] == 0 and p["state"] == "running", f"{p['name']} was restarted by garbage"
+        assert p["restarts"] == 0 and p["state"] == RUNNING, f"{p['name']} was restarted by garbage"
         assert psutil.Process(p["pid"]).nice() == 5, "children run nicer than the supervisor (child_nice)"
     assert status["disk"]["free_bytes"] > 0 and status["disk"]["warning"] is None
     learner = stack.proc_row(status, "learner")
@@ -165,7 +167,7 @@ def up(runs: Path, *args, timeout=240) -> subprocess.CompletedProcess:
 
 def learner_restarts(run_dir: Path) -> int:
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
-    return sum(1 for e in events if e["event"] == "backoff" and e["name"] == "learner")
+    return sum(1 for e in events if e["event"] == ev.BACKOFF and e["name"] == "learner")
 
 
 @pytest.mark.timeout(420)
@@ -234,7 +236,7 @@ def test_a_full_disk_ends_the_run_cleanly_with_the_reason(stack_factory, tmp_pat
         assert "no space left on device" in out.lower()
         events = [json.loads(line) for line in (stack.run_dir / "events.jsonl").read_text().splitlines()]
         assert events[-1]["event"] == "run_ended" and "space" in events[-1]["reason"].lower(), events[-3:]
-        assert not [e for e in events if e["event"] == "backoff" and e["name"] == "learner"], \
+        assert not [e for e in events if e["event"] == ev.BACKOFF and e["name"] == "learner"], \
             "a full disk is not a crash to retry"
         assert [e for e in events if e["event"] == "disk_low"], "a 64 MiB volume is below disk_warn_gb"
         assert not [p for p in stack.run_dir.rglob("*.tmp")], "nothing half-written is left"
