@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping
+
 from protocol import states
 
 # Fields every line carries, whatever its kind.

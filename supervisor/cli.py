@@ -125,14 +125,14 @@ def resolve_run_dir(args) -> Path:
 def request(run_dir: Path, cmd: str, name: str | None = None, timeout_ms: int = CONTROL_TIMEOUT_MS,
             **fields) -> dict | None:
     """One control request; None when no supervisor answers in time."""
+    if not run_dir.exists():
+        return None
     import zmq
 
     from protocol.codec import decode
     from protocol.messages import CONTROL_REQUEST
     from protocol.sockets import ipc_path, load_endpoints, make_socket, send
 
-    if not run_dir.exists():
-        return None
     endpoint = load_endpoints(run_dir)["control"]
     path = ipc_path(endpoint)
     if path is not None and not path.exists():

@@ -337,7 +337,7 @@ class Supervisor:
         try:
             poller = self.start()
             if self.live:
-                from supervisor.display import LiveDisplay
+                from supervisor.live import LiveDisplay
 
                 display = LiveDisplay(self.status)
                 display.start()
