@@ -24,9 +24,9 @@ from protocol.config import Config, load_config
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
-from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
+from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, SimulatorStalled
 from protocol.sockets import load_endpoints
-from worker.envs import ActionScaler, FrameStack, SimulatorStalled, frame_of, make_env
+from worker.envs import ActionScaler, FrameStack, frame_of, make_env
 from worker.evaluation import evaluate
 from worker.faults import FaultInjector, on_request_signal
 from worker.learner_link import LearnerLink
