@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from protocol.roles import LEARNER, WORKER
+
 # Bump on any incompatible change; a peer speaking another version is dropped.
 PROTOCOL_VERSION = 1
 
@@ -181,7 +183,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "streams": _f(dict),
         }),
         MessageSchema(HEARTBEAT, {
-            "name": _f(*_STR), "role": _f(*_STR, choices=("learner", "worker")),
+            "name": _f(*_STR), "role": _f(*_STR, choices=(LEARNER, WORKER)),
             "pid": _f(*_INT, nonnegative=True), "incarnation": _f(*_INT, nonnegative=True),
             "phase": _f(*_STR, choices=PHASES), "phase_age_s": _f(*_NUM, nonnegative=True),
             "env_steps": _f(*_INT, nonnegative=True), "episodes": _f(*_INT, nonnegative=True),
