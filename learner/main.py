@@ -38,6 +38,7 @@ from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.messages import PROGRESS, WEIGHTS
 from protocol.ratelimit import UpdateToData
+from protocol.roles import LEARNER
 from protocol.sockets import (STEPS_RCVHWM, SUBSCRIPTION_MAX_BYTES, Receiver, load_endpoints, make_socket, send,
                               steps_max_bytes)
 
@@ -78,7 +79,7 @@ def pick_device(name: str) -> torch.device:
 
 class Learner:
     def __init__(self, cfg: Config, run_dir: Path, incarnation: int = 0, watch_parent: bool = True,
-                 name: str = "learner"):
+                 name: str = LEARNER):
         self.cfg = cfg
         self.lcfg = cfg.learner
         self.run_dir = Path(run_dir)
@@ -86,7 +87,7 @@ class Learner:
         self.progress = Progress()
         self.ctx = zmq.Context()
         self.endpoints = load_endpoints(run_dir)
-        self.heartbeat = HeartbeatSender(self.ctx, self.endpoints["heartbeat"], name=name, role="learner",
+        self.heartbeat = HeartbeatSender(self.ctx, self.endpoints["heartbeat"], name=name, role=LEARNER,
                                          incarnation=incarnation, progress=self.progress,
                                          interval_s=cfg.supervisor.heartbeat_interval_s, watch_parent=watch_parent)
         self.device = pick_device(self.lcfg.device)
@@ -333,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="learner", description="Run the learner of a run.")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--incarnation", type=int, default=0)
-    parser.add_argument("--name", default="learner", help="the name the supervisor knows this process by")
+    parser.add_argument("--name", default=LEARNER, help="the name the supervisor knows this process by")
     args = parser.parse_args(argv)
     cfg = load_config(args.run_dir / "config.yaml")
     learner = Learner(cfg, args.run_dir, args.incarnation, name=args.name)

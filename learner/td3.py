@@ -211,39 +211,49 @@ class TD3Agent:
         """
         cfg = self.cfg
         b = self.to_device(batch)
-        m: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
         before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
                   for k, ps in self.modules().items()} if detailed else None
         aug = getattr(batch, "augmented", False)
         obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
-        h = self.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
+        h = self.encode(self.critic_encoder, obs)  # trained through the critic loss
+        metrics.update(self.update_critic(h, b["action"], b["reward"], b["discount"], next_obs))
         self.updates += 1
         if self.updates % cfg.policy_delay == 0:
-            self.update_actor(obs, h.detach(), m)
+            metrics.update(self.update_actor(obs, h.detach()))
             self.soft_update()
         if detailed:
-            for name, params in self.modules().items():
-                after = torch.cat([p.detach().flatten() for p in params])
-                norm = torch.linalg.vector_norm(before[name])
-                m[f"params/{name}_norm"] = torch.linalg.vector_norm(after)
-                m[f"params/{name}_update_ratio"] = torch.linalg.vector_norm(after - before[name]) / (norm + 1e-12)
-        keys = list(m)
-        values = torch.stack([m[k].detach().float().reshape(()) for k in keys]).tolist()
+            metrics.update(self.parameter_metrics(before))
+        keys = list(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
         return dict(zip(keys, values))
 
-    def _clip(self, groups: dict[str, list], max_norm: float, prefix: str, m: dict) -> None:
+    def parameter_metrics(self, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each group's parameter norm, and the norm of this update's change relative to the norm before it."""
+        metrics = {}
+        for name, params in self.modules().items():
+            after = torch.cat([p.detach().flatten() for p in params])
+            norm = torch.linalg.vector_norm(before[name])
+            metrics[f"params/{name}_norm"] = torch.linalg.vector_norm(after)
+            metrics[f"params/{name}_update_ratio"] = torch.linalg.vector_norm(after - before[name]) / (norm + 1e-12)
+        return metrics
+
+    def _clip(self, groups: dict[str, list], max_norm: float, prefix: str) -> dict[str, torch.Tensor]:
         """Clip the groups' gradients together; report each group's norm before and after, and whether it clipped."""
         norms = {k: grad_norm(ps) for k, ps in groups.items() if ps}
         total = torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], max_norm)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        metrics = {}
         for k, n in norms.items():
-            m[f"gradients/{k}_norm"] = n  # before clipping: what clip_grad_norm_ returns, per group
-            m[f"gradients/{k}_norm_after_clip"] = n * coef
-        m[f"gradients/{prefix}_norm_before_clip"] = total
-        m[f"gradients/{prefix}_norm_after_clip"] = total * coef
-        m[f"gradients/{prefix}_clipped"] = (total > max_norm).float()
+            metrics[f"gradients/{k}_norm"] = n  # before clipping: what clip_grad_norm_ returns, per group
+            metrics[f"gradients/{k}_norm_after_clip"] = n * coef
+        metrics[f"gradients/{prefix}_norm_before_clip"] = total
+        metrics[f"gradients/{prefix}_norm_after_clip"] = total * coef
+        metrics[f"gradients/{prefix}_clipped"] = (total > max_norm).float()
+        return metrics
 
-    def update_critic(self, obs, action, reward, discount, next_obs, m: dict) -> torch.Tensor:
+    def update_critic(self, h, action, reward, discount, next_obs) -> dict[str, torch.Tensor]:
+        """The critic's step on the critic encoder's features ``h`` of ``obs`` (its loss trains that encoder)."""
         cfg = self.cfg
         with torch.no_grad():
             # target policy smoothing: clipped noise on the target actor's action
@@ -256,8 +266,6 @@ class TD3Agent:
             next_action = (next_action + noise).clamp(-1.0, 1.0)
             tq1, tq2 = self.critic_target(next_h, next_action)
             target_q = reward + discount * torch.min(tq1, tq2)
-        # encode
-        h = self.encode(self.critic_encoder, obs)
         q1, q2 = self.critic(h, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         # optimize encoder and critic
@@ -267,14 +275,15 @@ class TD3Agent:
                   "critic_mlp": list(self.critic.parameters())}
         if not self.image:
             groups["critic_mlp"] += list(self.critic_encoder.parameters())
-        self._clip(groups, cfg.max_grad_norm_critic, "critic", m)
+        metrics = self._clip(groups, cfg.max_grad_norm_critic, "critic")
         self.critic_opt.step()
-        m.update({"train/critic_loss": critic_loss.detach(), "train/q1_value": q1.detach().mean(),
-                  "train/q2_value": q2.detach().mean(), "train/target_q": target_q.mean(),
-                  "train/q_abs_diff": (q1 - q2).detach().abs().mean(), "train/batch_reward": reward.mean()})
-        return h
+        metrics.update({"train/critic_loss": critic_loss.detach(), "train/q1_value": q1.detach().mean(),
+                        "train/q2_value": q2.detach().mean(), "train/target_q": target_q.mean(),
+                        "train/q_abs_diff": (q1 - q2).detach().abs().mean(), "train/batch_reward": reward.mean()})
+        return metrics
 
-    def update_actor(self, obs, h_detached, m: dict) -> None:
+    def update_actor(self, obs, h_detached) -> dict[str, torch.Tensor]:
+        """The actor's step; ``obs`` feeds a separate actor encoder, ``h_detached`` is the critic's features."""
         cfg = self.cfg
         actor = self.policy.actor
         # shared: the encoder learns from the critic only, so the actor reads the critic's features, detached
@@ -289,11 +298,12 @@ class TD3Agent:
         actor_loss.backward()
         groups = {"actor_mlp": list(actor.parameters()),
                   "actor_cnn": list(self.policy.encoder.parameters()) if self.separate else []}
-        self._clip(groups, cfg.max_grad_norm_actor, "actor", m)
+        metrics = self._clip(groups, cfg.max_grad_norm_actor, "actor")
         self.actor_opt.step()
         # the critic's parameters got gradients from the actor loss; they are cleared before its next step
-        m["train/actor_loss"] = actor_loss.detach()
-        m["train/action_saturation"] = (action.detach().abs() > 0.99).float().mean()
+        metrics["train/actor_loss"] = actor_loss.detach()
+        metrics["train/action_saturation"] = (action.detach().abs() > 0.99).float().mean()
+        return metrics
 
     @torch.no_grad()
     def soft_update(self) -> None:

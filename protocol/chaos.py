@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.files import atomic_write
+from protocol.roles import LEARNER, SIMULATOR, WORKER
 
 # What the stack must do: replace the target (after a stall or an exit), or leave it alone.
 RESTART, NO_RESTART = "restart", "no_restart"
-# What a fault targets: a child by its role, or the run's sockets.
-WORKER, LEARNER, SIMULATOR, SOCKETS = "worker", "learner", "simulator", "sockets"
+# What a fault targets: a child by its role (WORKER, LEARNER, SIMULATOR: the roles of protocol.roles), or the
+# run's sockets.
+SOCKETS = "sockets"
 # How the supervisor sees it: a deadline missed, or an exit.
 HEARTBEAT, PROGRESS, LIVENESS, EXIT, NOTHING = "heartbeat", "progress", "liveness", "exit", "nothing"
 

@@ -4,8 +4,9 @@ A message is a list of ZeroMQ frames. Frame 0 is a msgpack map
 ``{"v": PROTOCOL_VERSION, "type": ..., <fields>, "arrays": [[name, dtype, shape], ...]}``;
 frame k+1 holds the raw bytes of array k. Nothing is pickled. Decoding checks the
 version, the type, every field's type, and each array's dtype, shape and byte size
-against the schema in :mod:`protocol.messages`, and raises :class:`ProtocolError`
-naming what is wrong; receive loops catch it, count it and go on.
+against the schema in :mod:`protocol.messages`, and raises
+:class:`~protocol.messages.ProtocolError` naming what is wrong; receive loops
+catch it, count it and go on.
 """
 
 from __future__ import annotations
@@ -17,19 +18,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.messages import ARRAYS_ANY, PROTOCOL_VERSION, SCHEMAS, MessageSchema
+from protocol.messages import ARRAYS_ANY, PROTOCOL_VERSION, SCHEMAS, MessageSchema, ProtocolError
 
 # Headers are small maps; anything bigger is garbage or an attack.
 MAX_HEADER_BYTES = 64 * 1024
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol; ``reason`` is a short counter key."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass

@@ -17,6 +17,7 @@ import zmq
 
 from protocol.exits import EXIT_FATAL
 from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS
+from protocol.roles import LEARNER
 from protocol.sockets import make_socket, send
 
 
@@ -85,7 +86,7 @@ class HeartbeatSender(threading.Thread):
     def beat(self, sock: zmq.Socket) -> None:
         p = self.progress
         now = time.monotonic()
-        count = p.updates if self.fields["role"] == "learner" else p.env_steps
+        count = p.updates if self.fields["role"] == LEARNER else p.env_steps
         fields = dict(self.fields, phase=p.phase, phase_age_s=round(now - p.phase_since, 3),
                       env_steps=p.env_steps, episodes=p.episodes, updates=p.updates, eval_steps=p.eval_steps,
                       steps_per_s=round(self.steps_per_s(now, count), 2),

@@ -2,7 +2,8 @@
 
 Each schema lists the header fields (with their types) and the arrays (with their
 allowed dtypes) a message must carry, plus an optional cross-field check. The codec
-in :mod:`protocol.codec` enforces them on both ends.
+in :mod:`protocol.codec` enforces them on both ends, raising :class:`ProtocolError`
+(defined here, with the schema, so that the checks below need no import of the codec).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from protocol.roles import LEARNER, WORKER
 
 # Bump on any incompatible change; a peer speaking another version is dropped.
 PROTOCOL_VERSION = 1
@@ -32,6 +35,16 @@ LEARNER_PROGRESSING_PHASES = frozenset({"training"})
 STARTUP_PHASES = frozenset({"starting", "connecting"})
 
 CONTROL_COMMANDS = ("status", "restart", "stop", "chaos")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
 
 # Frames are at most 4 x 512 x 512 x 3 bytes per step; batches hold at most MAX_BATCH steps.
 MAX_BATCH = 1024
@@ -95,8 +108,6 @@ _STR = (str,)
 
 
 def _check_steps(msg) -> None:
-    from protocol.codec import ProtocolError
-
     a = msg.arrays
     n = a["first"].shape[0] if a["first"].ndim == 1 else -1
     if not 1 <= n <= MAX_BATCH:
@@ -111,8 +122,6 @@ def _check_steps(msg) -> None:
 
 
 def _check_hello(msg) -> None:
-    from protocol.codec import ProtocolError
-
     # The learner sizes its replay and networks from these: one step's frame and action must fit a steps message.
     shape = msg["frame_shape"]
     if not (1 <= len(shape) <= 4 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
@@ -130,8 +139,6 @@ MAX_DETAIL_CHARS = 1000
 
 
 def _check_heartbeat(msg) -> None:
-    from protocol.codec import ProtocolError
-
     alerts = msg.get("alerts") or []
     if len(alerts) > MAX_ALERTS or not all(isinstance(a, str) and len(a) <= MAX_ALERT_CHARS for a in alerts):
         raise ProtocolError("bad_field", f"heartbeat.alerts: at most {MAX_ALERTS} strings of {MAX_ALERT_CHARS} chars")
@@ -140,8 +147,6 @@ def _check_heartbeat(msg) -> None:
 
 
 def _check_weights(msg) -> None:
-    from protocol.codec import ProtocolError
-
     if not msg.arrays:
         raise ProtocolError("bad_arrays", "weights: no tensors")
 
@@ -178,7 +183,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "streams": _f(dict),
         }),
         MessageSchema(HEARTBEAT, {
-            "name": _f(*_STR), "role": _f(*_STR, choices=("learner", "worker")),
+            "name": _f(*_STR), "role": _f(*_STR, choices=(LEARNER, WORKER)),
             "pid": _f(*_INT, nonnegative=True), "incarnation": _f(*_INT, nonnegative=True),
             "phase": _f(*_STR, choices=PHASES), "phase_age_s": _f(*_NUM, nonnegative=True),
             "env_steps": _f(*_INT, nonnegative=True), "episodes": _f(*_INT, nonnegative=True),

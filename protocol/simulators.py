@@ -13,6 +13,13 @@ EXIT_SIMULATOR_STALLED = 76
 EXIT_SIMULATOR_RECYCLE = 75
 
 
+class SimulatorStalled(RuntimeError):
+    """The simulator stopped answering: a tick or a sensor timed out, or the connection was lost.
+
+    A worker raising it ends with ``EXIT_SIMULATOR_STALLED``.
+    """
+
+
 @dataclass(frozen=True)
 class SlotServer:
     host: str

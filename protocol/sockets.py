@@ -13,9 +13,9 @@ from typing import Callable
 
 import zmq
 
-from protocol.codec import Message, ProtocolError, decode, encode
+from protocol.codec import Message, decode, encode
 from protocol.files import atomic_write
-from protocol.messages import MAX_MESSAGE_BYTES
+from protocol.messages import MAX_MESSAGE_BYTES, ProtocolError
 
 # Unix socket paths are limited to 108 bytes (sun_path); longer run dirs put their
 # sockets in a private 0700 directory under the temp dir instead.

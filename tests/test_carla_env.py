@@ -9,9 +9,10 @@ import pytest
 carla = pytest.importorskip("carla")
 
 from protocol.config import load_config  # noqa: E402
+from protocol.simulators import SimulatorStalled  # noqa: E402
 from tests.conftest import ROOT, free_port_block  # noqa: E402
 from worker.carla_env import CarlaEnv, Route, to_frame  # noqa: E402
-from worker.envs import SimulatorStalled, make_env  # noqa: E402
+from worker.envs import make_env  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

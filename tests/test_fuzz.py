@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, example, g
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from protocol.codec import MAX_HEADER_BYTES, Message, ProtocolError, decode, encode
+from protocol.codec import MAX_HEADER_BYTES, Message, decode, encode
 from protocol.messages import (
     ARRAYS_ANY,
     HEARTBEAT,
@@ -56,6 +56,7 @@ from protocol.messages import (
     SCHEMAS,
     STEPS,
     WEIGHTS,
+    ProtocolError,
 )
 
 # -- Run size: a short reproducible run by default, a long random one on request --------------------

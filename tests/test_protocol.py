@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import zmq
 
-from protocol.codec import ProtocolError, decode, encode
-from protocol.messages import PROTOCOL_VERSION
+from protocol.codec import decode, encode
+from protocol.messages import PROTOCOL_VERSION, ProtocolError
 from protocol.sockets import Receiver, make_socket
 
 pytestmark = pytest.mark.timeout(20)

@@ -85,8 +85,7 @@ def test_shared_encoder_gets_no_gradient_from_the_actor_loss():
         agent.critic_encoder.zero_grad(set_to_none=True)
         obs = agent._prep(torch.from_numpy(batch(IMG, seed=i).obs))
         h = agent.critic_encoder(obs)
-        m = {}
-        agent.update_actor(obs, h.detach(), m)
+        m = agent.update_actor(obs, h.detach())
         assert all(p.grad is None for p in agent.critic_encoder.parameters())
         assert "gradients/actor_cnn_norm" not in m and "train/actor_loss" in m
     # and through whole updates: the encoder moves only by the critic's step
@@ -100,8 +99,7 @@ def test_separate_encoder_is_trained_by_the_actor_loss():
     assert agent.policy.encoder is not agent.critic_encoder
     obs = agent._prep(torch.from_numpy(batch(IMG).obs))
     before_actor_cnn, before_critic_cnn = params(agent.policy.encoder), params(agent.critic_encoder)
-    m = {}
-    agent.update_actor(obs, agent.critic_encoder(obs).detach(), m)
+    m = agent.update_actor(obs, agent.critic_encoder(obs).detach())
     assert changed(before_actor_cnn, agent.policy.encoder)
     assert not changed(before_critic_cnn, agent.critic_encoder)
     assert m["gradients/actor_cnn_norm"] > 0
@@ -367,12 +365,12 @@ def test_in_the_users_network_the_actor_cnn_learns_from_the_actor_loss_only():
     b = agent.to_device(batch(IMG))
     obs, next_obs = agent._prep(b["obs"]), agent._prep(b["next_obs"])
     before = params(actor_cnn)
-    m = {}
-    h = agent.update_critic(obs, b["action"], b["reward"], b["discount"], next_obs, m)
+    h = agent.encode(critic_cnn, obs)
+    m = agent.update_critic(h, b["action"], b["reward"], b["discount"], next_obs)
     assert all(p.grad is None for p in actor_cnn.parameters()), "the critic loss reaches no actor CNN weight"
     assert not changed(before, actor_cnn) and "gradients/actor_cnn_norm" not in m
     critic_cnn.zero_grad(set_to_none=True)
-    agent.update_actor(obs, h.detach(), m)
+    m = agent.update_actor(obs, h.detach())
     assert all(p.grad is None for p in critic_cnn.parameters()), "the actor loss reaches no critic CNN weight"
     assert m["gradients/actor_cnn_norm"] > 0 and changed(before, actor_cnn)
 

@@ -5,7 +5,7 @@ timeout is short while the server is only probed, longer for the map load, and
 the tick timeout for the episode loop; sensor data is taken from per-sensor
 queues matched to the tick's frame number, with a deadline. A tick that times
 out, a sensor that does not deliver and a lost connection all raise
-:class:`~worker.envs.SimulatorStalled`, which ends the worker with
+:class:`~protocol.simulators.SimulatorStalled`, which ends the worker with
 ``EXIT_SIMULATOR_STALLED``: the supervisor then replaces the slot's simulator and
 the worker at once, instead of waiting for the progress deadline. Calls that hold
 the GIL while they block (``get_world``, ``load_world``) stop the worker's
@@ -31,8 +31,7 @@ import gymnasium as gym
 import numpy as np
 
 from protocol.config import Config
-from protocol.simulators import slot_server
-from worker.envs import SimulatorStalled
+from protocol.simulators import SimulatorStalled, slot_server
 
 # Tags every actor a slot spawns, so a worker attaching to its simulator can destroy what an earlier
 # incarnation of the same slot left behind (and nothing of another slot's).

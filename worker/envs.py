@@ -11,10 +11,6 @@ import numpy as np
 from protocol.config import Config
 
 
-class SimulatorStalled(RuntimeError):
-    """The simulator stopped answering: a tick or a sensor timed out, or the connection was lost."""
-
-
 def make_env(cfg: Config, slot: int = 0, incarnation: int = 0, seed: int = 0):
     """The env of a worker slot: CARLA (``env.backend: carla``) or a gymnasium id (highway-env's registered)."""
     if cfg.env.backend == "carla":

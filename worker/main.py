@@ -24,9 +24,10 @@ from protocol.config import Config, load_config
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
-from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED
+from protocol.roles import WORKER, worker_name
+from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, SimulatorStalled
 from protocol.sockets import load_endpoints
-from worker.envs import ActionScaler, FrameStack, SimulatorStalled, frame_of, make_env
+from worker.envs import ActionScaler, FrameStack, frame_of, make_env
 from worker.evaluation import evaluate
 from worker.faults import FaultInjector, on_request_signal
 from worker.learner_link import LearnerLink
@@ -51,13 +52,13 @@ class EnvWorker:
         self.cfg = cfg
         self.slot = slot
         self.incarnation = incarnation
-        self.name = name or f"worker-{slot}"
+        self.name = name or worker_name(slot)
         self.run_dir = Path(run_dir)
         self.log = get_logger(run_dir, self.name, cfg.run.debug).bind(incarnation=incarnation)
         self.progress = Progress()
         self.ctx = zmq.Context()
         self.endpoints = load_endpoints(run_dir)
-        self.heartbeat = HeartbeatSender(self.ctx, self.endpoints["heartbeat"], name=self.name, role="worker",
+        self.heartbeat = HeartbeatSender(self.ctx, self.endpoints["heartbeat"], name=self.name, role=WORKER,
                                          incarnation=incarnation, progress=self.progress,
                                          interval_s=cfg.supervisor.heartbeat_interval_s, watch_parent=watch_parent)
         self.seed = cfg.run.seed + 1000 * slot + 7 * incarnation
