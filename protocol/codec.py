@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-import numpy as np
 
 from protocol.messages import ARRAYS_ANY, PROTOCOL_VERSION, SCHEMAS, MessageSchema, ProtocolError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are met: a control request or a heartbeat has none
+    import numpy as np
 
 # Headers are small maps; anything bigger is garbage or an attack.
 MAX_HEADER_BYTES = 64 * 1024
@@ -44,8 +46,13 @@ def encode(msg_type: str, fields: dict[str, Any] | None = None,
     if schema is None:
         raise ProtocolError("unknown_type", f"cannot encode unknown message type {msg_type!r}")
     fields = dict(fields or {})
-    # reshape: ascontiguousarray makes a 0-d array 1-d
-    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in (arrays or {}).items()}
+    if arrays:
+        import numpy as np
+
+        # reshape: ascontiguousarray makes a 0-d array 1-d
+        arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()}
+    else:
+        arrays = {}
     _check_fields(schema, fields)
     _check_array_set(schema, list(arrays))
     header = {"v": PROTOCOL_VERSION, "type": msg_type, **fields,
@@ -54,7 +61,7 @@ def encode(msg_type: str, fields: dict[str, Any] | None = None,
     if schema.check is not None:
         schema.check(msg)
     # flat bytes via numpy: memoryview.cast refuses arrays with a zero in their shape
-    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a.reshape(-1).view(np.uint8))
+    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a.reshape(-1).view("u1"))
                                                          for a in arrays.values()]
 
 
@@ -113,6 +120,8 @@ def _check_array_set(schema: MessageSchema, names: list[str]) -> None:
 
 
 def _decode_arrays(schema: MessageSchema, specs: Any, payload: list) -> dict[str, np.ndarray]:
+    import numpy as np
+
     if not isinstance(specs, list) or len(specs) != len(payload):
         raise ProtocolError("bad_arrays", f"{schema.name}: array list does not match the {len(payload)} payload frames")
     arrays: dict[str, np.ndarray] = {}
