@@ -30,7 +30,7 @@ import numpy as np
 from protocol import events as ev
 from protocol.config import q_max
 from supervisor import analysis as an
-from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes
+from runreport.faults import fault_outcomes, format_summary, summarize_outcomes
 from supervisor.plan import LEARNER
 from supervisor.tfevents import Scalars, read_scalars
 

@@ -13,15 +13,16 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy")
+PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy", "runreport")
 # Which extras each package's role installs on top of the base dependencies, and which
 # of the project's own packages it may import (supervisor, learner and worker never import each other).
 ROLES = {
     "protocol": ((), {"protocol"}),
-    "supervisor": (("supervisor",), {"protocol", "supervisor"}),
+    "supervisor": (("supervisor",), {"protocol", "supervisor", "runreport"}),  # `supervisor report` is runreport
     "learner": (("learner",), {"protocol", "learner", "policy"}),
     "worker": (("worker",), {"protocol", "worker", "policy"}),
     "policy": (("learner", "worker"), {"policy"}),  # both roles install what the shared network needs
+    "runreport": ((), {"protocol", "runreport"}),  # reading a run: the base install
 }
 # Import names that are optional at run time (imported inside try/except ImportError, or only for one backend).
 OPTIONAL = {"worker": {"highway_env", "carla"}}
