@@ -182,7 +182,7 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
 
 def report_verdict(run_dir: Path) -> dict:
     """What ``supervisor report`` makes of the run directory: its verdict and the update it first went wrong."""
-    from supervisor.report import analyse, load_run
+    from runreport.report import analyse, load_run
 
     v = analyse(load_run(run_dir)).verdict
     return {"verdict": v.verdict, "first_wrong": v.first_wrong}

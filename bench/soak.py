@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runreport.faults import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
+from runreport.runfiles import read_jsonl  # noqa: E402
 from supervisor.cli import request  # noqa: E402
-from supervisor.report import read_jsonl  # noqa: E402
 
 CONFIG = "configs/default.yaml"
 WORKERS = 3
