@@ -12,7 +12,6 @@ from protocol import states
 from runreport.runfiles import Run
 from runreport.status import clock
 
-
 TIMELINE_KINDS = {ev.STALLED, ev.EVIDENCE_CAPTURED, ev.EVIDENCE_FAILED, ev.KILLED, ev.EXITED, ev.BACKOFF, ev.FAILED,
                   ev.SPAWNED, ev.SPAWN_FAILED, ev.RUNNING, ev.ALERT, ev.FAULT_INJECTED, ev.FAULT_ENDED,
                   ev.FAULT_FAILED, ev.DEPENDENCY_RESTART, ev.RESTART_REQUESTED, ev.RECYCLED, ev.RESUMED,

@@ -21,7 +21,6 @@ from runreport.expected import BAD, INFO, NO_DATA, OK, WARN
 from runreport.faults import format_summary
 from runreport.status import FAILED, FROZEN
 
-
 STATUS_MARK = {OK: "ok", WARN: "**WARNING**", BAD: "**BAD**", INFO: "info", NO_DATA: "no data"}
 
 

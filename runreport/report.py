@@ -37,6 +37,7 @@ from runreport.status import run_status
 
 
 def q_max_of(cfg) -> float:
+    """The run's Qmax: ``report.q_max`` when set, else ``env.reward_max / (1 - learner.gamma)``."""
     if cfg.report.q_max is not None:
         return cfg.report.q_max
     return q_max(cfg.env.reward_max, cfg.learner.gamma)
@@ -46,6 +47,8 @@ def q_max_of(cfg) -> float:
 
 @dataclass
 class Analysed:
+    """A run and what the report made of it: one per run of a report (``--compare`` adds the others)."""
+
     run: Run
     status: dict
     q_max: float
@@ -129,6 +132,7 @@ def write_report(run_dir: Path, compare: list[Path] = (), html: bool = False,
 
 
 def report(run_dir: Path, as_json: bool = False, html: bool = False, compare: list[Path] = ()) -> int:
+    """``supervisor report``: write the report, print its gist (``as_json``: the summary); the exit status."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         print(f"report: no run directory at {run_dir}")
