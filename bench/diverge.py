@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.config import Q_DIVERGED_MULTIPLE  # |Q| or |actor loss| past this many Qmax is a blow-up
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "diverge"
 
@@ -53,7 +55,6 @@ SETTINGS = {
     "ci": {"steps": 5000, "batch": 32, "updates": 4000, "device": "cpu"},  # 2 CPU cores, under 10 minutes
     "gpu": {"steps": 20000, "batch": 256, "updates": 20000, "device": "cuda"},  # the config's batch size
 }
-BLOWUP_QMAX = 10.0  # |Q| or |actor loss| past this many Qmax is a blow-up
 AFTER_BLOWUP = 500  # updates trained after a blow-up, so the logs show it
 SEED = 0
 CHECKED = ("train/q1_value", "train/q2_value", "train/actor_loss", "train/critic_loss", "train/target_q")
@@ -66,7 +67,7 @@ def blown_up(m: dict, qmax: float) -> float | None:
         return math.inf
     worst = max(abs(m.get("train/q1_value", 0.0)), abs(m.get("train/q2_value", 0.0)),
                 abs(m.get("train/actor_loss", 0.0)))
-    return worst if worst > BLOWUP_QMAX * qmax else None
+    return worst if worst > Q_DIVERGED_MULTIPLE * qmax else None
 
 
 def variant_config(variant: str, batch: int, device: str):
@@ -170,10 +171,10 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
     event(ev.RUN_ENDED, "run", reason=f"bench: {u} updates on a fixed replay", exit_code=0)
     events.close()
     result = {"variant": variant, "config": VARIANTS[variant], "device": device, "batch": lc.batch_size,
-              "log_every": lc.log_every, "q_max": qmax, "blowup_limit": BLOWUP_QMAX * qmax, "updates_done": u,
+              "log_every": lc.log_every, "q_max": qmax, "blowup_limit": Q_DIVERGED_MULTIPLE * qmax, "updates_done": u,
               "updates_max": updates, "seconds": time.time() - t0, "updates_per_s": u / (time.time() - t0),
               "blowup": blowup, "onset": onset, "report": report_verdict(run_dir), "first_alerts": first_alert, "counters": monitor.counters(), "peak": peak,
-              "tb_first_blowup_step": tb_first_blowup(run_dir / "tb", BLOWUP_QMAX * qmax), "trace": trace,
+              "tb_first_blowup_step": tb_first_blowup(run_dir / "tb", Q_DIVERGED_MULTIPLE * qmax), "trace": trace,
               "run_dir": str(run_dir)}
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -181,7 +182,7 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
 
 def report_verdict(run_dir: Path) -> dict:
     """What ``supervisor report`` makes of the run directory: its verdict and the update it first went wrong."""
-    from supervisor.report import analyse, load_run
+    from runreport.report import analyse, load_run
 
     v = analyse(load_run(run_dir)).verdict
     return {"verdict": v.verdict, "first_wrong": v.first_wrong}
@@ -275,7 +276,7 @@ def run(setting: str = "ci", device: str | None = None, out: Path = OUT, replay:
     wall = time.time() - t0
     users, default = results["users"], results["default"]
     print(f"diverge ({setting}): {s['steps']} racetrack steps, batch {s['batch']}, up to {s['updates']} updates, "
-          f"{s['device']}, seed {SEED}; blow-up: |Q| or |actor loss| > {BLOWUP_QMAX:g} Qmax "
+          f"{s['device']}, seed {SEED}; blow-up: |Q| or |actor loss| > {Q_DIVERGED_MULTIPLE:g} Qmax "
           f"({users['blowup_limit']:.0f}) or non-finite")
     for name, r, what in (("users", users, "separate actor CNN at 1e-4, plain trunk, clip 1/10"),
                           ("default", default, "shared encoder, LayerNorm+tanh trunk")):

@@ -54,8 +54,8 @@ def ours_final(run_dir: Path) -> float:
     import numpy as np
     import torch
 
-    from protocol.config import load_config
     from policy.network import build_policy
+    from protocol.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
     policy = build_policy((3,), 1, cfg.learner)

@@ -3,7 +3,7 @@
 Writes the event files of a 100,000-update run with the learner's tags (40 scalars
 per metric write, as ``learner/main.py`` writes them in an image run, plus episodes
 every 1,000 updates) at ``learner.log_every`` 100 (the default) and 10, then times
-:func:`supervisor.tfevents.read_scalars` on them, and the whole report (analysis,
+:func:`runreport.tfevents.read_scalars` on them, and the whole report (analysis,
 plots, markdown) at the default.
 """
 
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from supervisor.tfevents import EventWriter, read_scalars
+from runreport.tfevents import EventWriter, read_scalars
 
 UPDATES = 100_000
 TAGS = (["train/" + t for t in ("q1_value", "q2_value", "target_q", "q_abs_diff", "critic_loss", "actor_loss",
@@ -54,7 +54,7 @@ def time_read(tb_dir: Path, repeat: int = 3) -> float:
 
 
 def run() -> dict:
-    from supervisor.report import write_report
+    from runreport.report import write_report
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

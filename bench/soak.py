@@ -10,7 +10,7 @@ without faults. It prints, and writes to ``bench/results/soak.json``:
 - faults by kind, with detection (fault to ``stalled``/``exited``) and recovery
   (fault to the target ``running`` again) times, median and max, against the
   config's deadlines; for ``slow`` and ``garbage``, whether anything restarted;
-  all read from ``events.jsonl`` by :func:`supervisor.chaos.fault_outcomes`;
+  all read from ``events.jsonl`` by :func:`runreport.faults.fault_outcomes`;
 - throughput (the env steps the learner stored, per second, from all running to
   the end) as a share of the fault-free run's; and the same once the rate limiter
   holds the workers (past ``learning_starts + rate_limit_slack`` stored steps, up
@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protocol.states import RUNNING  # noqa: E402
-from supervisor.chaos import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
+from runreport.faults import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
+from runreport.runfiles import read_jsonl  # noqa: E402
 from supervisor.cli import request  # noqa: E402
-from supervisor.report import read_jsonl  # noqa: E402
 
 CONFIG = "configs/default.yaml"
 WORKERS = 3

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 
+from protocol.config import Q_DIVERGED_MULTIPLE, Q_HIGH_MULTIPLE
+
 # An alert repeats at most this often per rule, so a diverged run does not flood the log.
 REPEAT_EVERY_UPDATES = 1000
 GROWTH_WINDOW = 1000
@@ -82,10 +84,10 @@ class AlertMonitor:
         q = max(abs(m.get("train/q1_value", 0.0)), abs(m.get("train/q2_value", 0.0)))
         worst = max(q, -m.get("train/actor_loss", 0.0))
         if math.isfinite(worst):
-            if worst > 10 * self.q_max:
-                fire("critical", "q_divergence", worst, 10 * self.q_max)
-            elif worst > 1.5 * self.q_max:
-                fire("warning", "q_high", worst, 1.5 * self.q_max)
+            if worst > Q_DIVERGED_MULTIPLE * self.q_max:
+                fire("critical", "q_divergence", worst, Q_DIVERGED_MULTIPLE * self.q_max)
+            elif worst > Q_HIGH_MULTIPLE * self.q_max:
+                fire("warning", "q_high", worst, Q_HIGH_MULTIPLE * self.q_max)
         diff = m.get("train/q_abs_diff")
         if diff is not None and math.isfinite(diff) and math.isfinite(q) and diff > TWIN_RATIO * (q + 1.0):
             fire("warning", "twin_disagreement", diff, TWIN_RATIO * (q + 1.0))

@@ -409,6 +409,12 @@ def q_max(reward_max: float, gamma: float) -> float:
     return reward_max / (1.0 - gamma) if gamma < 1 else math.inf
 
 
+# Multiples of Qmax that readers of Q compare against, spelled once: the learner's alerts, the run report's
+# verdict and table, and the divergence benchmark.
+Q_HIGH_MULTIPLE = 1.5  # |Q| or -actor_loss above this many Qmax: the learner's q_high warning
+Q_DIVERGED_MULTIPLE = 10.0  # ... above this many: diverged (the critical q_divergence alert, the report's blow-up)
+
+
 # What a run's model and replay were built for: a resume may not change them.
 RESUME_FIXED = ("env.backend", "env.id", "env.kwargs", "env.frame_stack", "env.action_order", "env.carla.camera",
                 "learner.encoder", "learner.encoder_mode", "learner.trunk", "learner.feature_dim", "learner.hidden_dim",

@@ -299,7 +299,7 @@ def dispatch(args) -> int:
     if args.command == "chaos":
         return cmd_chaos(args)
     if args.command == "report":
-        from supervisor.report import report
+        from runreport.report import report
 
         return report(resolve_run_dir(args), as_json=args.json, html=args.html, compare=args.compare)
     return EXIT_USAGE

@@ -11,7 +11,8 @@ import pytest
 from protocol import events as ev
 from protocol.codec import ProtocolError, decode
 from protocol.config import ConfigError, load_config
-from supervisor.chaos import Chaos, fault_outcomes, format_summary, garbage_frames, summarize_outcomes
+from runreport.faults import fault_outcomes, format_summary, summarize_outcomes
+from supervisor.chaos import Chaos, garbage_frames
 from supervisor.drivers import CRASH
 from supervisor.machine import Event, Spawn, Supervision
 from supervisor.plan import build_plan

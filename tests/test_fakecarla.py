@@ -21,7 +21,6 @@ carla = pytest.importorskip("carla")
 from tests.conftest import free_port_pair  # noqa: E402
 
 
-
 def _client(server, timeout=2.0):
     client = carla.Client("127.0.0.1", server.port)
     client.set_timeout(timeout)

@@ -13,15 +13,16 @@ import tomllib
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy")
+PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy", "runreport")
 # Which extras each package's role installs on top of the base dependencies, and which
 # of the project's own packages it may import (supervisor, learner and worker never import each other).
 ROLES = {
     "protocol": ((), {"protocol"}),
-    "supervisor": (("supervisor",), {"protocol", "supervisor"}),
+    "supervisor": (("supervisor",), {"protocol", "supervisor", "runreport"}),  # `supervisor report` is runreport
     "learner": (("learner",), {"protocol", "learner", "policy"}),
     "worker": (("worker",), {"protocol", "worker", "policy"}),
     "policy": (("learner", "worker"), {"policy"}),  # both roles install what the shared network needs
+    "runreport": ((), {"protocol", "runreport"}),  # reading a run: the base install
 }
 # Import names that are optional at run time (imported inside try/except ImportError, or only for one backend).
 OPTIONAL = {"worker": {"highway_env", "carla"}}
@@ -75,6 +76,41 @@ from supervisor.cli import main
 from protocol import events as ev
 sys.exit(main(sys.argv[1:]))
 """
+
+
+REPORT_ALONE = """
+import importlib, pkgutil, sys
+from pathlib import Path
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'gymnasium', 'highway_env', 'tensorboard', 'docker',
+                                  'supervisor', 'learner', 'worker', 'policy'}:
+            raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, Block())
+import runreport
+for m in pkgutil.iter_modules(runreport.__path__):
+    importlib.import_module(f'runreport.{m.name}')
+from runreport.report import report
+sys.exit(report(Path(sys.argv[1]), html=True))
+"""
+
+
+def test_the_report_runs_on_the_base_install_without_the_other_packages(tmp_path):
+    """runreport, all of it, with neither torch, gymnasium, TensorBoard, Docker nor the supervisor, learner,
+    worker and policy packages: a host that only reads runs."""
+    from runreport.tfevents import EventWriter
+
+    run = tmp_path / "run"
+    (run / "incidents").mkdir(parents=True)
+    (run / "events.jsonl").write_text('{"time": 1, "event": "stalled", "name": "worker-0", "reason": "x"}\n')
+    w = EventWriter(run / "tb", start_time=1.0)
+    for step in range(10, 200, 10):
+        w.add_scalars(step, {"train/q1_value": 1.0, "train/actor_loss": -1.0, "buffer/transitions": step}, wall=step)
+    w.close()
+    res = subprocess.run([sys.executable, "-c", REPORT_ALONE, str(run)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "stalled: worker-0: x" in res.stdout, res.stdout + res.stderr
+    assert (run / "report" / "report.html").exists() and (run / "report" / "losses.png").exists()
 
 
 @pytest.mark.e2e

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from supervisor import analysis as an
-from supervisor.report import analyse, load_run, main_table_metrics, summarize, write_report
-from supervisor.tfevents import EventWriter, read_scalars
+from runreport.divergence import DIVERGING, HEALTHY, WARNING
+from runreport.expected import BAD, WARN, main_table_metrics
+from runreport.report import analyse, summarize, write_report
+from runreport.runfiles import load_run
+from runreport.tfevents import EventWriter, read_scalars
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -160,7 +162,7 @@ def test_exponentially_growing_actor_loss_is_diverging_from_where_it_began(tmp_p
     run = fake_run(tmp_path / "boom", actor=exploding, q=lambda t: -exploding(t))
     a = analyse(load_run(run))
     v = a.verdict
-    assert v.verdict == an.DIVERGING
+    assert v.verdict == DIVERGING
     assert abs(v.first_wrong - 3000) <= 100, v.first_wrong
     g = v.growth["actor_loss"]
     assert g.shape == "exponential" and g.factor > 1000 and 1.001 < g.per_update < 1.003
@@ -171,10 +173,10 @@ def test_exponentially_growing_actor_loss_is_diverging_from_where_it_began(tmp_p
 
 def test_a_healthy_run_is_healthy(tmp_path):
     a = analyse(load_run(fake_run(tmp_path / "ok")))
-    assert a.verdict.verdict == an.HEALTHY, [f.text for f in a.verdict.findings]
+    assert a.verdict.verdict == HEALTHY, [f.text for f in a.verdict.findings]
     assert a.status["status"] == "completed"
     assert all(r.stats is not None for r in a.rows), [r.metric for r in a.rows if r.stats is None]
-    assert not [r.metric for r in a.rows if r.status in (an.WARN, an.BAD)]
+    assert not [r.metric for r in a.rows if r.status in (WARN, BAD)]
 
 
 def test_actor_loss_far_beyond_q_and_constant_clipping_are_flagged(tmp_path):
@@ -183,12 +185,12 @@ def test_actor_loss_far_beyond_q_and_constant_clipping_are_flagged(tmp_path):
                    pre_clip=(22.0, 2.2), clip_fraction=(0.97, 1.0), config={**CONFIG, "env": {"reward_max": 10.0}})
     a = analyse(load_run(run))
     rules = {f.rule: f for f in a.verdict.findings}
-    assert a.verdict.verdict == an.DIVERGING
-    assert "actor_exploits_critic" in rules and rules["actor_exploits_critic"].level == an.DIVERGING
+    assert a.verdict.verdict == DIVERGING
+    assert "actor_exploits_critic" in rules and rules["actor_exploits_critic"].level == DIVERGING
     assert "critic_clipping_active" in rules and "97%" in rules["critic_clipping_active"].text
     rows = {r.metric: r for r in a.rows}
-    assert rows["-actor_loss - Q"].status == an.BAD
-    assert rows["critic norm before clip"].status == an.WARN and rows["critic clip fraction"].status == an.WARN
+    assert rows["-actor_loss - Q"].status == BAD
+    assert rows["critic norm before clip"].status == WARN and rows["critic clip fraction"].status == WARN
 
 
 def test_first_alert_and_its_lead_over_the_blow_up(tmp_path):
@@ -250,10 +252,10 @@ def test_metrics_that_stop_with_a_stall_show_the_stall_and_its_stack(tmp_path):
 
 
 def test_a_live_supervisor_whose_run_stopped_moving_is_frozen(tmp_path, monkeypatch):
-    import supervisor.report as rep
+    import runreport.status
 
     run = fake_run(tmp_path / "live", updates=2000, ended=False)
-    monkeypatch.setattr(rep, "supervisor_alive", lambda pid: True)
+    monkeypatch.setattr(runreport.status, "supervisor_alive", lambda pid: True)
     last = 1_700_000_000.0 + 2000 * 0.01
     assert analyse(load_run(run), now=last + 5).status["status"] == "running"
     s = analyse(load_run(run), now=last + 1000).status
@@ -333,7 +335,7 @@ def test_report_config_section_is_validated(tmp_path):
     run = fake_run(tmp_path / "q", config={**CONFIG, "report": {"q_max": 10.0}})
     a = analyse(load_run(run))
     # Q ~ 25 is above a Qmax of 10, but not rising: a warning
-    assert a.q_max == 10.0 and a.verdict.verdict == an.WARNING
+    assert a.q_max == 10.0 and a.verdict.verdict == WARNING
     assert "q_above_qmax" in {f.rule for f in a.verdict.findings}
 
 

@@ -10,8 +10,8 @@ from torch import nn
 from learner.alerts import AlertMonitor
 from learner.replay import Batch
 from learner.td3 import TD3Agent, random_shift
-from protocol.config import LearnerConfig
 from policy.network import build_policy, load_policy_arrays, policy_arrays
+from protocol.config import LearnerConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,7 +5,7 @@ Each entry becomes an rpc::ActorDefinition. ``role_name`` is modifiable everywhe
 """
 
 from . import wire
-from .wire import ATTR_BOOL, ATTR_FLOAT, ATTR_INT, ATTR_STRING, ATTR_RGBCOLOR
+from .wire import ATTR_BOOL, ATTR_FLOAT, ATTR_INT, ATTR_RGBCOLOR, ATTR_STRING
 
 # type id -> (bounding-box half extents in metres, number of wheels, base type, special type)
 VEHICLES = {

@@ -1,7 +1,7 @@
-"""The numbers behind ``supervisor report``: trends, fits, onsets and the divergence verdict (numpy only).
+"""The divergence verdict of a run, and the numbers behind it: trends, fits and onsets (numpy only).
 
 Everything here takes plain arrays (update steps and values) so it is tested on
-series made up for the purpose; :mod:`supervisor.report` feeds it a run's scalars.
+series made up for the purpose; :mod:`runreport.report` feeds it a run's scalars.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from protocol.config import Q_DIVERGED_MULTIPLE  # |Q| beyond this many Qmax is a blow-up (as for the learner)
+
 HEALTHY, WARNING, DIVERGING = "healthy", "warning", "diverging"
-# a row of the expected-against-observed table
-OK, WARN, BAD, INFO, NO_DATA = "ok", "warning", "bad", "info", "no data"
-# |Q| beyond this many Qmax is a blow-up (the learner's critical q_divergence line)
-BLOWUP_QMAX = 10.0
 
 
 def finite(values: np.ndarray) -> np.ndarray:
@@ -250,11 +248,11 @@ def judge(series: dict[str, tuple[np.ndarray, np.ndarray]], q_max: float, clip: 
                 final = float(finite(mag)[-1]) if len(finite(mag)) else math.inf
                 g = v.growth.get(name)
                 rising = g is not None and g.factor is not None and g.factor > 1.5 and g.slope * np.sign(g.end) > 0
-                level = DIVERGING if final > BLOWUP_QMAX * q_max or rising else WARNING
+                level = DIVERGING if final > Q_DIVERGED_MULTIPLE * q_max or rising else WARNING
                 find(Finding(level, f"{name}_above_qmax", f"{label} is {final:.4g}, above Qmax {q_max:.4g} "
                              f"(no honest estimate exceeds it) since update {hit[0]}"
                              + ("; still rising" if rising else ""), hit[0]))
-            blow = np.nonzero(np.nan_to_num(mag, nan=np.inf) > BLOWUP_QMAX * q_max)[0]
+            blow = np.nonzero(np.nan_to_num(mag, nan=np.inf) > Q_DIVERGED_MULTIPLE * q_max)[0]
             if len(blow):
                 at = int(s[0][blow[0]])
                 v.blowup = at if v.blowup is None else min(v.blowup, at)

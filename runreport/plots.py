@@ -1,4 +1,8 @@
-"""The report's PNG plots (matplotlib, Agg backend: no display needed). Other runs (``--compare``) are dashed."""
+"""The report's PNG plots (matplotlib, Agg backend: no display needed). Other runs (``--compare``) are dashed.
+
+Losses, Q against Qmax, gradient norms against their clip thresholds, episodes, evaluation return, and each
+worker's steps/s with the incidents marked; :func:`make_plots` takes analysed runs (:class:`runreport.report.Analysed`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from protocol import events as ev  # noqa: E402
-from supervisor.plan import WORKER  # noqa: E402
+from protocol.roles import WORKER  # noqa: E402
+from protocol.states import RUNNING  # noqa: E402
+from runreport.runfiles import steps_per_s  # noqa: E402
 
 STYLES = ["-", "--", ":", "-."]
 MARKS = {ev.STALLED: ("tab:red", "stall"), "crashed": ("tab:purple", "crash/kill"),
@@ -133,7 +139,7 @@ def make_plots(runs, out: Path) -> list[tuple[str, str]]:
             for name, c in (row.get("children") or {}).items():
                 if not isinstance(c, dict) or c.get("role") != WORKER or not isinstance(t, (int, float)):
                     continue
-                rate = c.get("steps_per_s") if c.get("state") == "running" else 0.0
+                rate = c.get("steps_per_s") if c.get("state") == RUNNING else 0.0
                 per.setdefault(name, ([], []))
                 per[name][0].append(t)
                 per[name][1].append(rate if isinstance(rate, (int, float)) else 0.0)
@@ -142,8 +148,6 @@ def make_plots(runs, out: Path) -> list[tuple[str, str]]:
             ax.plot(np.asarray(ts) - t0, rates, st, linewidth=1, label=_label(r, runs, name))
             drew = True
         if not per:  # older runs: the run's steps/s from the learner's transitions count
-            from supervisor.report import steps_per_s
-
             sps = steps_per_s(r.run)
             if sps is not None:
                 ax.plot(sps[0] - t0, sps[1], st, linewidth=1, label=_label(r, runs, "run steps/s (all workers)"))

@@ -1,0 +1,81 @@
+"""A run's incidents in order: stalls, kills, crashes, restarts, alerts and chaos faults, with stacks.
+
+One row per incident-related event of ``events.jsonl``, with detection and
+recovery times and the top frames of each captured stack; evidence whose event
+never got written (a supervisor killed meanwhile) gets a row of its own.
+"""
+
+from __future__ import annotations
+
+from protocol import events as ev
+from protocol import states
+from runreport.runfiles import Run
+from runreport.status import clock
+
+TIMELINE_KINDS = {ev.STALLED, ev.EVIDENCE_CAPTURED, ev.EVIDENCE_FAILED, ev.KILLED, ev.EXITED, ev.BACKOFF, ev.FAILED,
+                  ev.SPAWNED, ev.SPAWN_FAILED, ev.RUNNING, ev.ALERT, ev.FAULT_INJECTED, ev.FAULT_ENDED,
+                  ev.FAULT_FAILED, ev.DEPENDENCY_RESTART, ev.RESTART_REQUESTED, ev.RECYCLED, ev.RESUMED,
+                  ev.DISK_LOW, ev.DISK_FULL, ev.FORCED_STOP, ev.STOPPING, ev.RUN_ENDED, ev.LEFTOVERS_KILLED}
+
+
+def timeline(run: Run) -> list[dict]:
+    """One row per incident-related event, with detection and recovery times and the stack of each stall."""
+    events = [e for e in run.events if isinstance(e.get("time"), (int, float))]
+    started = next((e["time"] for e in events if e.get("event") == ev.RUN_STARTED), None)
+    by_dir = {i["dir"]: i for i in run.incidents}
+    rows: list[dict] = []
+    trouble: dict[str, float] = {}  # child -> when it was last found stalled or crashed
+    used_dirs = set()
+    for e in events:
+        kind, name = e.get("event"), e.get("name")
+        if kind not in TIMELINE_KINDS:
+            continue
+        if kind in (ev.SPAWNED, ev.RUNNING) and (e.get("incarnation") or 0) == 0 and name not in trouble:
+            continue
+        if kind == ev.EXITED and e.get("code") == 0 and e.get("state") in (states.STOPPING, states.RUNNING, None):
+            continue
+        row = {"time": e["time"], "clock": clock(e["time"], started), "name": name, "event": kind, "detail": "",
+               "stack": None}
+        if kind == ev.STALLED:
+            hb = e.get("heartbeat") or {}
+            sent = hb.get("sent_at")
+            row["detail"] = f"{e.get('reason')}; phase {hb.get('phase')}" + (
+                f"; detected {e['time'] - sent:.1f}s after its last heartbeat" if isinstance(sent, (int, float))
+                else "")
+            trouble[name] = e["time"]
+        elif kind == ev.EVIDENCE_CAPTURED:
+            inc = by_dir.get(e.get("incident"))
+            row["detail"] = str(e.get("incident"))
+            if inc is not None:
+                used_dirs.add(inc["dir"])
+                row["stack"] = inc["top_frames"]
+        elif kind == ev.EXITED:
+            code = e.get("code")
+            row["detail"] = f"exit {code} (was {e.get('state')})"
+            if e.get("state") == states.RUNNING:
+                row["event"] = "crashed" if isinstance(code, int) and code > 0 else "killed (signal)"
+                trouble[name] = e["time"]
+        elif kind == ev.SPAWNED:
+            row["event"] = "restarted"
+            row["detail"] = f"incarnation {e.get('incarnation')}, pid {e.get('pid')}" + (
+                " (standby)" if e.get("standby") else "")
+        elif kind == ev.RUNNING:
+            if name in trouble:
+                row["event"] = "recovered"
+                row["detail"] = f"running again {e['time'] - trouble.pop(name):.1f}s after it was found"
+            else:
+                continue
+        elif kind == ev.FAULT_INJECTED:
+            row["detail"] = f"chaos {e.get('fault')} -> {e.get('target')} (expect {e.get('expect')}, seen by " \
+                            f"{e.get('seen_by')}, deadline {e.get('deadline_s')})"
+        else:
+            row["detail"] = "; ".join(f"{k}={v}" for k, v in e.items()
+                                      if k not in ("time", "event", "name", "heartbeat", "pid", "children"))[:200]
+        rows.append(row)
+    for inc in run.incidents:  # evidence whose event never got written (a supervisor killed meanwhile)
+        if inc["dir"] not in used_dirs:
+            rows.append({"time": inc.get("time") or 0, "clock": clock(inc.get("time"), started), "name": inc["name"],
+                         "event": "incident", "detail": f"{inc['dir']}: {inc.get('reason')}; phase {inc.get('phase')}",
+                         "stack": inc["top_frames"]})
+    rows.sort(key=lambda r: r["time"])
+    return rows
