@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def image_tag() -> str:
     import docker
 
-    from tests.conftest import ensure_fakecarla_image
+    from harness.carla import ensure_fakecarla_image
 
     return ensure_fakecarla_image(docker.from_env())
 
@@ -45,8 +45,8 @@ def container_start_s(tag: str) -> float:
     """docker run to the first answered version request, host networking."""
     import docker
 
+    from harness.carla import free_port_block
     from supervisor.drivers.container import server_version
-    from tests.conftest import free_port_block
 
     port = free_port_block(3)
     engine = docker.from_env()
@@ -66,7 +66,7 @@ def container_start_s(tag: str) -> float:
 
 def stepping_overrides(tag: str) -> dict:
     """The test stack's settings, with workers never held back by the update-to-data ratio: they keep ticking."""
-    from tests.test_carla_stack import carla_overrides
+    from harness.carla import carla_overrides
 
     overrides = carla_overrides(tag)
     overrides["learner"] = {"updates_per_step": 0.05, "rate_limit_slack": 10**6}
@@ -76,7 +76,7 @@ def stepping_overrides(tag: str) -> dict:
 def freeze(tag: str, what: str) -> tuple[float, dict]:
     import docker
 
-    from tests.stack import Stack
+    from harness.stack import Stack
 
     engine = docker.from_env()
     with tempfile.TemporaryDirectory(prefix="bench-carla-") as d:
@@ -104,12 +104,12 @@ def step_cost(steps: int = 1000) -> dict:
     """The env's steps/s and the bare client's, on one fake server process."""
     import carla
 
+    from harness.carla import free_port_block
     from protocol.config import load_config
-    from tests.conftest import free_port_block
     from worker.envs import make_env
 
     port = free_port_block(3)
-    server = subprocess.Popen([sys.executable, "-m", "tests.fakecarla", f"-carla-rpc-port={port}"], cwd=ROOT,
+    server = subprocess.Popen([sys.executable, "-m", "harness.fakecarla", f"-carla-rpc-port={port}"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         server.stdout.readline()

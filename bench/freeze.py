@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.stack import Stack
+from harness.stack import Stack
 
 
 def one_freeze(tmp: Path, deadline_s: float, standby: bool) -> float:

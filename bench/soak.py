@@ -32,22 +32,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from protocol.states import RUNNING  # noqa: E402
-from runreport.faults import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
+from runreport.faults import (  # noqa: E402
+    fault_outcomes,
+    format_summary,
+    summarize_outcomes,
+)
 from runreport.runfiles import read_jsonl  # noqa: E402
-from supervisor.cli import request  # noqa: E402
+from harness.stack import Stack  # noqa: E402
 
 CONFIG = "configs/default.yaml"
 WORKERS = 3
@@ -61,150 +62,37 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
-class Run:
-    """One supervisor on the default config, watched through its control socket."""
-
-    def __init__(self, runs_dir: Path, run_id: str, chaos: dict | None):
-        self.runs_dir = runs_dir
-        self.run_id = run_id
-        self.run_dir = runs_dir / run_id
-        sets = [f"chaos.{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in (chaos or {}).items()]
-        self.cmd = [sys.executable, "-m", "supervisor", "up", "--config", CONFIG, "--workers", str(WORKERS),
-                    "--max-timesteps", str(10**9), "--run-id", run_id, "--runs-dir", str(runs_dir), "--no-live"]
-        for item in sets:
-            self.cmd += ["--set", item]
-        self.samples: list[dict] = []  # (time, learner's stored steps, incarnation) while it ran
-        self.seen_pids: set[int] = set()
-
-    def start(self) -> "Run":
-        self.out = open(self.runs_dir / f"{self.run_id}.out", "wb")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.ps = psutil.Process(self.proc.pid)
-        return self
-
-    def status(self) -> dict | None:
-        reply = request(self.run_dir, "status", timeout_ms=3000)
-        if reply is None or not reply.get("ok"):
-            return None
-        status = reply["data"]
-        self.seen_pids.update(p["pid"] for p in status["processes"] if p["pid"])
-        learner = next(p for p in status["processes"] if p["name"] == "learner")
-        self.samples.append({"t": time.monotonic(), "steps": status["env_steps"], "incarnation": learner["incarnation"],
-                             "state": learner["state"]})
-        return status
-
-    def wait_running(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the supervisor exited ({self.proc.returncode}): "
-                                   + (self.runs_dir / f"{self.run_id}.out").read_text()[-2000:])
-            s = self.status()
-            if s is not None and all(p["state"] == RUNNING for p in s["processes"]):
-                return
-            time.sleep(POLL_S)
-        raise RuntimeError(f"not every process ran within {timeout:g}s")
-
-    def resources(self) -> dict:
-        return {"fds": self.ps.num_fds(), "rss_bytes": self.ps.memory_info().rss}
-
-    def zombies(self) -> list[int]:
-        out = []
-        for child in self.ps.children(recursive=True):
-            try:
-                if child.status() == psutil.STATUS_ZOMBIE:
-                    out.append(child.pid)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    def drain(self, timeout: float) -> float:
-        """After the last fault: until every fault is repaired (or its window over) and every child runs."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            s = self.status()
-            unsettled = [o for o in fault_outcomes(self.events()) if not o["ok"] and o["note"] in UNSETTLED]
-            if s is not None and not unsettled and all(p["state"] == RUNNING for p in s["processes"]):
-                break
-            time.sleep(POLL_S)
-        return time.monotonic() - started
-
-    def watch(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the supervisor exited ({self.proc.returncode}) during the soak")
-            self.status()
-            time.sleep(POLL_S)
-
-    def stop(self, timeout: float = 120) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self.out.close()
-        return self.proc.returncode
-
-    def leftovers(self) -> dict:
-        """What outlived the supervisor: processes naming the run dir, socket files, labelled containers."""
-        time.sleep(2.0)  # children die with their parent (PR_SET_PDEATHSIG); give them a moment
-        marker = str(self.run_dir)
-        procs = []
-        for p in psutil.process_iter(["pid", "cmdline", "status"]):
-            try:
-                if p.info["status"] != psutil.STATUS_ZOMBIE and marker in " ".join(p.info["cmdline"] or ()):
-                    procs.append(p.info["pid"])
-            except psutil.Error:
-                pass
-        sockets = []
-        eps = self.run_dir / "endpoints.json"
-        if eps.exists():
-            sockets = [ep[len("ipc://"):] for ep in json.loads(eps.read_text()).values()
-                       if ep.startswith("ipc://") and Path(ep[len("ipc://"):]).exists()]
-        sockets += [str(p) for p in self.run_dir.glob("*.sock") if str(p) not in sockets]
-        containers: int | str = 0
-        try:
-            from protocol.config import load_config
-
-            if load_config(self.run_dir / "config.yaml").has_containers():
-                from supervisor.drivers.container import RUN_LABEL, connect_engine
-
-                engine = connect_engine(10)
-                containers = len(engine.containers.list(all=True, filters={"label": [f"{RUN_LABEL}={self.run_id}"]}))
-        except Exception as exc:  # no engine: say so rather than claim none are left
-            containers = f"unknown ({exc})"
-        for pid in procs:  # never leave them running, even when the check fails
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        return {"processes": procs, "socket_files": sockets, "containers": containers}
-
-    def events(self) -> list[dict]:
-        return read_jsonl(self.run_dir / "events.jsonl")
-
-    def log(self, name: str) -> list[dict]:
-        return read_jsonl(self.run_dir / "logs" / f"{name}.jsonl")
-
-    def throughput(self, since: float, until: float, from_steps: int = 0) -> float:
-        """Stored env steps per second over [since, until] (the learner's count; a restart's dip is skipped),
-        from the first sample with at least ``from_steps``."""
-        window = [s for s in self.samples if since <= s["t"] <= until]
-        start = next((i for i, s in enumerate(window) if s["steps"] >= from_steps), len(window))
-        window = window[start:]
-        if len(window) < 2:
-            return 0.0
-        best = max(s["steps"] for s in window)
-        return (best - window[0]["steps"]) / max(1e-9, window[-1]["t"] - window[0]["t"])
+def start_run(runs_dir: Path, run_id: str, chaos: dict | None) -> Stack:
+    """One supervisor on the default config (its own deadlines, not the tests' short ones), with chaos."""
+    overrides = {"workers": {"count": WORKERS}, "run": {"max_timesteps": 10**9}}
+    if chaos:
+        overrides["chaos"] = chaos
+    return Stack(runs_dir, overrides, base=CONFIG, fast=False, run_id=run_id).start()
 
 
-def steps_lost(run: Run) -> dict:
+def wait_running(run: Stack, timeout: float = 300) -> None:
+    run.wait_running(timeout)
+
+
+def drain(run: Stack, timeout: float) -> float:
+    """After the last fault: until every fault is repaired (or its window over) and every child runs."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        s = run.status()
+        unsettled = [o for o in fault_outcomes(run.events()) if not o["ok"] and o["note"] in UNSETTLED]
+        if s is not None and not unsettled and all(p["state"] == RUNNING for p in s["processes"]):
+            break
+        time.sleep(POLL_S)
+    return time.monotonic() - started
+
+
+def run_log(run: Stack, name: str) -> list[dict]:
+    return read_jsonl(run.run_dir / "logs" / f"{name}.jsonl")
+
+
+def steps_lost(run: Stack) -> dict:
     """Acknowledged steps a restarted learner no longer had, and steps lost in transit (never acknowledged)."""
-    ready = [r for r in run.log("learner") if r.get("event") == "learner ready"]
+    ready = [r for r in run_log(run, "learner") if r.get("event") == "learner ready"]
     acked_before: dict[int, int] = {}  # the learner's stored count last reported by each incarnation
     for s in run.samples:
         acked_before[s["incarnation"]] = max(acked_before.get(s["incarnation"], 0), s["steps"])
@@ -225,7 +113,7 @@ def steps_lost(run: Run) -> dict:
             "lost_in_transit_never_acknowledged": in_transit}
 
 
-def fired_at(run: Run) -> dict[int, float]:
+def fired_at(run: Stack) -> dict[int, float]:
     """When each fault inside a worker's step() fired (its own log), by fault id: a worker waiting for the
     learner takes it up only at its next step."""
     from datetime import datetime
@@ -244,24 +132,24 @@ def fired_at(run: Run) -> dict[int, float]:
 
 
 def one(runs_dir: Path, run_id: str, seconds: float, chaos: dict | None) -> dict:
-    run = Run(runs_dir, run_id, chaos).start()
+    run = start_run(runs_dir, run_id, chaos)
     try:
-        run.wait_running()
+        wait_running(run)
         t0 = time.monotonic()
         at_start = run.resources()
-        run.watch(seconds)
+        run.watch(seconds, POLL_S)
         t1 = time.monotonic()
-        drained = run.drain(DRAIN_S) if chaos else 0.0
+        drained = drain(run, DRAIN_S) if chaos else 0.0
         at_end = run.resources()
         zombies = run.zombies()
         status = run.status()
     except BaseException:
-        run.stop()
+        run.stop_supervisor(120)
         run.leftovers()
         raise
-    code = run.stop()
+    code = run.stop_supervisor(120)
     left = run.leftovers()
-    events = run.events()
+    events = read_jsonl(run.run_dir / "events.jsonl")
     result = {"run_dir": str(run.run_dir), "seconds": round(t1 - t0, 1), "drain_s": round(drained, 1),
               "exit_code": code, "fired": fired_at(run),
               "steps_per_s": round(run.throughput(t0, t1), 2),

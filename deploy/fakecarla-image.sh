@@ -21,7 +21,7 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 ln "$CACHE/rootfs.tar" "$ctx/rootfs.tar" 2>/dev/null || cp "$CACHE/rootfs.tar" "$ctx/rootfs.tar"
 mkdir -p "$ctx/app"
-cp -r "$ROOT/tests/fakecarla" "$ctx/app/fakecarla"
+cp -r "$ROOT/harness/fakecarla" "$ctx/app/fakecarla"
 find "$ctx/app" -name __pycache__ -prune -exec rm -rf {} +
 cat >"$ctx/Dockerfile" <<'DOCKERFILE'
 FROM scratch
