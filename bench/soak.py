@@ -67,7 +67,7 @@ def start_run(runs_dir: Path, run_id: str, chaos: dict | None) -> Stack:
     overrides = {"workers": {"count": WORKERS}, "run": {"max_timesteps": 10**9}}
     if chaos:
         overrides["chaos"] = chaos
-    return Stack(runs_dir, overrides, base=CONFIG, fast=False, run_id=run_id).start()
+    return Stack(runs_dir / run_id, overrides, base=CONFIG, fast=False, run_id=run_id).start()
 
 
 def wait_running(run: Stack, timeout: float = 300) -> None:

@@ -58,7 +58,7 @@ class Stack:
         cfg["run"]["runs_dir"] = str(tmp_path / "runs")
         cfg["run"]["run_id"] = run_id
         self.run_id = run_id
-        self.config_path = tmp_path / f"{run_id}.yaml"
+        self.config_path = tmp_path / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.run_dir = tmp_path / "runs" / run_id
         self.proc: subprocess.Popen | None = None
@@ -68,7 +68,7 @@ class Stack:
         self.extra_args: list[str] = []  # more arguments for `supervisor up`
 
     def start(self) -> "Stack":
-        self.out = open(self.tmp / f"{self.run_id}.out", "wb")
+        self.out = open(self.tmp / "supervisor.out", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "--config", str(self.config_path),
                                       "--no-live", *self.extra_args], cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -124,7 +124,7 @@ class Stack:
 
     def diagnostics(self) -> str:
         parts = [f"last status: {json.dumps(self.last_status, indent=1)[:3000]}"]
-        out = self.tmp / f"{self.run_id}.out"
+        out = self.tmp / "supervisor.out"
         if out.exists():
             parts.append("supervisor output:\n" + out.read_text()[-3000:])
         for f in sorted((self.run_dir / "logs").glob("*")) if (self.run_dir / "logs").exists() else []:

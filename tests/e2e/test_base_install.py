@@ -1,10 +1,12 @@
 """status and report on the base install: torch, gymnasium, TensorBoard and Docker blocked in a process of their own."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
+from protocol import events as ev
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,7 +22,6 @@ class Block:
             raise ImportError(f'{name} is not installed here')
 sys.meta_path.insert(0, Block())
 from supervisor.cli import main
-from protocol import events as ev
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -49,7 +50,7 @@ def test_the_report_runs_on_the_base_install_without_the_other_packages(tmp_path
 
     run = tmp_path / "run"
     (run / "incidents").mkdir(parents=True)
-    (run / "events.jsonl").write_text('{"time": 1, "event": "stalled", "name": "worker-0", "reason": "x"}\n')
+    (run / "events.jsonl").write_text(f'{{"time": 1, "event": "{ev.STALLED}", "name": "worker-0", "reason": "x"}}\n')
     w = EventWriter(run / "tb", start_time=1.0)
     for step in range(10, 200, 10):
         w.add_scalars(step, {"train/q1_value": 1.0, "train/actor_loss": -1.0, "buffer/transitions": step}, wall=step)
@@ -70,7 +71,8 @@ def test_status_and_report_run_on_the_base_install(tmp_path):
     assert res.returncode == 4 and "no supervisor answers" in res.stderr, res.stderr
     run = tmp_path / "run"
     (run / "incidents").mkdir(parents=True)
-    (run / "events.jsonl").write_text('{"time": 1, "event": ev.STALLED, "name": "worker-0", "reason": "x"}\n')
+    (run / "events.jsonl").write_text(json.dumps({"time": 1, "event": ev.STALLED, "name": "worker-0", "reason": "x"})
+                                      + "\n")
     res = cli("report", str(run))
     assert res.returncode == 0 and "stalled: worker-0: x" in res.stdout, res.stderr
     res = cli("up", "--runs-dir", str(tmp_path / "runs"))

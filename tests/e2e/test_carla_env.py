@@ -124,9 +124,16 @@ def test_a_server_that_never_answers_is_a_stall_at_connect_within_the_connect_ti
 def test_slow_ticks_under_the_timeout_are_not_a_stall(fake_carla):
     env = make(fake_carla("--fault", "slow_tick=0.6"), tick_timeout_s=2.0, sensor_timeout_s=1.0)
     env.reset()
+    frames = []
     for _ in range(3):
-        env.step([0.0, 0.3])  # each ~0.6 s: slow, answered
+        started = time.monotonic()
+        obs, reward, terminated, truncated, info = env.step([0.0, 0.3])  # raises SimulatorStalled on a stall
+        took = time.monotonic() - started
+        assert 0.5 <= took < 2.0, f"each step waits for its slow tick, and no longer: {took:.2f}s"
+        assert obs.shape == env.observation_space.shape and np.isfinite(reward)
+        frames.append(info.get("frame"))
     env.close()
+    assert None not in frames and frames == sorted(set(frames)), f"one new world frame per step: {frames}"
 
 
 def test_a_server_that_exits_is_a_stall(fake_carla):

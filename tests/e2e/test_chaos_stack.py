@@ -9,6 +9,7 @@ import time
 import pytest
 
 from protocol import events as ev
+from protocol.states import RUNNING
 from runreport.faults import fault_outcomes, summarize_outcomes
 from tests.conftest import ROOT
 
@@ -89,7 +90,7 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
     code, out, _ = _chaos(stack, "hang", "--target", "worker-1")
     assert code == 0 and "within 3s (progress deadline)" in out
     hang = _wait_outcome(stack, 3, 60, "the hang repaired")
-    assert hang["ok"] and hang["detected"] == "stalled", hang
+    assert hang["ok"] and hang["detected"] == ev.STALLED, hang
     assert hang["detect_s"] - _fired_after(stack, hang) < 3.0 + 1.0, "found within the progress deadline"
     slow, garbage = _wait_outcome(stack, 1, 30, "the slow window over"), _wait_outcome(stack, 2, 30, "garbage settled")
     assert slow["ok"] and not slow["restarted"] and slow["progress"] > 0, slow
@@ -113,7 +114,7 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
     assert _chaos(stack, "worker_sigstop", "--target", "worker-0")[0] == 0
     assert _chaos(stack, "worker_sigkill", "--target", "worker-1")[0] == 0
     stopped, killed = _wait_outcome(stack, 5, 60, "SIGSTOP repaired"), _wait_outcome(stack, 6, 60, "SIGKILL repaired")
-    assert stopped["ok"] and stopped["detected"] == "stalled" and stopped["detect_s"] < 2.0 + 1.0, stopped
+    assert stopped["ok"] and stopped["detected"] == ev.STALLED and stopped["detect_s"] < 2.0 + 1.0, stopped
     assert killed["ok"] and killed["detected"] == "exited" and killed["detect_s"] < 1.0, killed
     crashed = [e for e in stack.events() if e["event"] == ev.EXITED and e["name"] == "worker-1"]
     assert crashed[1]["code"] == 1 and crashed[2]["code"] == -signal.SIGKILL
@@ -138,8 +139,8 @@ def test_learner_sigkill_and_sigstop_are_repaired_and_workers_go_on(stack_factor
     code, out, _ = _chaos(stack, "learner_sigstop")
     assert code == 0 and "within 2s (heartbeat deadline)" in out
     stopped = _wait_outcome(stack, 2, 120, "learner back after SIGSTOP")
-    assert stopped["ok"] and stopped["detected"] == "stalled" and stopped["detect_s"] < 2.0 + 1.0, stopped
-    s = stack.wait_for(lambda s: row(s, "learner")["state"] == "running" and row(s, "learner")["incarnation"] == 2,
+    assert stopped["ok"] and stopped["detected"] == ev.STALLED and stopped["detect_s"] < 2.0 + 1.0, stopped
+    s = stack.wait_for(lambda s: row(s, "learner")["state"] == RUNNING and row(s, "learner")["incarnation"] == 2,
                        60, "the third learner running")
     steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
     s = stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
@@ -156,19 +157,19 @@ def test_docker_pause_and_kill_of_a_simulator_are_repaired(tmp_path, docker_engi
     run_id = f"chaos{int(time.time() * 1000) % 10**8}"
     loop = SimLoop(tmp_path, sim_config(tmp_path, fakecarla_image), run_id).start()
     try:
-        loop.until(lambda r: r["carla-0"]["state"] == "running", 60, "carla-0 answering")
-        reply = loop.sup.answer("chaos", "worker-0", {"fault": "docker_pause"})
+        loop.until(lambda r: r["carla-0"]["state"] == RUNNING, 60, "carla-0 answering")
+        reply = loop.sup.control.answer("chaos", "worker-0", {"fault": "docker_pause"})
         assert not reply["ok"] and "no process named 'worker-0'" in reply["error"]
-        reply = loop.sup.answer("chaos", None, {"fault": "docker_pause"})
+        reply = loop.sup.control.answer("chaos", None, {"fault": "docker_pause"})
         assert reply["ok"] and reply["data"]["target"] == "carla-0" and reply["data"]["deadline_s"] == 2.0
-        loop.until(lambda r: r["carla-0"]["incarnation"] == 1 and r["carla-0"]["state"] == "running", 60,
+        loop.until(lambda r: r["carla-0"]["incarnation"] == 1 and r["carla-0"]["state"] == RUNNING, 60,
                    "the paused simulator replaced")
-        reply = loop.sup.answer("chaos", "carla-0", {"fault": "docker_kill"})
+        reply = loop.sup.control.answer("chaos", "carla-0", {"fault": "docker_kill"})
         assert reply["ok"], reply
-        loop.until(lambda r: r["carla-0"]["incarnation"] == 2 and r["carla-0"]["state"] == "running", 60,
+        loop.until(lambda r: r["carla-0"]["incarnation"] == 2 and r["carla-0"]["state"] == RUNNING, 60,
                    "the killed simulator replaced")
         out = {o["fault"]: o for o in fault_outcomes(loop.events())}
-        assert out["docker_pause"]["ok"] and out["docker_pause"]["detected"] == "stalled", out
+        assert out["docker_pause"]["ok"] and out["docker_pause"]["detected"] == ev.STALLED, out
         assert out["docker_kill"]["ok"] and out["docker_kill"]["detected"] == "exited", out
         assert out["docker_pause"]["detect_s"] < 2.0 + 1.5
     finally:

@@ -176,7 +176,7 @@ def test_leftovers_of_a_dead_supervisor_are_removed_on_start(sims, docker_engine
         assert [e for e in loop.events() if e["event"] == ev.LEFTOVERS_KILLED]
         with pytest.raises(Exception):
             docker_engine.containers.get(stray.id)
-        assert docker_engine.containers.get(other.id).status == "running", "another run's are left alone"
+        assert docker_engine.containers.get(other.id).status == "running", "another run's are left alone (Docker's own word for it)"
     finally:
         other.remove(force=True)
 
@@ -249,7 +249,7 @@ def test_status_table_shows_gpu_memory_only_where_known():
     from supervisor.display import plain_table
 
     def proc(name, counters, gpu=None, **kw):
-        return {"name": name, "state": "running", "pid": 1, "uptime_s": 5.0, "heartbeat_age_s": 0.1,
+        return {"name": name, "state": RUNNING, "pid": 1, "uptime_s": 5.0, "heartbeat_age_s": 0.1,
                 "progress_counters": counters, "progress": 7, "env_steps": 40, "updates": 9, "steps_per_s": 1.0,
                 "restarts": 0, "phase": "serving", "reason": None, "gpu_memory_bytes": gpu, **kw}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runreport import status
 from runreport.expected import main_table_metrics
 from runreport.report import analyse
 from runreport.runfiles import load_run
@@ -48,7 +49,7 @@ def test_report_of_a_real_run(stack_factory):
     res = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, "report", str(stack.run_dir), "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["status"]["status"] == "running"
+    assert json.loads(res.stdout)["status"]["status"] == status.RUNNING
     assert stack.cli("stop").returncode == 0
     assert stack.proc.wait(timeout=40) == 0
     res = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, "report", str(stack.run_dir), "--html"], cwd=ROOT,

@@ -3,6 +3,7 @@
 import pytest
 
 from protocol import events as ev
+from protocol.states import RUNNING, STALLED
 from runreport.faults import fault_outcomes, format_summary, summarize_outcomes
 
 
@@ -22,11 +23,11 @@ def test_fault_outcomes_from_events_alone():
         _injected(10.0, 1, "hang", "worker-0", 100, "restart", 10.0),
         _e(11.0, ev.RUNNING, "worker-1", pid=201, phase="stepping"),  # someone else's: not the recovery
         _e(20.5, ev.STALLED, "worker-0", pid=100, reason="no progress"),
-        _e(22.0, ev.EXITED, "worker-0", pid=100, code=0, state="stalled"),
+        _e(22.0, ev.EXITED, "worker-0", pid=100, code=0, state=STALLED),
         _e(22.3, ev.SPAWNED, "worker-0", pid=101, incarnation=1, standby=True),
         _e(23.0, ev.RUNNING, "worker-0", pid=101, phase="stepping"),
         _injected(30.0, 2, "learner_sigkill", "learner", 50, "restart"),
-        _e(30.1, ev.EXITED, "learner", pid=50, code=-9, state="running"),
+        _e(30.1, ev.EXITED, "learner", pid=50, code=-9, state=RUNNING),
         # garbage while the learner recovers: its restart is the other fault's, not the garbage's
         _injected(31.0, 3, "garbage", "run", None, "no_restart"),
         _e(33.0, ev.FAULT_ENDED, "run", id=3, fault="garbage", target="heartbeat", progress=None, dropped=8),
@@ -38,11 +39,11 @@ def test_fault_outcomes_from_events_alone():
         _e(74.0, ev.FAULT_ENDED, "worker-0", id=5, fault="slow", target="worker-0", progress=None, dropped=0),
         _injected(80.0, 6, "worker_sigstop", "worker-1", 201, "restart", 5.0),  # never found
         _injected(90.0, 7, "garbage", "run", None, "no_restart"),
-        _e(90.5, ev.EXITED, "worker-2", pid=300, code=1, state="running"),  # crashed in the window: a restart
+        _e(90.5, ev.EXITED, "worker-2", pid=300, code=1, state=RUNNING),  # crashed in the window: a restart
         _e(92.0, ev.FAULT_ENDED, "run", id=7, fault="garbage", target="heartbeat", progress=None, dropped=8),
     ]
     out = {o["id"]: o for o in fault_outcomes(events)}
-    assert out[1]["detected"] == "stalled" and out[1]["detect_s"] == 10.5 and out[1]["recover_s"] == 13.0
+    assert out[1]["detected"] == ev.STALLED and out[1]["detect_s"] == 10.5 and out[1]["recover_s"] == 13.0
     assert out[1]["ok"] and out[1]["deadline_s"] == 10.0
     assert out[2]["detected"] == "exited" and out[2]["detect_s"] == pytest.approx(0.1) and out[2]["recover_s"] == 6.0
     assert out[3]["ok"] and not out[3]["restarted"] and out[3]["dropped"] == 8

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
+from protocol import events as ev
+from protocol.states import RUNNING, STALLED
+from runreport import status
 from runreport.divergence import DIVERGING, HEALTHY, WARNING
 from runreport.expected import BAD, WARN
 from runreport.report import analyse, summarize, write_report
@@ -83,11 +86,11 @@ def fake_run(root: Path, actor=None, q=None, updates=8000, every=50, pre_clip=(3
     with open(root / "progress.jsonl", "w") as f:
         for k, step in enumerate(t[::10]):
             f.write(json.dumps({"time": start + step * seconds_per_update, "children": {
-                "learner": {"role": "learner", "state": "running", "env_steps": int(step + 1000), "updates": int(step),
+                "learner": {"role": "learner", "state": RUNNING, "env_steps": int(step + 1000), "updates": int(step),
                             "steps_per_s": 100.0},
-                "worker-0": {"role": "worker", "state": "running", "env_steps": int(step // 2), "updates": 0,
+                "worker-0": {"role": "worker", "state": RUNNING, "env_steps": int(step // 2), "updates": 0,
                              "steps_per_s": 50.0},
-                "worker-1": {"role": "worker", "state": "running", "env_steps": int(step // 2), "updates": 0,
+                "worker-1": {"role": "worker", "state": RUNNING, "env_steps": int(step // 2), "updates": 0,
                              "steps_per_s": 45.0 + k % 3}}}) + "\n")
     return root
 
@@ -217,15 +220,15 @@ def test_metrics_that_stop_with_a_stall_show_the_stall_and_its_stack(tmp_path):
     start = 1_700_000_000.0
     t_stall = start + 1800 * 0.01 + 5
     inc = "incidents/20240101T000000.000-learner"
-    events = [{"time": t_stall, "event": "stalled", "name": "learner", "pid": 4242,
+    events = [{"time": t_stall, "event": ev.STALLED, "name": "learner", "pid": 4242,
                "reason": "no progress for 30.2s in phase training at count 1800 (deadline 30s)",
                "heartbeat": {"phase": "training", "sent_at": t_stall - 0.3, "updates": 1800}},
               {"time": t_stall + 1, "event": "evidence_captured", "name": "learner", "incident": inc},
-              {"time": t_stall + 1.5, "event": "terminating", "name": "learner", "pid": 4242, "reason": "stalled"},
+              {"time": t_stall + 1.5, "event": "terminating", "name": "learner", "pid": 4242, "reason": "a deadline missed"},
               {"time": t_stall + 3.6, "event": "killed", "name": "learner", "pid": 4242, "after_s": 2.0},
               {"time": t_stall + 3.7, "event": "exited", "name": "learner", "pid": 4242, "code": -9,
-               "state": "stalled"},
-              {"time": t_stall + 4, "event": "backoff", "name": "learner", "delay_s": 0.2, "restarts": 1,
+               "state": STALLED},
+              {"time": t_stall + 4, "event": ev.BACKOFF, "name": "learner", "delay_s": 0.2, "restarts": 1,
                "code": -9}]
     run = fake_run(tmp_path / "frozen", updates=5000, stop_at=1800, events=events, ended=False)
     d = run / inc
@@ -235,10 +238,10 @@ def test_metrics_that_stop_with_a_stall_show_the_stall_and_its_stack(tmp_path):
     (d / "stack.txt").write_text(STACK)
     a = analyse(load_run(run), now=t_stall + 600)
     s = a.status
-    assert s["status"] == "failed" and "wrote no run_ended" in s["reason"]  # its pid is no live supervisor
+    assert s["status"] == status.FAILED and "wrote no run_ended" in s["reason"]  # its pid is no live supervisor
     assert s["last_update"] == 1800
-    assert any("stalled" in line for line in s["since_last_progress"])
-    stall = next(t for t in a.timeline if t["event"] == "stalled")
+    assert any(ev.STALLED in line for line in s["since_last_progress"])
+    stall = next(t for t in a.timeline if t["event"] == ev.STALLED)
     assert "no progress for 30.2s" in stall["detail"] and "phase training" in stall["detail"]
     ev_row = next(t for t in a.timeline if t["event"] == "evidence_captured")
     assert any("_fire (worker/faults.py:70)" in f for f in ev_row["stack"])
@@ -253,7 +256,7 @@ def test_a_live_supervisor_whose_run_stopped_moving_is_frozen(tmp_path, monkeypa
     run = fake_run(tmp_path / "live", updates=2000, ended=False)
     monkeypatch.setattr(runreport.status, "supervisor_alive", lambda pid: True)
     last = 1_700_000_000.0 + 2000 * 0.01
-    assert analyse(load_run(run), now=last + 5).status["status"] == "running"
+    assert analyse(load_run(run), now=last + 5).status["status"] == status.RUNNING
     s = analyse(load_run(run), now=last + 1000).status
     assert s["status"] == "frozen" and s["last_update"] == 2000
 
@@ -268,7 +271,7 @@ def report_cli(capsys, *args):
 def test_a_run_killed_mid_write_is_read(tmp_path, capsys):
     run = fake_run(tmp_path / "killed", ended=False)
     with open(run / "events.jsonl", "a") as f:
-        f.write('{"time": 1700000090.0, "event": "stalled", "name": "wor')
+        f.write(f'{{"time": 1700000090.0, "event": "{ev.STALLED}", "name": "wor')
     with open(run / "eval.jsonl", "a") as f:
         f.write('{"env_steps": 9000, "rew')
     (run / "progress.jsonl").write_bytes((run / "progress.jsonl").read_bytes()[:-20])
@@ -278,7 +281,7 @@ def test_a_run_killed_mid_write_is_read(tmp_path, capsys):
     res = report_cli(capsys, str(run), "--html")
     assert res.returncode == 0, res.stderr
     assert "torn" in res.stdout and (run / "report" / "report.html").exists()
-    assert summarize(run)["status"]["status"] == "failed"
+    assert summarize(run)["status"]["status"] == status.FAILED
     # missing files: still a report
     for name in ("events.jsonl", "eval.jsonl", "progress.jsonl", "supervisor.json", "config.yaml"):
         (run / name).unlink()

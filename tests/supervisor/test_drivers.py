@@ -169,7 +169,7 @@ def test_a_drivers_spawn_error_backs_off_and_retries(setup):
     failed = [e for e in evs if e["event"] == ev.SPAWN_FAILED]
     assert failed and failed[0]["name"] == "sim-0" and failed[0]["error"] == "engine unavailable"
     assert [e for e in evs if e["event"] == ev.BACKOFF and e["name"] == "sim-0"]
-    assert {r["name"]: r["state"] for r in sup.status()["processes"]}["sim-0"] == "running"
+    assert {r["name"]: r["state"] for r in sup.status()["processes"]}["sim-0"] == RUNNING
 
 
 def test_a_plan_with_a_kind_no_driver_serves_is_refused(tmp_path):
