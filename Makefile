@@ -30,10 +30,11 @@ up: $(STAMP)
 status: $(STAMP)
 	$(VENV)/bin/supervisor status
 
-# the container tests need a Docker engine: one is installed and started where none answers
+# the container tests need a Docker engine: one is installed and started where none answers;
+# two pytest workers, one per core (the end-to-end tests' deadlines allow for a busy host)
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
 # examples of each kind; about 20 s.

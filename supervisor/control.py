@@ -9,6 +9,8 @@ people read taken from each child's last heartbeat, as it came.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -78,6 +80,16 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
         })
         rows.append(row)
     return rows
+
+
+def status_payload(rows: list[dict], *, run_dir: Path, uptime_s: float, env_steps: int, max_timesteps: int,
+                   incidents: int, supervisor_dropped: int, disk: dict, stopping: bool) -> dict:
+    """What a ``status`` request answers (``supervisor status --json`` prints a selection of it)."""
+    return {"run_id": run_dir.name, "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
+            "uptime_s": round(uptime_s, 2), "env_steps": env_steps, "max_timesteps": max_timesteps,
+            "incidents": incidents,
+            "dropped_messages": supervisor_dropped + sum(int(r.get("dropped") or 0) for r in rows),
+            "supervisor_dropped": supervisor_dropped, "disk": disk, "stopping": stopping, "processes": rows}
 
 
 def progress_row(row: dict) -> dict:

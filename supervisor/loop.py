@@ -40,7 +40,7 @@ from protocol.sockets import (
     prepare_endpoints,
 )
 from supervisor.chaos import Chaos, start_garbage
-from supervisor.control import ControlServer, progress_row, status_rows
+from supervisor.control import ControlServer, progress_row, status_payload, status_rows
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
 from supervisor.drivers.process import ProcessDriver
 from supervisor.machine import (
@@ -261,14 +261,10 @@ class Supervisor:
 
     def status(self) -> dict:
         rows = status_rows(self.machine.snapshot())
-        own = self.dropped()
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "supervisor_pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self.started, 2),
-                "env_steps": self.plan.run_env_steps(rows),
-                "max_timesteps": self.cfg.run.max_timesteps, "incidents": self.incidents,
-                "dropped_messages": own + sum(int(r.get("dropped") or 0) for r in rows),
-                "supervisor_dropped": own, "disk": self.disk,
-                "stopping": self.machine.stopping, "processes": rows}
+        return status_payload(rows, run_dir=self.run_dir, uptime_s=time.monotonic() - self.started,
+                              env_steps=self.plan.run_env_steps(rows), max_timesteps=self.cfg.run.max_timesteps,
+                              incidents=self.incidents, supervisor_dropped=self.dropped(), disk=self.disk,
+                              stopping=self.machine.stopping)
 
     def answer_restart(self, name: str | None, fields: dict) -> dict:
         if name not in self.specs:

@@ -121,7 +121,7 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
     summary = summarize_outcomes(list(_outcomes(stack).values()))
     assert all(v["ok"] == v["injected"] for v in summary.values()), summary
     rep = subprocess.run([sys.executable, "-m", "supervisor", "report", str(stack.run_dir)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=120)
     assert "chaos faults" in rep.stdout and "worker_sigstop" in rep.stdout
 
 

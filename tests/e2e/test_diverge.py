@@ -5,6 +5,9 @@ that the suite's two workers train them side by side."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import pytest
 
 from bench.diverge import collect, report_right, train
@@ -15,8 +18,16 @@ UPDATES, BATCH = 700, 32
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    path = tmp_path_factory.mktemp("diverge") / "replay"
-    collect(path, 5000)
+    """5,000 random-action racetrack steps, collected once per suite run: the suite's workers share it (only
+    sampled from, never written to)."""
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    path = shared / "diverge-replay"
+    with open(shared / "diverge-replay.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "collected").exists():
+            collect(path, 5000)
+            (path / "collected").touch()
     return path
 
 

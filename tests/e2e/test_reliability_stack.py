@@ -15,8 +15,9 @@ import psutil
 import pytest
 import zmq
 
+from harness.attack import attack
 from protocol import events as ev
-from protocol.sockets import SUBSCRIPTION_MAX_BYTES, load_endpoints, steps_max_bytes
+from protocol.sockets import load_endpoints, steps_max_bytes
 from protocol.states import RUNNING
 from supervisor import cli
 from tests.e2e.test_full_disk import fill_up, needs_mount
@@ -31,60 +32,6 @@ def rss(pid: int) -> int:
 
 def supervisor_pid(stack) -> int:
     return stack.proc.pid
-
-
-def attack_part(endpoints: dict, part: str, steps_limit: int) -> None:
-    """One kind of hostile input on one bound socket of a run (run in its own process: libzmq may crash the
-    *sender* of an oversized message that the receiver cuts off)."""
-    ctx = zmq.Context()
-    try:
-        if part == "weights-big":  # the learner's weights PUB: what anyone who connects may send it
-            evil = ctx.socket(zmq.XSUB)
-            evil.connect(endpoints["weights"])
-            evil.send(b"\x01" + b"x" * (100 * 1024 * 1024))
-        elif part == "weights-flood":
-            evil = ctx.socket(zmq.XSUB)
-            evil.setsockopt(zmq.SNDHWM, 0)
-            evil.connect(endpoints["weights"])
-            for _ in range(20_000):
-                evil.send(b"\x01" + os.urandom(SUBSCRIPTION_MAX_BYTES * 2))
-        else:
-            name, how = part.split("-")
-            kind = zmq.DEALER if name == "control" else zmq.PUSH
-            s = ctx.socket(kind)
-            s.setsockopt(zmq.SNDHWM, 0)
-            s.connect(endpoints[name])
-            if how == "big":
-                big = (steps_limit if name == "steps" else 64 * 1024) + 1024 * 1024
-                s.send_multipart([b"", b"x" * big] if kind == zmq.DEALER else [b"x" * big])
-            else:
-                for i in range(3000):  # a flood of garbage that fits the limit
-                    payload = os.urandom(64) if i % 2 else b"\x81\xa1v\x01"
-                    s.send_multipart([b"", payload] if kind == zmq.DEALER else [payload])
-                if name == "steps":
-                    for _ in range(8):  # and messages as large as a real batch may be
-                        s.send(b"\x00" * (steps_limit - 1024))
-        time.sleep(3)
-    finally:
-        ctx.destroy(linger=3000)
-
-
-PARTS = ("steps-big", "heartbeat-big", "control-big", "weights-big", "steps-flood", "heartbeat-flood",
-         "control-flood", "weights-flood")
-
-
-def attack(run_dir: Path, steps_limit: int) -> None:
-    """Oversized and flooding input on every bound socket of a run, each from its own process."""
-    procs = [subprocess.Popen([sys.executable, "-c", "import sys, json; from tests.e2e.test_reliability_stack import "
-                               "attack_part; attack_part(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]))",
-                               json.dumps(load_endpoints(run_dir)), part, str(steps_limit)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for part in PARTS]
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.timeout(300)
