@@ -34,7 +34,7 @@ status: $(STAMP)
 # two pytest workers, one per core (the end-to-end tests' deadlines allow for a busy host)
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
-	$(PY) -m pytest -n 2 --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
 # examples of each kind; about 20 s.

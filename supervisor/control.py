@@ -75,7 +75,7 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
             "env_steps": int(hb.get("env_steps", 0)), "updates": int(hb.get("updates", 0)),
             "steps_per_s": float(hb.get("steps_per_s", 0.0)), "rss_bytes": int(hb.get("rss_bytes", 0)),
             "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
-            "alerts": list(hb.get("alerts", [])),
+            "alerts": [a for a in hb.get("alerts") or [] if isinstance(a, str)],
             "detail": hb.get("detail") if alive else None,
         })
         rows.append(row)

@@ -284,10 +284,11 @@ class Supervision:
         return []
 
     def heartbeat(self, hb: dict) -> list[Action]:
-        """A beat counts for the live incarnation it names (and, where both have one, with its pid)."""
+        """A beat counts for the live incarnation it names, with that incarnation's pid (None for one the driver
+        knows no pid of: a forged beat must match it too)."""
         c = self.children.get(hb.get("name", ""))
         if c is None or not c.live or c.state not in ALIVE or hb.get("incarnation") != c.inc.number \
-                or (c.inc.pid is not None and hb.get("pid") != c.inc.pid):
+                or hb.get("pid") != c.inc.pid:
             return []  # a late beat from an earlier incarnation, or from a stranger
         inc = c.inc
         now = self.clock()

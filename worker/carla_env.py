@@ -147,7 +147,15 @@ class CarlaEnv(gym.Env):
                                    f"(server reports {got.synchronous_mode}, {got.fixed_delta_seconds})")
 
     def destroy_leftovers(self) -> None:
-        """Actors an earlier incarnation of this slot left (a killed worker cannot clean up)."""
+        """Actors an earlier incarnation of this slot left (a killed worker cannot clean up).
+
+        The client lists actors from the last world state it received, and one that just connected may have none
+        yet: a server left in synchronous mode by a killed worker sends no state until someone ticks it. So the
+        list is taken after a tick (synchronous mode) or the next state (asynchronous), both bounded."""
+        if self.world.get_settings().synchronous_mode:
+            self.world.tick(self.ccfg.client_timeout_s)
+        else:
+            self.world.wait_for_tick(self.ccfg.client_timeout_s)
         mine = f"{ROLE_PREFIX}{self.slot}-"
         stale = [a for a in self.world.get_actors() if a.attributes.get("role_name", "").startswith(mine)]
         for a in stale:

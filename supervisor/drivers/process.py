@@ -28,6 +28,8 @@ from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec
 
 PR_SET_PDEATHSIG = 1
+# The children import the same tree as their supervisor: the directory that holds the packages.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _die_with_parent() -> None:
@@ -71,8 +73,7 @@ class ProcessDriver:
         log_dir.mkdir(parents=True, exist_ok=True)
         out = open(log_dir / f"{name}.out", "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        project_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = project_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
                                     preexec_fn=_child_setup(self.nice), env=env, close_fds=True)
@@ -134,7 +135,7 @@ class ProcessDriver:
         if signum is None:
             raise NotSupported(f"a process cannot take {what!r}")
         proc = self.procs.get((name, incarnation))
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None:  # not poll(): reaping is the loop's, which reports the exit
             raise Gone(f"{name} (incarnation {incarnation}) is not running")
         try:
             os.kill(proc.pid, signum)

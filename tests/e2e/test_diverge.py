@@ -1,7 +1,7 @@
 """The users' diverging network (configs/users_diverging.yaml) against ours on the same racetrack data: theirs
 blows up, an alert fires first, `supervisor report` calls it diverging from the right update; ours does not.
 A short version of `python -m bench diverge` (its CI setting, cut at 700 updates). Two tests on one replay, so
-that the suite's two workers train them side by side."""
+that the replay is collected once and each variant's figures are their own test."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import pytest
 
 from bench.diverge import collect, report_right, train
 
-pytestmark = pytest.mark.timeout(600)
+# one worker trains both, one after the other, on the replay it collected (the other worker runs the rest)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("diverge")]
 UPDATES, BATCH = 700, 32
 
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory):
-    """5,000 random-action racetrack steps, collected once per suite run: the suite's workers share it (only
-    sampled from, never written to)."""
+    """5,000 random-action racetrack steps, collected once per suite run (only sampled from, never written to;
+    the lock keeps two processes from collecting it at once)."""
     root = tmp_path_factory.getbasetemp()
     shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
     path = shared / "diverge-replay"

@@ -180,3 +180,11 @@ def test_a_plan_with_a_kind_no_driver_serves_is_refused(tmp_path):
     run_dir.mkdir()
     with pytest.raises(ValueError, match="teleporter"):
         Supervisor(cfg, run_dir, plan=plan.with_children(odd))
+
+
+def test_children_import_the_supervisors_own_tree():
+    """The process driver puts the directory holding the packages first on a child's path (not a package's own
+    directory, where supervisor's modules would shadow installed ones)."""
+    from supervisor.drivers.process import PROJECT_ROOT
+
+    assert (PROJECT_ROOT / "supervisor" / "loop.py").is_file() and (PROJECT_ROOT / "learner" / "main.py").is_file()

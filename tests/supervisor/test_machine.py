@@ -117,6 +117,22 @@ def test_heartbeat_from_old_incarnation_is_ignored():
     sup, clock, _ = make()
     sup.heartbeat({"name": "worker-0", "pid": 99999, "phase": "stepping", "env_steps": 5})
     assert sup.children["worker-0"].state == STARTING
+    c = sup.children["worker-0"]
+    sup.heartbeat({"name": "worker-0", "pid": c.pid, "incarnation": c.incarnation + 1, "phase": "stepping"})
+    sup.heartbeat({"name": "worker-0", "pid": c.pid + 1, "incarnation": c.incarnation, "phase": "stepping"})
+    assert c.state == STARTING, "another incarnation's beat, or another process's, does not count"
+
+
+def test_a_child_without_a_pid_counts_only_beats_without_one():
+    """A container that exited at once has no pid: a forged beat naming any pid is still a stranger's."""
+    clock = FakeClock()
+    sup = Supervision([spec("sim")], clock)
+    sup.start()
+    sup.spawned("sim", 0, None)
+    assert not sup.heartbeat({"name": "sim", "pid": 7_000_000, "incarnation": 0, "phase": "busy", "count": 1})
+    assert sup.children["sim"].state == STARTING
+    assert of(sup.heartbeat({"name": "sim", "pid": None, "incarnation": 0, "phase": "busy", "count": 1}), Event)
+    assert sup.children["sim"].state == RUNNING
 
 
 def test_progressing_worker_is_not_killed():
@@ -439,6 +455,11 @@ def test_snapshot_reports_fields_for_status():
     assert row["state"] == RUNNING and row["env_steps"] == 42 and row["phase"] == "stepping"
     assert row["heartbeat_age_s"] == pytest.approx(1.5) and row["uptime_s"] == pytest.approx(1.5)
     assert [r["name"] for r in status_rows(sup.snapshot())] == ["learner", "worker-0", "worker-1"]
+    c = sup.children["worker-0"]
+    sup.heartbeat({"name": "worker-0", "pid": c.pid, "incarnation": c.incarnation, "phase": "stepping",
+                   "env_steps": 43, "alerts": None})  # the schema lets an optional field be null
+    row = next(r for r in status_rows(sup.snapshot()) if r["name"] == "worker-0")
+    assert row["alerts"] == [] and row["env_steps"] == 43
 
 
 def test_new_learner_alerts_become_events_once():
