@@ -58,3 +58,30 @@ def test_fault_outcomes_from_events_alone():
     lines = format_summary(summary)
     assert any(line.startswith("hang") and "deadline 10s" in line for line in lines)
     assert fault_outcomes([_injected(1.0, 1, "crash", "worker-0", 9, "restart")])[0]["note"] == "not detected"
+
+
+def test_a_fault_injected_during_a_shrug_off_window_is_not_blamed_on_it():
+    """garbage, then a hang inside its window: the hung worker's stall is the hang's, not the garbage's."""
+    events = [
+        _injected(10.0, 1, "garbage", "run", None, "no_restart"),
+        _injected(11.0, 2, "hang", "worker-1", 201, "restart", 3.0),
+        _e(14.0, ev.STALLED, "worker-1", pid=201, reason="no progress"),
+        _e(14.5, ev.EXITED, "worker-1", pid=201, code=-15, state=STALLED),
+        _e(15.0, ev.FAULT_ENDED, "run", id=1, fault="garbage", target="heartbeat", progress=None, dropped=9),
+        _e(15.2, ev.SPAWNED, "worker-1", pid=202, incarnation=1, standby=False),
+        _e(16.0, ev.RUNNING, "worker-1", pid=202, phase="stepping"),
+    ]
+    out = {o["id"]: o for o in fault_outcomes(events)}
+    assert out[1]["ok"] and not out[1]["restarted"] and out[1]["dropped"] == 9, out[1]
+    assert out[2]["ok"] and out[2]["detect_s"] == 3.0 and out[2]["recover_s"] == 5.0
+
+
+def test_a_simulator_without_a_pid_recovers_as_its_next_incarnation():
+    events = [
+        _injected(10.0, 1, "docker_kill", "carla-0", None, "restart", 6.0),
+        _e(10.2, ev.EXITED, "carla-0", pid=None, code=-9, state=RUNNING),
+        _e(11.0, ev.SPAWNED, "carla-0", pid=None, incarnation=1, standby=False),
+        _e(12.0, ev.RUNNING, "carla-0", pid=None, phase="serving"),
+    ]
+    (out,) = fault_outcomes(events)
+    assert out["ok"] and out["recover_s"] == 2.0, out
