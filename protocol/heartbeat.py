@@ -16,7 +16,7 @@ import psutil
 import zmq
 
 from protocol.exits import EXIT_FATAL
-from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS
+from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS, PHASE_STARTING
 from protocol.roles import LEARNER
 from protocol.sockets import make_socket, send
 
@@ -25,7 +25,7 @@ class Progress:
     """What the main loop did last; written by the main thread, read by the heartbeat thread."""
 
     def __init__(self):
-        self.phase = "starting"
+        self.phase = PHASE_STARTING
         self.phase_since = time.monotonic()
         self.env_steps = 0
         self.episodes = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol.roles import LEARNER, WORKER
+from protocol.states import STARTING
 
 # Bump on any incompatible change; a peer speaking another version is dropped.
 PROTOCOL_VERSION = 1
@@ -28,11 +29,12 @@ CONTROL_REPLY = "control_reply"
 
 # Phases a process reports in its heartbeat. The supervisor expects progress
 # (a growing step counter) only in the phases listed in PROGRESSING_PHASES.
-PHASES = ("starting", "connecting", "resetting", "stepping", "evaluating", "waiting_learner", "training",
+PHASE_STARTING = STARTING  # a process's first phase bears the name of the state the supervisor holds it in
+PHASES = (PHASE_STARTING, "connecting", "resetting", "stepping", "evaluating", "waiting_learner", "training",
           "waiting_data", "closing")
 PROGRESSING_PHASES = frozenset({"resetting", "stepping", "evaluating"})
 LEARNER_PROGRESSING_PHASES = frozenset({"training"})
-STARTUP_PHASES = frozenset({"starting", "connecting"})
+STARTUP_PHASES = frozenset({PHASE_STARTING, "connecting"})
 
 CONTROL_COMMANDS = ("status", "restart", "stop", "chaos")
 

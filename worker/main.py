@@ -24,8 +24,13 @@ from protocol.config import Config, load_config
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
+from protocol.messages import PHASE_STARTING
 from protocol.roles import WORKER, worker_name
-from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, SimulatorStalled
+from protocol.simulators import (
+    EXIT_SIMULATOR_RECYCLE,
+    EXIT_SIMULATOR_STALLED,
+    SimulatorStalled,
+)
 from protocol.sockets import load_endpoints
 from worker.envs import ActionScaler, FrameStack, frame_of, make_env
 from worker.evaluation import evaluate
@@ -163,7 +168,7 @@ class EnvWorker:
         self.heartbeat.start()
         self.log.info("worker starting", pid=os.getpid(), seed=self.seed)
         self.connect()
-        self.progress.set_phase("starting")
+        self.progress.set_phase(PHASE_STARTING)
         self.make_envs()
         wcfg = self.cfg.workers
         link, batch = self.link, self.link.batch

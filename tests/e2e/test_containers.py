@@ -176,7 +176,7 @@ def test_leftovers_of_a_dead_supervisor_are_removed_on_start(sims, docker_engine
         assert [e for e in loop.events() if e["event"] == ev.LEFTOVERS_KILLED]
         with pytest.raises(Exception):
             docker_engine.containers.get(stray.id)
-        assert docker_engine.containers.get(other.id).status == "running", "another run's are left alone (Docker's own word for it)"
+        assert docker_engine.containers.get(other.id).status == "running", "another run's are left alone"  # Docker's word
     finally:
         other.remove(force=True)
 
