@@ -37,9 +37,9 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
-# examples of each kind; about 20 s.
+# examples of each kind, one thread each for torch and numpy; about 20 s.
 test-fast: $(STAMP)
-	FUZZ_SCALE=0.1 $(PY) -m pytest -n 2 --dist worksteal tests --ignore=tests/e2e $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 FUZZ_SCALE=0.1 $(PY) -m pytest -n 2 --dist worksteal tests --ignore=tests/e2e $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(ARGS)
