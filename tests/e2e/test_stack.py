@@ -175,10 +175,9 @@ def test_garbage_on_learner_and_supervisor_sockets_is_counted_and_ignored(stack_
 
         reply = decode(ctl.recv_multipart())
         assert reply.fields["ok"] is False and "malformed" in reply.fields["error"]
-        time.sleep(1.0)
+        s = stack.wait_for(lambda s: s["dropped_messages"] >= 4, 20, "supervisor counted garbage")  # all delivered
     finally:
         ctx.destroy(linger=0)
-    s = stack.wait_for(lambda s: s["dropped_messages"] >= 4, 20, "supervisor counted garbage")
     assert all(p["state"] == RUNNING for p in s["processes"]) and not s["stopping"]
     learner_log = stack.log("learner")
     for reason in ("bad_msgpack", "bad_version", "spec_mismatch"):
