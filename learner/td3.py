@@ -216,8 +216,10 @@ class TD3Agent:
                   for k, ps in self.modules().items()} if detailed else None
         aug = getattr(batch, "augmented", False)
         obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
+        target_q = self.td_target(b["reward"], b["discount"], next_obs)
         h = self.encode(self.critic_encoder, obs)  # trained through the critic loss
-        metrics.update(self.update_critic(h, b["action"], b["reward"], b["discount"], next_obs))
+        metrics.update(self.update_critic(h, b["action"], target_q))
+        metrics["train/batch_reward"] = b["reward"].mean()
         self.updates += 1
         if self.updates % cfg.policy_delay == 0:
             metrics.update(self.update_actor(obs, h.detach()))
@@ -252,20 +254,23 @@ class TD3Agent:
         metrics[f"gradients/{prefix}_clipped"] = (total > max_norm).float()
         return metrics
 
-    def update_critic(self, h, action, reward, discount, next_obs) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def td_target(self, reward, discount, next_obs) -> torch.Tensor:
+        """The clipped double-Q target, with target policy smoothing (clipped noise on the target actor's action)."""
+        cfg = self.cfg
+        next_h = self.encode(self.critic_encoder if cfg.target_encoder == "online" else
+                             self.critic_encoder_target, next_obs)
+        next_action = self.actor_target(self.encode(self.actor_encoder_target, next_obs) if self.separate
+                                        else next_h)
+        noise = (torch.randn_like(next_action) * cfg.target_noise).clamp(-cfg.target_noise_clip,
+                                                                          cfg.target_noise_clip)
+        next_action = (next_action + noise).clamp(-1.0, 1.0)
+        tq1, tq2 = self.critic_target(next_h, next_action)
+        return reward + discount * torch.min(tq1, tq2)
+
+    def update_critic(self, h, action, target_q) -> dict[str, torch.Tensor]:
         """The critic's step on the critic encoder's features ``h`` of ``obs`` (its loss trains that encoder)."""
         cfg = self.cfg
-        with torch.no_grad():
-            # target policy smoothing: clipped noise on the target actor's action
-            next_h = self.encode(self.critic_encoder if cfg.target_encoder == "online" else
-                                 self.critic_encoder_target, next_obs)
-            next_action = self.actor_target(self.encode(self.actor_encoder_target, next_obs) if self.separate
-                                            else next_h)
-            noise = (torch.randn_like(next_action) * cfg.target_noise).clamp(-cfg.target_noise_clip,
-                                                                              cfg.target_noise_clip)
-            next_action = (next_action + noise).clamp(-1.0, 1.0)
-            tq1, tq2 = self.critic_target(next_h, next_action)
-            target_q = reward + discount * torch.min(tq1, tq2)
         q1, q2 = self.critic(h, action)
         critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         # optimize encoder and critic
@@ -279,7 +284,7 @@ class TD3Agent:
         self.critic_opt.step()
         metrics.update({"train/critic_loss": critic_loss.detach(), "train/q1_value": q1.detach().mean(),
                         "train/q2_value": q2.detach().mean(), "train/target_q": target_q.mean(),
-                        "train/q_abs_diff": (q1 - q2).detach().abs().mean(), "train/batch_reward": reward.mean()})
+                        "train/q_abs_diff": (q1 - q2).detach().abs().mean()})
         return metrics
 
     def update_actor(self, obs, h_detached) -> dict[str, torch.Tensor]:

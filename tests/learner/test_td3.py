@@ -365,8 +365,9 @@ def test_in_the_users_network_the_actor_cnn_learns_from_the_actor_loss_only():
     b = agent.to_device(batch(IMG))
     obs, next_obs = agent._prep(b["obs"]), agent._prep(b["next_obs"])
     before = params(actor_cnn)
+    target_q = agent.td_target(b["reward"], b["discount"], next_obs)
     h = agent.encode(critic_cnn, obs)
-    m = agent.update_critic(h, b["action"], b["reward"], b["discount"], next_obs)
+    m = agent.update_critic(h, b["action"], target_q)
     assert all(p.grad is None for p in actor_cnn.parameters()), "the critic loss reaches no actor CNN weight"
     assert not changed(before, actor_cnn) and "gradients/actor_cnn_norm" not in m
     critic_cnn.zero_grad(set_to_none=True)
