@@ -44,9 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.config import (
-    Q_DIVERGED_MULTIPLE,  # |Q| or |actor loss| past this many Qmax is a blow-up
-)
+from protocol.config import Q_DIVERGED_MULTIPLE  # |Q| or |actor loss| past this many Qmax is a blow-up
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "diverge"

@@ -39,15 +39,8 @@ from protocol.logs import get_logger
 from protocol.messages import PROGRESS, WEIGHTS
 from protocol.ratelimit import UpdateToData
 from protocol.roles import LEARNER
-from protocol.sockets import (
-    STEPS_RCVHWM,
-    SUBSCRIPTION_MAX_BYTES,
-    Receiver,
-    load_endpoints,
-    make_socket,
-    send,
-    steps_max_bytes,
-)
+from protocol.sockets import (STEPS_RCVHWM, SUBSCRIPTION_MAX_BYTES, Receiver, load_endpoints, make_socket, send,
+                              steps_max_bytes)
 
 # How often the learner tells workers its counts; also bounds how stale their allowance is.
 PROGRESS_EVERY_S = 0.2

@@ -46,17 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol import events as ev
-from protocol.states import (
-    ALIVE,
-    BACKOFF,
-    FAILED,
-    RUNNING,
-    STALLED,
-    STARTING,
-    STOPPED,
-    STOPPING,
-    UP,
-)
+from protocol.states import ALIVE, BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING, UP
 from supervisor.specs import PERMANENT, TEMPORARY, ChildSpec, start_order
 
 # Counters a child reports are capped here, so sums of them stay numbers every reader can take.
@@ -304,7 +294,8 @@ class Supervision:
                            "redone": None if previous is None else max(0, previous - hb["resumed_from"])}
             actions.append(Event(ev.RESUMED, c.name, dict(inc.resumed)))
         for alert in hb.get("alerts") or []:
-            if isinstance(alert, str) and alert not in c.alerts_seen:  # alerts a child reports (divergence, say) become run events
+            # alerts a child reports (divergence, say) become run events
+            if isinstance(alert, str) and alert not in c.alerts_seen:
                 c.alerts_seen.add(alert)
                 actions.append(Event(ev.ALERT, c.name, {"alert": alert}))
         if c.state == STARTING and phase not in c.spec.startup_phases:
@@ -438,7 +429,8 @@ class Supervision:
                 if now - inc.kill_started_at >= grace:
                     inc.kill_sent = True
                     actions += [Kill(c.name, inc.number),
-                                Event(ev.KILLED, c.name, {"pid": inc.pid, "after_s": round(now - inc.kill_started_at, 2)})]
+                                Event(ev.KILLED, c.name,
+                                      {"pid": inc.pid, "after_s": round(now - inc.kill_started_at, 2)})]
             if c.state == BACKOFF and not c.held and now >= c.restart_at and not self.stopping \
                     and not self._held_dependents_alive(c):
                 actions += self._spawn(c)

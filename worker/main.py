@@ -26,11 +26,7 @@ from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
 from protocol.messages import PHASE_STARTING
 from protocol.roles import WORKER, worker_name
-from protocol.simulators import (
-    EXIT_SIMULATOR_RECYCLE,
-    EXIT_SIMULATOR_STALLED,
-    SimulatorStalled,
-)
+from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, SimulatorStalled
 from protocol.sockets import load_endpoints
 from worker.envs import ActionScaler, FrameStack, frame_of, make_env
 from worker.evaluation import evaluate

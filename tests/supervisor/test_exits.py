@@ -10,21 +10,14 @@ from protocol.exits import EXIT_FATAL
 from protocol.states import FAILED
 from supervisor.machine import Supervision
 from supervisor.plan import build_plan
+from tests.supervisor.test_machine import FakeClock
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
 def machine(**overrides):
     cfg = load_config(None, [("supervisor.max_restarts", 3)] + list(overrides.items()))
-    clock = Clock()
+    clock = FakeClock()
     m = Supervision(list(build_plan(cfg).specs), clock)
     m.start()
     return m, clock
@@ -69,7 +62,7 @@ def test_a_resumed_learner_records_the_updates_it_redoes():
     m.spawned("learner", m.children["learner"].incarnation, 100)
     beat(m, "learner", 100, updates=340)
     m.exited("learner", m.children["learner"].incarnation, -9)
-    clock.t += 60
+    clock.advance(60)
     m.tick()
     m.spawned("learner", m.children["learner"].incarnation, 200)
     actions = beat(m, "learner", 200, updates=300, resumed_from=300)
@@ -108,7 +101,7 @@ def test_drops_of_every_incarnation_add_up():
     m.spawned("worker-0", m.children["worker-0"].incarnation, 101)
     beat(m, "worker-0", 101, phase="stepping", dropped=5)
     m.exited("worker-0", m.children["worker-0"].incarnation, -9)
-    clock.t += 60
+    clock.advance(60)
     m.tick()
     m.spawned("worker-0", m.children["worker-0"].incarnation, 102)
     beat(m, "worker-0", 102, phase="stepping", dropped=2)
