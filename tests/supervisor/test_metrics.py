@@ -114,7 +114,8 @@ def test_the_endpoint_serves_the_latest_published_payload_on_its_own_thread():
         assert 'rlstack_run_env_steps{host="' in text and "rlstack_incidents_total" in text
     finally:
         endpoint.close()
-    assert not endpoint.thread.is_alive() or endpoint.thread.join(5) is None
+    endpoint.thread.join(5)
+    assert not endpoint.thread.is_alive()
 
 
 def test_the_keys_are_off_by_default_and_validated():
