@@ -229,6 +229,9 @@ class SupervisorConfig(_Section):
     max_workers_per_core: float = Field(3.0, gt=0.0)  # `up` refuses more workers than this per CPU core
     disk_warn_gb: float = Field(2.0, ge=0.0)  # `status` warns when the runs volume has less free than this
     child_nice: int = Field(5, ge=0, le=19)  # children run this much nicer than the supervisor: it never starves
+    # the Prometheus endpoint (docs/metrics.md#prometheus-endpoint): off unless a port is given
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = Field("127.0.0.1", min_length=1)  # the address it binds: this host only unless changed
 
     @model_validator(mode="after")
     def _layered(self):

@@ -78,6 +78,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.exit_code: int | None = None
         self.incidents = 0
+        self.metrics = None  # the Prometheus endpoint (supervisor.metrics.Endpoint), when configured
         self.chaos = Chaos(cfg.chaos, cfg.run.seed, self.machine, self.specs, self.run_dir, self.driver_of,
                            self.record, self.dropped,
                            lambda sockets, pids: start_garbage(self.ctx, self.endpoints, sockets, pids))
@@ -284,6 +285,30 @@ class Supervisor:
         self.execute(self.machine.tick())
         self.chaos.tick()
         self.sample_progress()
+        self.publish_metrics()
+
+    def start_metrics(self) -> None:
+        """The Prometheus endpoint, when configured; one that cannot bind is said in one line, and the run goes on
+        without it (``up`` refused a port in use before anything was written: this is one taken since)."""
+        port = self.cfg.supervisor.metrics_port
+        if port is None:
+            return
+        from supervisor.metrics import Endpoint
+
+        host = self.cfg.supervisor.metrics_host
+        try:
+            self.metrics = Endpoint(host, port)
+        except OSError as exc:
+            say(f"supervisor: the metrics endpoint cannot bind {host}:{port} ({exc.strerror or exc}); "
+                "carrying on without it")
+            return
+        self.publish_metrics()
+
+    def publish_metrics(self) -> None:
+        """A fresh status payload for the endpoint's scrapes, every ``metrics.PUBLISH_EVERY_S``."""
+        now = time.monotonic()
+        if self.metrics is not None and self.metrics.due(now):
+            self.metrics.publish(self.status(), now)
 
     def start(self) -> zmq.Poller:
         """Bind, and start every child (after :meth:`clean_leftovers`)."""
@@ -294,11 +319,15 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(self.hb_sock, zmq.POLLIN)
         poller.register(self.control.sock, zmq.POLLIN)
+        self.start_metrics()
         return poller
 
     def close(self) -> None:
         """Kill whatever is left, and leave no socket file behind."""
         self.chaos.close()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for driver in self.drivers.values():
             driver.kill_all()
         end = self.machine.end

@@ -168,6 +168,9 @@ def check_up(args) -> Ready:
     if missing:
         raise Refused(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
                       "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", EXIT_USAGE)
+    problem = metrics_problem(cfg)
+    if problem is not None:
+        raise Refused(f"supervisor up: {problem}", EXIT_USAGE)
     warnings = []
     problem = host_capacity_problem(cfg)
     if problem is not None:
@@ -189,6 +192,26 @@ def check_up(args) -> Ready:
         warnings.append("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled "
                         "processes (pip install 'carla-rl-stack[supervisor]')")
     return Ready(cfg, run_dir if resuming else None, locked, warnings)
+
+
+def metrics_problem(cfg) -> str | None:
+    """Why the Prometheus endpoint ``supervisor.metrics_port`` asks for cannot be served, with what to do; None when
+    it can (or is off)."""
+    import importlib.util
+
+    from supervisor.metrics import port_problem
+
+    port, host = cfg.supervisor.metrics_port, cfg.supervisor.metrics_host
+    if port is None:
+        return None
+    if importlib.util.find_spec("prometheus_client") is None:
+        return ("supervisor.metrics_port is set, and this install lacks prometheus_client; install it with: pip "
+                "install 'carla-rl-stack[supervisor]', or leave supervisor.metrics_port out")
+    problem = port_problem(host, port)
+    if problem is not None:
+        return (f"{problem}; free it, or choose another with --set supervisor.metrics_port=N (or leave it out: no "
+                "endpoint)")
+    return None
 
 
 # What one child of each kind takes, for the check that a host can hold a run (measured on the embedded
