@@ -41,6 +41,11 @@ def value(samples, **labels) -> float:
     return found[0]
 
 
+def value_or_none(samples, **labels) -> float | None:
+    found = [s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    return found[0] if len(found) == 1 else None
+
+
 def test_a_running_stack_serves_its_childrens_series(stack_factory):
     port = free_port()
     stack = stack_factory({"supervisor": {"metrics_port": port}})
@@ -49,7 +54,10 @@ def test_a_running_stack_serves_its_childrens_series(stack_factory):
     while True:  # the loop publishes every half second: wait until the workers' steps show
         got = scrape(port)
         steps = got.get("rlstack_child_steps_per_second", [])
-        if all(value(steps, child=f"worker-{i}") > 0 for i in range(2)) or time.monotonic() > deadline:
+        states = got.get("rlstack_child_state", [])
+        running = all(value_or_none(states, child=c, state=RUNNING) == 1.0 for c in (LEARNER, "worker-0", "worker-1"))
+        stepping = all((value_or_none(steps, child=f"worker-{i}") or 0) > 0 for i in range(2))
+        if (running and stepping) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     host = socket.gethostname()

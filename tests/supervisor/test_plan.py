@@ -22,7 +22,7 @@ READ_BY_CHILDREN = {"heartbeat_interval_s"}
 
 
 # read by `up` and the supervisor process, not the machine (tests: test_reliability.py)
-READ_BY_SUPERVISOR = {"max_workers_per_core", "disk_warn_gb", "child_nice"}
+READ_BY_SUPERVISOR = {"max_workers_per_core", "disk_warn_gb", "child_nice", "metrics_port", "metrics_host"}
 
 
 def plan_of(**supervisor):
