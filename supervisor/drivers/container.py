@@ -166,6 +166,8 @@ class ContainerDriver:
     ``launch`` holds ``image``, ``command`` (a list), ``container_name``, ``labels``,
     ``ports`` (name -> port, all checked free before launch), ``host`` and
     ``rpc_port`` (probed), ``gpu`` (an id, or None for no GPU request), ``pull``.
+    Every container also carries ``OWNER_LABEL`` with ``owner`` (the supervisor's pid and start time), by
+    which that supervisor's watchdog (:mod:`supervisor.watchdog`) finds the containers it may remove.
     """
 
     def __init__(self, run_dir: Path, run_id: str, probe_interval_s: float, probe_timeout_s: float,
