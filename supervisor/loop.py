@@ -49,6 +49,8 @@ DISK_CHECK_EVERY_S = 5.0
 # and judges a frozen run by); about 100 bytes per child per line.
 PROGRESS_SAMPLE_S = 2.0
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+# A clean close waits this long for the container watchdog's last look.
+WATCHDOG_WAIT_S = 5.0
 
 
 class Supervisor:
@@ -307,16 +309,18 @@ class Supervisor:
             say(f"supervisor: {os_error_line(exc)} (starting the container watchdog); carrying on without it")
 
     def stop_watchdog(self) -> None:
-        """After a clean close (the containers are removed): end the watchdog, and reap it."""
+        """After a clean close (``ended`` written): SIGTERM makes the watchdog look at once; it removes what the
+        drivers could not (nothing, normally) and exits. One still busy after WATCHDOG_WAIT_S (an engine that does
+        not answer) is left to finish on its own."""
         if self.watchdog is None:
             return
         if self.watchdog.poll() is None:
             self.watchdog.terminate()
             try:
-                self.watchdog.wait(timeout=5)
+                self.watchdog.wait(timeout=WATCHDOG_WAIT_S)
             except subprocess.TimeoutExpired:
-                self.watchdog.kill()
-                self.watchdog.wait(timeout=5)
+                say(f"supervisor: the container watchdog (pid {self.watchdog.pid}) is still removing containers; "
+                    f"it goes on after this process")
         self.watchdog = None
 
     def start(self) -> zmq.Poller:

@@ -15,8 +15,9 @@ supervisor is done, it removes (forced) every container labelled for the run *an
 started by that supervisor (:func:`label_filter`: never another run's, nor a later
 supervisor's of the same run), writes one ``orphans_removed`` line to the run's
 ``events.jsonl`` when it removed any, and exits. After a clean stop the supervisor
-has removed its containers itself (and ends the watchdog), so nothing is left to
-remove and no line is written.
+has removed its containers itself, writes ``ended`` and sends SIGTERM: the watchdog
+looks at once, finds nothing left to remove (no line is written) and exits; if the
+supervisor could not remove them all (the engine did not answer), the watchdog does.
 
 Bound: a container outlives a killed supervisor by at most :data:`POLL_S` plus
 the Docker engine's forced removal (about a second on an idle engine).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -84,11 +86,14 @@ def reason_text(decision: str, pid: int) -> str:
 
 def watch(run_dir: Path, pid: int, started: float, poll_s: float = POLL_S,
           start_time_of: Callable[[int], float | None] = process_start_time,
-          sleep: Callable[[float], None] = time.sleep) -> str:
-    """Wait until the supervisor is done; the decision."""
+          sleep: Callable[[float], None] = time.sleep, asked_to_end: Callable[[], bool] = lambda: False) -> str | None:
+    """Wait until the supervisor is done; the decision. ``asked_to_end`` (SIGTERM, sent by the supervisor's
+    clean close once supervisor.json says the run ended) makes it decide at once: None when the supervisor
+    still runs a run that has not ended (then it removes nothing)."""
     while True:
+        asked = asked_to_end()  # before reading the state: the supervisor writes `ended` before it asks
         decision = decide(read_state(run_dir), pid, started, start_time_of(pid))
-        if decision is not None:
+        if decision is not None or asked:
             return decision
         sleep(poll_s)
 
@@ -155,7 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--owner", help="the containers' owner label (default: from the pid and start time)")
     args = p.parse_args(argv)
     owner = args.owner or owner_tag(args.supervisor_pid, args.supervisor_started)
-    decision = watch(args.run_dir, args.supervisor_pid, args.supervisor_started)
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the supervisor is not for its watchdog
+    decision = watch(args.run_dir, args.supervisor_pid, args.supervisor_started, sleep=terminated.wait,
+                     asked_to_end=terminated.is_set)
+    if decision is None:
+        return 0
     filters = label_filter(args.run_id, owner)
     try:
         engine = connect()

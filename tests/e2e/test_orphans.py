@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from harness.carla import carla_overrides
+from harness.stack import Stack
 from protocol import events as ev
 from protocol.states import RUNNING
 from supervisor.drivers.container import OWNER_LABEL, RUN_LABEL
@@ -24,6 +25,23 @@ from supervisor.drivers.container import OWNER_LABEL, RUN_LABEL
 pytestmark = pytest.mark.timeout(300)
 
 BOUND_S = 15.0  # docs/carla.md: the watchdog's poll (1 s) plus Docker's removal, with room for a busy host
+
+
+@pytest.fixture
+def carla_stack(tmp_path, fakecarla_image):
+    """A stack on two containerised fake-CARLA slots, under a run id of its own (its containers' names and labels
+    are the test's alone); stopped and checked for leftover processes at teardown, also when the test fails."""
+    stacks = []
+
+    def make():
+        stack = Stack(tmp_path / f"s{len(stacks)}", carla_overrides(fakecarla_image), "configs/carla.yaml",
+                      run_id=f"orphans-{secrets.token_hex(3)}")
+        stacks.append(stack)
+        return stack.start()
+
+    yield make
+    for stack in stacks:
+        stack.stop()
 
 
 def watchdogs(run_dir) -> list[psutil.Process]:
@@ -51,8 +69,8 @@ def until(predicate, timeout, what, every=0.1):
 
 
 def test_a_killed_supervisors_containers_are_removed_by_its_watchdog_and_no_one_elses(
-        stack_factory, docker_engine, fakecarla_image):
-    stack = stack_factory(carla_overrides(fakecarla_image), base="configs/carla.yaml")
+        carla_stack, docker_engine, fakecarla_image):
+    stack = carla_stack()
     run_filter = {"label": [f"{RUN_LABEL}={stack.run_id}"]}
     strangers = []
     try:
@@ -96,8 +114,8 @@ def test_a_killed_supervisors_containers_are_removed_by_its_watchdog_and_no_one_
                 pass
 
 
-def test_after_a_clean_stop_the_watchdog_is_gone_and_removed_nothing(stack_factory, docker_engine, fakecarla_image):
-    stack = stack_factory(carla_overrides(fakecarla_image), base="configs/carla.yaml")
+def test_after_a_clean_stop_the_watchdog_is_gone_and_removed_nothing(carla_stack, docker_engine, fakecarla_image):
+    stack = carla_stack()
     run_filter = {"label": [f"{RUN_LABEL}={stack.run_id}"]}
     try:
         stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
@@ -108,6 +126,36 @@ def test_after_a_clean_stop_the_watchdog_is_gone_and_removed_nothing(stack_facto
         assert not watchdogs(stack.run_dir), "the supervisor ends its watchdog before it exits"
         assert not listed(docker_engine, run_filter)
         assert not [e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED]
+    finally:
+        for p in watchdogs(stack.run_dir):
+            p.kill()
+        for c in listed(docker_engine, run_filter):
+            try:
+                c.remove(force=True)
+            except Exception:
+                pass
+
+
+def test_what_a_clean_stop_left_of_its_supervisors_containers_the_watchdog_removes(
+        carla_stack, docker_engine, fakecarla_image):
+    """A container of the supervisor that its driver does not know (as when the engine failed at its start) is
+    still labelled as its own: after the stop (`ended` written) the watchdog finds it and removes it."""
+    stack = carla_stack()
+    run_filter = {"label": [f"{RUN_LABEL}={stack.run_id}"]}
+    try:
+        stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
+                       120, "both simulators running")
+        owner = docker_engine.containers.get(f"rlstack-{stack.run_id}-carla-0").labels[OWNER_LABEL]
+        unknown = docker_engine.containers.run(
+            fakecarla_image, ["python3", "-m", "fakecarla", "-carla-rpc-port=2000"], detach=True,
+            labels={RUN_LABEL: stack.run_id, OWNER_LABEL: owner}, name=f"rlstack-unknown-{secrets.token_hex(3)}")
+        assert stack.cli("stop").returncode == 0
+        assert stack.proc.wait(timeout=60) == 0
+        until(lambda: not listed(docker_engine, run_filter), 10, "every container of the run removed")
+        line = until(lambda: next((e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED), None), 5,
+                     "the orphans_removed line")
+        assert line["containers"] == [unknown.name] and "ended" in line["reason"]
+        until(lambda: not watchdogs(stack.run_dir), 10, "the watchdog to exit")
     finally:
         for p in watchdogs(stack.run_dir):
             p.kill()

@@ -43,6 +43,17 @@ def test_watch_polls_until_the_supervisor_is_gone(tmp_path):
     assert sleeps == [1.0, 1.0]
 
 
+def test_asked_to_end_it_decides_at_once_and_removes_nothing_while_the_run_goes_on(tmp_path):
+    state = tmp_path / "supervisor.json"
+    state.write_text(json.dumps({"pid": PID, "started": STARTED}))
+    never = lambda seconds: pytest.fail("it waited")  # noqa: E731
+    assert watch(tmp_path, PID, STARTED, start_time_of=lambda pid: STARTED, sleep=never,
+                 asked_to_end=lambda: True) is None
+    state.write_text(json.dumps({"pid": PID, "started": STARTED, "ended": {"exit_code": 0}}))
+    assert watch(tmp_path, PID, STARTED, start_time_of=lambda pid: STARTED, sleep=never,
+                 asked_to_end=lambda: True) == ENDED
+
+
 def test_the_label_filter_is_the_runs_own_and_its_supervisors_own():
     tag = owner_tag(PID, STARTED)
     filters = label_filter("20260101-000000-abcd", tag)
