@@ -31,6 +31,7 @@ class EventKind:
 
 RUN_STARTED = "run_started"
 LEFTOVERS_KILLED = "leftovers_killed"
+ORPHANS_REMOVED = "orphans_removed"
 SPAWNED = "spawned"
 SPAWN_FAILED = "spawn_failed"
 RUNNING = states.RUNNING  # the event of entering that state
@@ -65,6 +66,12 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
         "children": "the children of the run, in start order"}),
     EventKind(LEFTOVERS_KILLED, "children of an earlier supervisor of this run that died were killed", {
         "pids": "the process groups killed"}),
+    EventKind(ORPHANS_REMOVED, "the run's watchdog (supervisor.watchdog) removed simulator containers its supervisor "
+              "left: the supervisor died (or the run ended) with them still there; written by the watchdog", {
+                  "containers": "the names of the containers removed",
+                  "reason": "why: the supervisor is gone, or the run ended",
+                  "supervisor_pid": "the pid of the supervisor that started them",
+                  "failed": "names of containers the Docker engine would not remove (only when there are any)"}),
     EventKind(SPAWNED, "a child was started", {
         "pid": "its pid", "incarnation": "0 for the first start, +1 for each restart",
         "standby": "true when a pre-imported standby process took over"}),

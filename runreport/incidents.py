@@ -15,7 +15,8 @@ from runreport.status import clock
 TIMELINE_KINDS = {ev.STALLED, ev.EVIDENCE_CAPTURED, ev.EVIDENCE_FAILED, ev.KILLED, ev.EXITED, ev.BACKOFF, ev.FAILED,
                   ev.SPAWNED, ev.SPAWN_FAILED, ev.RUNNING, ev.ALERT, ev.FAULT_INJECTED, ev.FAULT_ENDED,
                   ev.FAULT_FAILED, ev.DEPENDENCY_RESTART, ev.RESTART_REQUESTED, ev.RECYCLED, ev.RESUMED,
-                  ev.DISK_LOW, ev.DISK_FULL, ev.FORCED_STOP, ev.STOPPING, ev.RUN_ENDED, ev.LEFTOVERS_KILLED}
+                  ev.DISK_LOW, ev.DISK_FULL, ev.FORCED_STOP, ev.STOPPING, ev.RUN_ENDED, ev.LEFTOVERS_KILLED,
+                  ev.ORPHANS_REMOVED}
 
 
 def timeline(run: Run) -> list[dict]:

@@ -16,6 +16,7 @@ import queue
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,11 +35,12 @@ from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_B
 from supervisor.chaos import Chaos, start_garbage
 from supervisor.control import ControlServer, progress_row, status_payload, status_rows
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
-from supervisor.drivers.process import ProcessDriver
+from supervisor.drivers.process import PROJECT_ROOT, ProcessDriver
 from supervisor.machine import (CaptureEvidence, DropStandby, EndRun, Event, Kill, Spawn, StartStandby, Supervision,
                                 Terminate)
 from supervisor.plan import Plan, build_plan
 from supervisor.rundir import RunFiles
+from supervisor.watchdog import owner_tag
 
 # The main loop wakes at least this often to judge deadlines.
 TICK_S = 0.05
@@ -47,6 +49,8 @@ DISK_CHECK_EVERY_S = 5.0
 # and judges a frozen run by); about 100 bytes per child per line.
 PROGRESS_SAMPLE_S = 2.0
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+# A clean close waits this long for the container watchdog's last look.
+WATCHDOG_WAIT_S = 5.0
 
 
 class Supervisor:
@@ -61,8 +65,9 @@ class Supervisor:
         self.plan = plan or build_plan(cfg, self.run_id)
         self.specs = {s.name: s for s in self.plan.specs}
         self.machine = Supervision(list(self.plan.specs), clock, random.Random(cfg.run.seed))
-        self.drivers: dict[str, Driver] = drivers if drivers is not None else default_drivers(cfg, self.run_dir,
-                                                                                             self.plan)
+        self.process_started = process_start_time(os.getpid())
+        self.drivers: dict[str, Driver] = drivers if drivers is not None else default_drivers(
+            cfg, self.run_dir, self.plan, owner_tag(os.getpid(), self.process_started))
         missing = {s.kind for s in self.plan.specs} - set(self.drivers)
         if missing:
             raise ValueError(f"no driver for child kind(s) {sorted(missing)}")
@@ -71,7 +76,7 @@ class Supervisor:
         self.os_errors: set = set()
         self.disk_checked_at = -1e9
         self.disk: dict = {}
-        self.process_started = process_start_time(os.getpid())
+        self.watchdog: subprocess.Popen | None = None
         self.progress_sampled_at = -1e9
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
@@ -310,9 +315,43 @@ class Supervisor:
         if self.metrics is not None and self.metrics.due(now):
             self.metrics.publish(self.status(), now)
 
+    def start_watchdog(self) -> None:
+        """A run with simulator containers gets a watchdog (:mod:`supervisor.watchdog`) in a session of its own:
+        it outlives this process to remove the containers should this process die without removing them."""
+        if not any(s.kind == "container" for s in self.plan.specs) or self.process_started is None:
+            return
+        cmd = [sys.executable, "-m", "supervisor.watchdog", "--run-dir", str(self.run_dir), "--run-id", self.run_id,
+               "--supervisor-pid", str(os.getpid()), "--supervisor-started", repr(self.process_started),
+               "--owner", owner_tag(os.getpid(), self.process_started)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "logs" / "watchdog.out", "ab") as out:
+                self.watchdog = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                                 start_new_session=True, close_fds=True, cwd=PROJECT_ROOT, env=env)
+        except OSError as exc:  # the run goes on; only a crash of this process would leave its containers
+            say(f"supervisor: {os_error_line(exc)} (starting the container watchdog); carrying on without it")
+
+    def stop_watchdog(self) -> None:
+        """After a clean close (``ended`` written): SIGTERM makes the watchdog look at once; it removes what the
+        drivers could not (nothing, normally) and exits. One still busy after WATCHDOG_WAIT_S (an engine that does
+        not answer) is left to finish on its own."""
+        if self.watchdog is None:
+            return
+        if self.watchdog.poll() is None:
+            self.watchdog.terminate()
+            try:
+                self.watchdog.wait(timeout=WATCHDOG_WAIT_S)
+            except subprocess.TimeoutExpired:
+                say(f"supervisor: the container watchdog (pid {self.watchdog.pid}) is still removing containers; "
+                    f"it goes on after this process")
+        self.watchdog = None
+
     def start(self) -> zmq.Poller:
         """Bind, and start every child (after :meth:`clean_leftovers`)."""
         self.bind()
+        self.start_watchdog()
         self.record(Event(ev.RUN_STARTED, "run", {"run_dir": str(self.run_dir), "pid": os.getpid(),
                                                    "workers": self.cfg.workers.count, "children": self.plan.names}))
         self.execute(self.machine.start())
@@ -333,6 +372,7 @@ class Supervisor:
         end = self.machine.end
         self.save_state(ended={"time": round(time.time(), 3), "exit_code": end.exit_code if end else None,
                                "reason": end.reason if end else "the supervisor stopped"})
+        self.stop_watchdog()
         self.files.close()
         self.ctx.destroy(linger=0)
         self.remove_sockets()
@@ -375,13 +415,14 @@ class Supervisor:
                 pass
 
 
-def default_drivers(cfg: Config, run_dir: Path, plan: Plan) -> dict[str, Driver]:
-    """A driver for each kind of child in the plan (no Docker engine is asked for when no child needs one)."""
+def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = None) -> dict[str, Driver]:
+    """A driver for each kind of child in the plan (no Docker engine is asked for when no child needs one);
+    ``owner`` labels the containers as this supervisor's (its watchdog removes those)."""
     drivers: dict[str, Driver] = {"process": ProcessDriver(run_dir, cfg.supervisor.child_nice)}
     if any(s.kind == "container" for s in plan.specs):
         from supervisor.drivers.container import ContainerDriver
 
         sims = cfg.simulators
         drivers["container"] = ContainerDriver(run_dir, Path(run_dir).name, sims.probe_interval_s,
-                                               sims.probe_timeout_s, sims.docker_timeout_s)
+                                               sims.probe_timeout_s, sims.docker_timeout_s, owner=owner)
     return drivers

@@ -39,6 +39,8 @@ from supervisor.specs import ChildSpec
 RUN_LABEL = "rlstack.run"
 SLOT_LABEL = "rlstack.slot"
 CHILD_LABEL = "rlstack.child"
+# The supervisor that started a container (supervisor.watchdog.owner_tag): its watchdog removes only those.
+OWNER_LABEL = "rlstack.supervisor"
 LOG_TAIL_LINES = 200
 # While a server starts, its readiness is asked for this often (then every probe_interval_s).
 STARTUP_PROBE_S = 0.1
@@ -164,11 +166,14 @@ class ContainerDriver:
     ``launch`` holds ``image``, ``command`` (a list), ``container_name``, ``labels``,
     ``ports`` (name -> port, all checked free before launch), ``host`` and
     ``rpc_port`` (probed), ``gpu`` (an id, or None for no GPU request), ``pull``.
+    Every container also carries ``OWNER_LABEL`` with ``owner`` (the supervisor's pid and start time), by
+    which that supervisor's watchdog (:mod:`supervisor.watchdog`) finds the containers it may remove.
     """
 
     def __init__(self, run_dir: Path, run_id: str, probe_interval_s: float, probe_timeout_s: float,
-                 docker_timeout_s: float, engine=None):
+                 docker_timeout_s: float, engine=None, owner: str | None = None):
         self.run_dir = Path(run_dir)
+        self.owner = owner  # the value of OWNER_LABEL on every container it starts
         self.run_id = run_id
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -230,6 +235,8 @@ class ContainerDriver:
         check_ports_free(launch["ports"])
         self.ensure_image(launch["image"], launch.get("pull", False))
         labels = {**launch["labels"], "rlstack.incarnation": str(incarnation)}
+        if self.owner is not None:
+            labels[OWNER_LABEL] = self.owner
         requests = ([docker.types.DeviceRequest(device_ids=[str(launch["gpu"])], capabilities=[["gpu"]])]
                     if launch.get("gpu") is not None else None)
         try:
