@@ -31,10 +31,11 @@ status: $(STAMP)
 	$(VENV)/bin/supervisor status
 
 # the container tests need a Docker engine: one is installed and started where none answers;
-# two pytest workers, one per core (the end-to-end tests' deadlines allow for a busy host)
+# two pytest workers, one per core; then the tests that load the host by design, by themselves
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone" $(PYTEST_ARGS)
+	$(PY) -m pytest -m alone $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
 # examples of each kind, one thread each for torch and numpy; about 20 s.

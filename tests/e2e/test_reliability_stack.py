@@ -197,6 +197,7 @@ def test_a_full_disk_ends_the_run_cleanly_with_the_reason(stack_factory, tmp_pat
         subprocess.run(["umount", "-l", str(vol)], check=False)
 
 
+@pytest.mark.alone  # eight workers on two cores by design: beside another test, that one's deadlines would suffer
 @pytest.mark.timeout(240)
 def test_status_answers_while_an_oversubscribed_run_starts(stack_factory):
     cores = len(os.sched_getaffinity(0))

@@ -69,8 +69,9 @@ def test_hang_inside_step_is_killed_and_respawned_within_deadline(stack_factory)
     assert "no progress" in stalled["reason"] and "stepping" in stalled["reason"]
     hb = stalled["heartbeat"]
     assert hb["env_steps"] == 150 and hb["phase"] == "stepping"
-    # evidence came before the kill
-    incidents = list((stack.run_dir / "incidents").glob("*-worker-0"))
+    # evidence came before the kill: the incident of that stall (the stalled incarnation's pid)
+    incidents = [d for d in (stack.run_dir / "incidents").glob("*-worker-0")
+                 if json.loads((d / "incident.json").read_text())["pid"] == stalled["pid"]]
     assert len(incidents) == 1
     stack_txt = (incidents[0] / "stack.txt").read_text()
     assert "_fire" in stack_txt and "step" in stack_txt, stack_txt
