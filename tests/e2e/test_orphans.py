@@ -28,9 +28,10 @@ BOUND_S = 15.0  # docs/carla.md: the watchdog's poll (1 s) plus Docker's removal
 
 
 @pytest.fixture
-def carla_stack(tmp_path, fakecarla_image):
+def carla_stack(tmp_path, fakecarla_image, docker_engine):
     """A stack on two containerised fake-CARLA slots, under a run id of its own (its containers' names and labels
-    are the test's alone); stopped and checked for leftover processes at teardown, also when the test fails."""
+    are the test's alone). At teardown, also when the test fails: its watchdog killed, every container labelled for
+    its run removed, the stack stopped and checked for leftover processes."""
     stacks = []
 
     def make():
@@ -41,6 +42,9 @@ def carla_stack(tmp_path, fakecarla_image):
 
     yield make
     for stack in stacks:
+        for p in watchdogs(stack.run_dir):
+            p.kill()
+        remove(listed(docker_engine, {"label": [f"{RUN_LABEL}={stack.run_id}"]}))
         stack.stop()
 
 
@@ -56,6 +60,14 @@ def watchdogs(run_dir) -> list[psutil.Process]:
 def listed(engine, filters) -> list:
     """Containers the filter finds (one removed while being listed is not)."""
     return engine.containers.list(all=True, filters=filters, ignore_removed=True)
+
+
+def remove(containers) -> None:
+    for c in containers:
+        try:
+            c.remove(force=True)
+        except Exception:
+            pass
 
 
 def until(predicate, timeout, what, every=0.1):
@@ -105,35 +117,20 @@ def test_a_killed_supervisors_containers_are_removed_by_its_watchdog_and_no_one_
             assert c.status == "running", f"{c.name} ({c.labels}) is not the killed supervisor's"
         until(lambda: not watchdogs(stack.run_dir), 10, "the watchdog to exit")
     finally:
-        for p in watchdogs(stack.run_dir):
-            p.kill()
-        for c in strangers + listed(docker_engine, run_filter):
-            try:
-                c.remove(force=True)
-            except Exception:
-                pass
+        remove(strangers)  # another run's is not the fixture's to find
 
 
 def test_after_a_clean_stop_the_watchdog_is_gone_and_removed_nothing(carla_stack, docker_engine, fakecarla_image):
     stack = carla_stack()
     run_filter = {"label": [f"{RUN_LABEL}={stack.run_id}"]}
-    try:
-        stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
-                       120, "both simulators running")
-        assert len(watchdogs(stack.run_dir)) == 1
-        assert stack.cli("stop").returncode == 0
-        assert stack.proc.wait(timeout=60) == 0
-        assert not watchdogs(stack.run_dir), "the supervisor ends its watchdog before it exits"
-        assert not listed(docker_engine, run_filter)
-        assert not [e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED]
-    finally:
-        for p in watchdogs(stack.run_dir):
-            p.kill()
-        for c in listed(docker_engine, run_filter):
-            try:
-                c.remove(force=True)
-            except Exception:
-                pass
+    stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
+                   120, "both simulators running")
+    assert len(watchdogs(stack.run_dir)) == 1
+    assert stack.cli("stop").returncode == 0
+    assert stack.proc.wait(timeout=60) == 0
+    assert not watchdogs(stack.run_dir), "the supervisor ends its watchdog before it exits"
+    assert not listed(docker_engine, run_filter)
+    assert not [e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED]
 
 
 def test_what_a_clean_stop_left_of_its_supervisors_containers_the_watchdog_removes(
@@ -142,25 +139,16 @@ def test_what_a_clean_stop_left_of_its_supervisors_containers_the_watchdog_remov
     still labelled as its own: after the stop (`ended` written) the watchdog finds it and removes it."""
     stack = carla_stack()
     run_filter = {"label": [f"{RUN_LABEL}={stack.run_id}"]}
-    try:
-        stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
-                       120, "both simulators running")
-        owner = docker_engine.containers.get(f"rlstack-{stack.run_id}-carla-0").labels[OWNER_LABEL]
-        unknown = docker_engine.containers.run(
-            fakecarla_image, ["python3", "-m", "fakecarla", "-carla-rpc-port=2000"], detach=True,
-            labels={RUN_LABEL: stack.run_id, OWNER_LABEL: owner}, name=f"rlstack-unknown-{secrets.token_hex(3)}")
-        assert stack.cli("stop").returncode == 0
-        assert stack.proc.wait(timeout=60) == 0
-        until(lambda: not listed(docker_engine, run_filter), 10, "every container of the run removed")
-        line = until(lambda: next((e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED), None), 5,
-                     "the orphans_removed line")
-        assert line["containers"] == [unknown.name] and "ended" in line["reason"]
-        until(lambda: not watchdogs(stack.run_dir), 10, "the watchdog to exit")
-    finally:
-        for p in watchdogs(stack.run_dir):
-            p.kill()
-        for c in listed(docker_engine, run_filter):
-            try:
-                c.remove(force=True)
-            except Exception:
-                pass
+    stack.wait_for(lambda s: all(p["state"] == RUNNING for p in s["processes"] if p["name"].startswith("carla-")),
+                   120, "both simulators running")
+    owner = docker_engine.containers.get(f"rlstack-{stack.run_id}-carla-0").labels[OWNER_LABEL]
+    unknown = docker_engine.containers.run(
+        fakecarla_image, ["python3", "-m", "fakecarla", "-carla-rpc-port=2000"], detach=True,
+        labels={RUN_LABEL: stack.run_id, OWNER_LABEL: owner}, name=f"rlstack-unknown-{secrets.token_hex(3)}")
+    assert stack.cli("stop").returncode == 0
+    assert stack.proc.wait(timeout=60) == 0
+    until(lambda: not listed(docker_engine, run_filter), 10, "every container of the run removed")
+    line = until(lambda: next((e for e in stack.events() if e["event"] == ev.ORPHANS_REMOVED), None), 5,
+                 "the orphans_removed line")
+    assert line["containers"] == [unknown.name] and "ended" in line["reason"]
+    until(lambda: not watchdogs(stack.run_dir), 10, "the watchdog to exit")
