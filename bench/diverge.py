@@ -44,7 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol.config import Q_DIVERGED_MULTIPLE  # |Q| or |actor loss| past this many Qmax is a blow-up
+from protocol.config import (
+    Q_DIVERGED_MULTIPLE,  # |Q| or |actor loss| past this many Qmax is a blow-up
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "diverge"
@@ -113,7 +115,7 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
 
     def event(kind: str, name: str, **fields) -> None:  # as the supervisor writes them
         ev.check_event(kind, fields)
-        events.write(json.dumps({"time": round(time.time(), 3), "event": kind, "name": name, **fields}) + "\n")
+        events.write(json.dumps(ev.line(kind, name, fields)) + "\n")
 
     event(ev.RUN_STARTED, "run", run_dir=str(run_dir), pid=os.getpid(), workers=0, children=["learner"])
     blowup, first_alert, trace, peak = None, {}, [], {"q": 0.0, "actor_loss": 0.0}

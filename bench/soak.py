@@ -42,7 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from harness.stack import Stack  # noqa: E402
 from protocol.states import RUNNING  # noqa: E402
-from runreport.faults import fault_outcomes, format_summary, summarize_outcomes  # noqa: E402
+from runreport.faults import (  # noqa: E402
+    fault_outcomes,
+    format_summary,
+    summarize_outcomes,
+)
 from runreport.runfiles import read_jsonl  # noqa: E402
 
 CONFIG = "configs/default.yaml"

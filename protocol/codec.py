@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from protocol.messages import ARRAYS_ANY, PROTOCOL_VERSION, SCHEMAS, MessageSchema, ProtocolError
+from protocol.messages import (
+    ARRAYS_ANY,
+    PROTOCOL_VERSION,
+    SCHEMAS,
+    MessageSchema,
+    ProtocolError,
+)
 
 if TYPE_CHECKING:  # numpy is imported where arrays are met: a control request or a heartbeat has none
     import numpy as np

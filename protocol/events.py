@@ -9,6 +9,7 @@ listed here is a bug: :func:`check_event` refuses it where events are made.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -137,6 +138,12 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
                   "progress": "slow: the target's progress count gained in the window (null if it was replaced)",
                   "dropped": "messages the supervisor dropped as malformed in the window"}),
 ]}
+
+
+def line(kind: str, name: str, fields: Mapping[str, object]) -> dict:
+    """One line of ``events.jsonl`` as every writer of it writes one: time, event, name, then the kind's fields
+    (checked where the event is made: :func:`check_event`)."""
+    return {"time": round(time.time(), 3), "event": kind, "name": name, **fields}
 
 
 def check_event(kind: str, fields: Mapping[str, object]) -> None:

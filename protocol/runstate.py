@@ -32,6 +32,15 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+# A process's start time as psutil reads it again later differs by rounding only: this much is the same process.
+START_TOLERANCE_S = 1.0
+
+
+def same_process(started: float, now_started: float | None) -> bool:
+    """Whether a pid's current start time (None: no such pid) is that of the process that started at ``started``."""
+    return now_started is not None and abs(now_started - started) < START_TOLERANCE_S
+
+
 def live_pid(state: dict) -> int | None:
     """The pid of the supervisor a run's state file names, if that very process still runs; None when the run
     ended, the pid is ours (a container restarted with the same pid), or the pid now belongs to another process."""
@@ -40,8 +49,7 @@ def live_pid(state: dict) -> int | None:
         return None
     started = state.get("started")
     if isinstance(started, (int, float)):
-        now = process_start_time(pid)
-        return pid if now is not None and abs(now - started) < 1.0 else None
+        return pid if same_process(started, process_start_time(pid)) else None
     return pid if supervisor_alive(pid) else None
 
 

@@ -18,7 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from protocol.exits import EXIT_NO_SPACE, EXIT_OS_ERROR, EXIT_PERMISSION, EXIT_READ_ONLY  # noqa: F401 (the CLI's codes)
+from protocol.exits import (  # noqa: F401 (the CLI's codes)
+    EXIT_NO_SPACE,
+    EXIT_OS_ERROR,
+    EXIT_PERMISSION,
+    EXIT_READ_ONLY,
+)
 from protocol.states import FAILED, RUNNING
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_NO_SUPERVISOR = 0, 1, 2, 3, 4

@@ -7,10 +7,24 @@ from typing import Callable
 
 from rich.console import Group
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from protocol.states import BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING
+from protocol.states import (
+    BACKOFF,
+    FAILED,
+    RUNNING,
+    STALLED,
+    STARTING,
+    STOPPED,
+    STOPPING,
+)
 from supervisor.display import RIGHT, columns, rows, status_notes
 
 STATE_STYLE = {RUNNING: "green", STARTING: "cyan", STALLED: "bold red", STOPPING: "yellow",

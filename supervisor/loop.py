@@ -30,14 +30,31 @@ from protocol.config import Config
 from protocol.exits import os_error_line, say
 from protocol.messages import HEARTBEAT
 from protocol.runstate import live_pid, process_start_time, read_state
-from protocol.sockets import (CONTROL_MAX_BYTES, CONTROL_RCVHWM, HEARTBEAT_MAX_BYTES, HEARTBEAT_RCVHWM, Receiver,
-                              ipc_path, make_socket, prepare_endpoints)
+from protocol.sockets import (
+    CONTROL_MAX_BYTES,
+    CONTROL_RCVHWM,
+    HEARTBEAT_MAX_BYTES,
+    HEARTBEAT_RCVHWM,
+    Receiver,
+    ipc_path,
+    make_socket,
+    prepare_endpoints,
+)
 from supervisor.chaos import Chaos, start_garbage
 from supervisor.control import ControlServer, progress_row, status_payload, status_rows
 from supervisor.drivers import Beat, Driver, Exited, SpawnError, StandbyLost
 from supervisor.drivers.process import PROJECT_ROOT, ProcessDriver
-from supervisor.machine import (CaptureEvidence, DropStandby, EndRun, Event, Kill, Spawn, StartStandby, Supervision,
-                                Terminate)
+from supervisor.machine import (
+    CaptureEvidence,
+    DropStandby,
+    EndRun,
+    Event,
+    Kill,
+    Spawn,
+    StartStandby,
+    Supervision,
+    Terminate,
+)
 from supervisor.plan import Plan, build_plan
 from supervisor.rundir import RunFiles
 from supervisor.watchdog import owner_tag

@@ -46,7 +46,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol import events as ev
-from protocol.states import ALIVE, BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING, UP
+from protocol.states import (
+    ALIVE,
+    BACKOFF,
+    FAILED,
+    RUNNING,
+    STALLED,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    UP,
+)
 from supervisor.specs import PERMANENT, TEMPORARY, ChildSpec, start_order
 
 # Counters a child reports are capped here, so sums of them stay numbers every reader can take.

@@ -16,11 +16,26 @@ from dataclasses import dataclass, replace
 
 from protocol.config import Config
 from protocol.exits import EXIT_FATAL
-from protocol.messages import LEARNER_PROGRESSING_PHASES, PROGRESSING_PHASES, STARTUP_PHASES
+from protocol.messages import (
+    LEARNER_PROGRESSING_PHASES,
+    PROGRESSING_PHASES,
+    STARTUP_PHASES,
+)
 from protocol.roles import LEARNER, SIMULATOR, WORKER, simulator_name, worker_name
-from protocol.simulators import EXIT_SIMULATOR_RECYCLE, EXIT_SIMULATOR_STALLED, slot_server
+from protocol.simulators import (
+    EXIT_SIMULATOR_RECYCLE,
+    EXIT_SIMULATOR_STALLED,
+    slot_server,
+)
 from supervisor.drivers.container import CHILD_LABEL, RUN_LABEL, SLOT_LABEL
-from supervisor.specs import PERMANENT, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
+from supervisor.specs import (
+    PERMANENT,
+    TRANSIENT,
+    Backoff,
+    ChildSpec,
+    Deadlines,
+    Intensity,
+)
 
 
 def container_name(run_id: str, slot: int) -> str:

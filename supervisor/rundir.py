@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from protocol import events
 from protocol.config import Config
 from protocol.files import atomic_write, replace_symlink
 from protocol.runstate import STATE_FILE
@@ -105,7 +106,7 @@ class RunFiles:
 
     def event(self, kind: str, name: str, detail: dict, quiet: bool = False) -> None:
         """One line of ``events.jsonl`` (and, without the live table, of the supervisor's output)."""
-        line = {"time": round(time.time(), 3), "event": kind, "name": name, **detail}
+        line = events.line(kind, name, detail)
         try:
             self.events_file.write(json.dumps(line, default=str) + "\n")
             self.events_file.flush()

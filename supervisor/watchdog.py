@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Callable
 
 from protocol import events as ev
-from protocol.runstate import process_start_time, read_state
+from protocol.runstate import process_start_time, read_state, same_process
 
 POLL_S = 1.0
 # Two readings of one process's start time differ by less than this (live_pid's tolerance).
-START_TOLERANCE_S = 1.0
 # An engine that does not answer is asked again, once a second, for this long before the watchdog gives up.
 ENGINE_PATIENCE_S = 600.0
 REMOVE_TIMEOUT_S = 60.0
@@ -61,17 +60,12 @@ def label_filter(run_id: str, owner: str) -> dict:
     return {"label": [f"{RUN_LABEL}={run_id}", f"{OWNER_LABEL}={owner}"]}
 
 
-def same_process(started: float, now_started: float | None) -> bool:
-    """Whether a pid's current start time is that of the process we watch (None: no such pid)."""
-    return now_started is not None and abs(now_started - started) < START_TOLERANCE_S
-
-
 def decide(state: dict, pid: int, started: float, now_started: float | None) -> str | None:
     """What the watchdog does now: :data:`ENDED` when ``supervisor.json`` says this supervisor's run ended,
     :data:`GONE` when that very process no longer runs (its pid is free or belongs to another process),
     None while it runs on."""
     if state.get("ended") and state.get("pid") == pid and isinstance(state.get("started"), (int, float)) \
-            and abs(state["started"] - started) < START_TOLERANCE_S:
+            and same_process(started, state["started"]):
         return ENDED
     if not same_process(started, now_started):
         return GONE
@@ -143,7 +137,7 @@ def remove_all(engine, filters: dict) -> tuple[list[str], list[str]]:
 def write_event(run_dir: Path, fields: dict) -> None:
     """One line of ``events.jsonl``, appended in a single write (the supervisor may still hold the file)."""
     ev.check_event(ev.ORPHANS_REMOVED, fields)
-    line = {"time": round(time.time(), 3), "event": ev.ORPHANS_REMOVED, "name": "run", **fields}
+    line = ev.line(ev.ORPHANS_REMOVED, "run", fields)
     fd = os.open(Path(run_dir) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (json.dumps(line) + "\n").encode())

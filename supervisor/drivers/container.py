@@ -31,7 +31,16 @@ from pathlib import Path
 
 import msgpack
 
-from supervisor.drivers import CRASH, FREEZE, Beat, Exited, Gone, NotSupported, Observation, SpawnError
+from supervisor.drivers import (
+    CRASH,
+    FREEZE,
+    Beat,
+    Exited,
+    Gone,
+    NotSupported,
+    Observation,
+    SpawnError,
+)
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec

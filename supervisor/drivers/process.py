@@ -13,7 +13,17 @@ import sys
 from pathlib import Path
 
 from protocol.chaos import REQUEST_SIGNAL
-from supervisor.drivers import CRASH, FREEZE, NOTIFY, Exited, Gone, NotSupported, Observation, StandbyLost, evidence
+from supervisor.drivers import (
+    CRASH,
+    FREEZE,
+    NOTIFY,
+    Exited,
+    Gone,
+    NotSupported,
+    Observation,
+    StandbyLost,
+    evidence,
+)
 from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec
 

@@ -21,7 +21,12 @@ from protocol import events as ev
 from protocol.config import load_config
 from protocol.states import FAILED, RUNNING
 from supervisor.drivers import SpawnError
-from supervisor.drivers.container import RUN_LABEL, EngineError, connect_engine, server_version
+from supervisor.drivers.container import (
+    RUN_LABEL,
+    EngineError,
+    connect_engine,
+    server_version,
+)
 from supervisor.loop import Supervisor
 from supervisor.plan import Plan, build_plan
 from tests.conftest import ROOT

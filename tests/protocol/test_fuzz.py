@@ -38,13 +38,33 @@ from datetime import timedelta
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, event, example, given, settings
+from hypothesis import (
+    HealthCheck,
+    currently_in_test_context,
+    event,
+    example,
+    given,
+    settings,
+)
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from protocol.codec import MAX_HEADER_BYTES, Message, decode, encode
-from protocol.messages import (ARRAYS_ANY, HEARTBEAT, HELLO, MAX_ALERT_CHARS, MAX_ALERTS, MAX_BATCH, MAX_DETAIL_CHARS,
-                               MAX_STEPS_BYTES, PROTOCOL_VERSION, SCHEMAS, STEPS, WEIGHTS, ProtocolError)
+from protocol.messages import (
+    ARRAYS_ANY,
+    HEARTBEAT,
+    HELLO,
+    MAX_ALERT_CHARS,
+    MAX_ALERTS,
+    MAX_BATCH,
+    MAX_DETAIL_CHARS,
+    MAX_STEPS_BYTES,
+    PROTOCOL_VERSION,
+    SCHEMAS,
+    STEPS,
+    WEIGHTS,
+    ProtocolError,
+)
 
 # -- Run size: a short reproducible run by default, a long random one on request --------------------
 

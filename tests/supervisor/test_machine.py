@@ -8,12 +8,37 @@ import pytest
 
 from protocol import events as ev
 from protocol.config import load_config
-from protocol.states import BACKOFF, FAILED, RUNNING, STALLED, STARTING, STOPPED, STOPPING
+from protocol.states import (
+    BACKOFF,
+    FAILED,
+    RUNNING,
+    STALLED,
+    STARTING,
+    STOPPED,
+    STOPPING,
+)
 from supervisor.control import status_rows
-from supervisor.machine import (CaptureEvidence, DropStandby, EndRun, Event, Kill, Spawn, StartStandby, Supervision,
-                                Terminate)
+from supervisor.machine import (
+    CaptureEvidence,
+    DropStandby,
+    EndRun,
+    Event,
+    Kill,
+    Spawn,
+    StartStandby,
+    Supervision,
+    Terminate,
+)
 from supervisor.plan import build_plan
-from supervisor.specs import PERMANENT, TEMPORARY, TRANSIENT, Backoff, ChildSpec, Deadlines, Intensity
+from supervisor.specs import (
+    PERMANENT,
+    TEMPORARY,
+    TRANSIENT,
+    Backoff,
+    ChildSpec,
+    Deadlines,
+    Intensity,
+)
 
 pytestmark = pytest.mark.timeout(10)
 

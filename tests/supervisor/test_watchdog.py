@@ -7,7 +7,15 @@ import pytest
 
 from protocol import events as ev
 from supervisor.drivers.container import OWNER_LABEL, RUN_LABEL
-from supervisor.watchdog import ENDED, GONE, decide, label_filter, owner_tag, watch, write_event
+from supervisor.watchdog import (
+    ENDED,
+    GONE,
+    decide,
+    label_filter,
+    owner_tag,
+    watch,
+    write_event,
+)
 
 PID, STARTED = 4242, 1_700_000_000.25
 
