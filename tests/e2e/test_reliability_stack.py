@@ -17,6 +17,7 @@ import zmq
 
 from harness.attack import attack
 from protocol import events as ev
+from protocol.roles import WORKER
 from protocol.sockets import load_endpoints, steps_max_bytes
 from protocol.states import RUNNING
 from supervisor import cli
@@ -119,8 +120,8 @@ def learner_restarts(run_dir: Path) -> int:
 
 @pytest.mark.timeout(420)
 def test_resumes_use_the_runs_config_and_a_corrupt_checkpoint_ends_the_run_in_one_line(stack_factory):
-    stack = stack_factory()
-    stack.wait_for(lambda s: stack.proc_row(s, "learner")["updates"] >= 250, 150, "two checkpoints")
+    stack = stack_factory({"learner": {"checkpoint_every": 50}})
+    stack.wait_for(lambda s: stack.proc_row(s, "learner")["updates"] >= 120, 150, "two checkpoints")
     assert stack.stop() == 0
     run, runs = stack.run_dir, stack.run_dir.parent
     ckpt = run / "checkpoints"
@@ -205,14 +206,18 @@ def test_status_answers_while_an_oversubscribed_run_starts(stack_factory):
                           start=False)
     stack.extra_args = ["--oversubscribe"]
     stack.start()
-    slow = []
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
+    slow, started = [], False
+    deadline = time.monotonic() + 150
+    while not started and time.monotonic() < deadline:  # until every worker has stepped: the start is over
         t0 = time.monotonic()
         reply = cli.request(stack.run_dir, "status", timeout_ms=3000) if (stack.run_dir / "endpoints.json").exists() \
             else {"ok": True}
         if reply is None:
             slow.append(round(time.monotonic() - t0, 2))
+        elif "data" in reply:
+            workers = [p for p in reply["data"]["processes"] if p.get("role") == WORKER]
+            started = len(workers) == 4 * cores and all(p["state"] == RUNNING and p["env_steps"] > 0 for p in workers)
         time.sleep(0.5)
+    assert started, f"{4 * cores} workers not all stepping within 150 s"
     assert not slow, f"status went unanswered {len(slow)} times while {4 * cores} workers started"
     assert "warning" in (stack.tmp / "supervisor.out").read_text()

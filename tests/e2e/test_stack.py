@@ -9,54 +9,15 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from protocol import events as ev
-from protocol.codec import encode
-from protocol.sockets import load_endpoints, make_socket
 from protocol.states import FAILED, RUNNING
-from tests.conftest import ROOT
-from tests.e2e.test_base_install import BLOCK_HEAVY
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def row(status, name):
     return next(p for p in status["processes"] if p["name"] == name)
-
-
-def test_stack_collects_steps_and_learner_updates(stack_factory):
-    stack = stack_factory()
-    stack.wait_running()
-    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 100 and
-                       all(row(s, f"worker-{i}")["env_steps"] > 100 for i in range(2)), 120, "steps and updates")
-    before = row(s, "worker-0")["env_steps"]
-    # the real CLI, as a user runs it, on a monitoring host's base install (torch, gymnasium, TensorBoard and
-    # Docker blocked): it shows the live run
-    res = subprocess.run([sys.executable, "-c", BLOCK_HEAVY, "status", "--json", "--run-dir", str(stack.run_dir)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    assert out["run_id"] == "test" and out["run_dir"] == str(stack.run_dir.resolve())
-    assert [p["name"] for p in out["processes"]] == ["learner", "worker-0", "worker-1"]
-    for p in out["processes"]:
-        assert {"name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase",
-                "env_steps", "updates"} <= set(p)
-        assert p["state"] == RUNNING and p["restarts"] == 0 and p["heartbeat_age_s"] < 2
-        assert p["alerts"] == [], "a healthy run raises no alert"
-    table = stack.cli("status")
-    assert table.returncode == 0
-    header = table.stdout.splitlines()
-    assert any(all(col in line for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT",
-                                           "RESTARTS")) for line in header)
-    stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > before, 30, "worker-0 keeps stepping")
-    # an orderly stop: checkpoint written, everything gone, sockets removed
-    assert stack.cli("stop").returncode == 0
-    assert stack.proc.wait(timeout=40) == 0
-    assert (stack.run_dir / "checkpoints" / "latest.pt").exists()
-    assert not list(stack.run_dir.glob("*.sock"))
-    assert stack.events()[-1]["event"] == "run_ended"
-    assert (stack.run_dir / "tb").is_dir() and list((stack.run_dir / "tb").glob("events.out.tfevents.*"))
 
 
 def test_hang_inside_step_is_killed_and_respawned_within_deadline(stack_factory):
@@ -130,83 +91,23 @@ def test_crash_looping_worker_ends_failed_while_the_other_keeps_stepping(stack_f
 
 
 def test_sigkilled_learner_resumes_from_checkpoint_and_workers_go_on(stack_factory):
-    stack = stack_factory()
+    stack = stack_factory({"learner": {"checkpoint_every": 50}})
     stack.wait_running()
-    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 250, 150, "learner past two checkpoints")
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner past two checkpoints")
     learner_pid = row(s, "learner")["pid"]
     stored_before = row(s, "learner")["env_steps"]  # transitions in replay, as the learner last reported
     os.kill(learner_pid, signal.SIGKILL)
     s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == RUNNING
-                       and row(s, "learner")["updates"] >= 300, 120, "learner back and updating")
+                       and row(s, "learner")["updates"] >= 150, 120, "learner back and updating")
     log = [json.loads(line) for line in stack.log("learner").splitlines()]
     resumed = [e for e in log if e["event"] == "resumed from checkpoint"]
-    assert resumed and resumed[0]["updates"] >= 200 and resumed[0]["replay_entries"] > 0
+    assert resumed and resumed[0]["updates"] >= 100 and resumed[0]["replay_entries"] > 0
     # the replay index is written after every batch: nothing the learner had reported is lost
     assert resumed[0]["transitions"] >= stored_before
     steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
     stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
                    "workers go on")
     assert all(row(stack.status(), f"worker-{i}")["restarts"] == 0 for i in range(2)), "workers were not restarted"
-
-
-def test_garbage_on_learner_and_supervisor_sockets_is_counted_and_ignored(stack_factory):
-    stack = stack_factory()
-    stack.wait_running()
-    eps = load_endpoints(stack.run_dir)
-    ctx = zmq.Context()
-    try:
-        steps = make_socket(ctx, zmq.PUSH)
-        steps.connect(eps["steps"])
-        hb = make_socket(ctx, zmq.PUSH)
-        hb.connect(eps["heartbeat"])
-        for sock in (steps, hb):
-            sock.send(b"\xc1\xc1 not msgpack")
-            sock.send_multipart([b"\x81\xa1v\x63"])  # {"v": 99}
-            sock.send_multipart(encode("control_request", {"cmd": "stop"}))  # valid, but wrong socket
-        # steps with a frame of the wrong shape for this run
-        steps.send_multipart(encode("steps", {"worker": "intruder", "incarnation": 0, "seq": 0, "env_steps": 1},
-                                    {"first": np.array([1], np.uint8), "frames": np.zeros((1, 7), np.float32),
-                                     "actions": np.zeros((1, 1), np.float32), "rewards": np.zeros(1, np.float32),
-                                     "terminated": np.zeros(1, np.uint8), "truncated": np.zeros(1, np.uint8)}))
-        ctl = make_socket(ctx, zmq.REQ)
-        ctl.connect(eps["control"])
-        ctl.send(b"garbage")
-        assert ctl.poll(5000)
-        from protocol.codec import decode
-
-        reply = decode(ctl.recv_multipart())
-        assert reply.fields["ok"] is False and "malformed" in reply.fields["error"]
-        # all delivered: the supervisor counted its four, the learner reported its own in a heartbeat
-        s = stack.wait_for(lambda s: s["supervisor_dropped"] >= 4 and row(s, "learner")["dropped"] >= 3, 20,
-                           "supervisor and learner counted the garbage")
-    finally:
-        ctx.destroy(linger=0)
-    assert all(p["state"] == RUNNING for p in s["processes"]) and not s["stopping"]
-    learner_log = stack.log("learner")
-    for reason in ("bad_msgpack", "bad_version", "spec_mismatch"):
-        assert reason in learner_log, reason
-    before = row(s, "learner")["updates"]
-    stack.wait_for(lambda s: row(s, "learner")["updates"] > before, 60, "learner keeps updating")
-
-
-def test_status_without_a_supervisor_exits_4(tmp_path):
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-m", "supervisor", "status", "--run-dir", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=20)
-    assert res.returncode == 4 and "no supervisor answers" in res.stderr
-
-
-def test_restart_command_and_unknown_name(stack_factory):
-    stack = stack_factory()
-    stack.wait_running()
-    res = stack.cli("restart", "worker-7")
-    assert res.returncode == 1 and "no process named 'worker-7'" in res.stderr
-    assert stack.cli("restart", "worker-1").returncode == 0
-    s = stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 1 and row(s, "worker-1")["state"] == RUNNING,
-                       60, "worker-1 restarted")
-    assert row(s, "worker-1")["restarts"] == 0 and not list((stack.run_dir / "incidents").iterdir())
 
 
 def test_default_image_config_runs_to_completion(stack_factory):
@@ -228,23 +129,10 @@ def test_default_image_config_runs_to_completion(stack_factory):
     assert frames[: index["total"]].max() > 0, "camera frames are rendered, not blank"
 
 
-def test_ctrl_c_stops_everything_cleanly(stack_factory):
-    stack = stack_factory()
-    stack.wait_running()
-    stack.wait_for(lambda s: row(s, "learner")["updates"] > 0, 120, "learner updating")
-    stack.proc.send_signal(signal.SIGINT)
-    assert stack.proc.wait(timeout=40) == 0
-    ended = stack.events()[-1]
-    assert ended["event"] == "run_ended" and "SIGINT" in ended["reason"]
-    assert (stack.run_dir / "checkpoints" / "latest.pt").exists()
-    log = [json.loads(line) for line in stack.log("learner").splitlines()]
-    assert log[-1]["event"] == "learner stopped"
-
-
 def test_children_die_with_a_killed_supervisor_and_the_run_resumes(stack_factory):
-    stack = stack_factory()
+    stack = stack_factory({"learner": {"checkpoint_every": 50}})
     stack.wait_running()
-    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 150, 150, "a checkpoint")
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 70, 150, "a checkpoint")
     children = [p["pid"] for p in s["processes"]]
     os.killpg(stack.proc.pid, signal.SIGKILL)
     stack.proc.wait(timeout=10)
@@ -260,35 +148,14 @@ def test_children_die_with_a_killed_supervisor_and_the_run_resumes(stack_factory
     again.wait_running()
     resumed = [json.loads(line) for line in stack.log("learner").splitlines()
                if '"resumed from checkpoint"' in line]
-    assert resumed and resumed[-1]["updates"] >= 100
+    assert resumed and resumed[-1]["updates"] >= 50
     # a second supervisor for the same run is refused with a clear line
     res = again.cli("status")
     assert res.returncode in (0, 3)
-    import subprocess
-    import sys
-
     second = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config", str(again.config_path),
                              "--no-live"], capture_output=True, text=True, timeout=60)
     assert second.returncode == 5 and "another supervisor" in second.stderr
     assert again.status() is not None, "the running supervisor is untouched"
-
-
-def test_metrics_reach_tensorboard(stack_factory):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    stack = stack_factory({"workers": {"eval_freq": 400, "eval_episodes": 1}})
-    stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner updating")
-    stack.wait_for(lambda s: (stack.run_dir / "eval.jsonl").exists(), 120, "an evaluation episode")
-    assert stack.cli("stop").returncode == 0
-    stack.proc.wait(timeout=40)
-    acc = EventAccumulator(str(stack.run_dir / "tb"))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    for tag in ("train/actor_loss", "train/q1_value", "train/q2_value", "train/critic_loss",
-                "gradients/critic_mlp_norm", "gradients/actor_mlp_norm", "alerts/gradient_explosion_warning",
-                "alerts/gradient_explosion_critical", "train/episode_reward", "train/episode_length",
-                "eval/episode_reward", "eval/episode_length", "buffer/utilization"):
-        assert tag in tags, tag
 
 
 def test_a_diverging_learner_raises_alerts_that_the_supervisor_shows(stack_factory):
