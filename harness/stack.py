@@ -41,6 +41,11 @@ FAST = {
 }
 
 
+# Pendulum at a simulator's pace (harness/paced.py): each worker steps at most 100 times a second, so a running
+# stack's learner is not busy all the time; tests wait for counts, not times, so they wait a little longer instead.
+PACED = {"env": {"id": "harness.paced:PacedPendulum-v1", "kwargs": {"step_s": 0.01}}}
+
+
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
@@ -50,11 +55,15 @@ def merge(base: dict, extra: dict) -> dict:
 
 class Stack:
     def __init__(self, tmp_path: Path, overrides: dict | None = None, base: str = "configs/pendulum.yaml",
-                 fast: bool = True, run_id: str = "test"):
+                 fast: bool = True, run_id: str = "test", paced: bool = True):
         self.tmp = tmp_path
         tmp_path.mkdir(parents=True, exist_ok=True)
         cfg = yaml.safe_load((ROOT / base).read_text())
-        cfg = merge(merge(cfg, FAST) if fast else cfg, overrides or {})
+        if fast:
+            cfg = merge(cfg, FAST)
+            if paced and cfg["env"].get("id") == "Pendulum-v1":
+                cfg = merge(cfg, PACED)
+        cfg = merge(cfg, overrides or {})
         cfg["run"]["runs_dir"] = str(tmp_path / "runs")
         cfg["run"]["run_id"] = run_id
         self.run_id = run_id

@@ -1,8 +1,8 @@
 """The users' diverging network (configs/users_diverging.yaml) against ours on the same racetrack data: theirs
 blows up, an alert fires first, `supervisor report` calls it diverging from the right update; ours does not.
-A short version of `python -m bench diverge` (its CI setting cut to 2,000 collected steps and 700 updates: the users'
-network blows up at about 550 on it, as at 570 on the bench's 5,000). Two tests on one replay, so that the replay is
-collected once and each variant's figures are their own test."""
+A short version of `python -m bench diverge` (its CI setting cut to 2,000 collected steps, batch 16 and 700 updates:
+the users' network blows up at about 570 on it, as on the bench's 5,000 steps at batch 32). Two tests on one replay, so
+that the replay is collected once and each variant's figures are their own test."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from bench.diverge import collect, report_right, train
 
 # one worker trains both, one after the other, on the replay it collected (the other worker runs the rest)
 pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("diverge")]
-UPDATES, BATCH, STEPS = 700, 32, 2000
+UPDATES, BATCH, STEPS = 700, 16, 2000
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,9 @@ def test_hostile_input_on_every_socket_leaves_the_run_alone_and_a_second_up_chan
     assert resumed["previous"] >= reached and resumed["resumed_from"] > 0 and resumed["resumed_from"] % 20 == 0
     # at most the updates of one checkpoint_every_s (1 s) and one broadcast interval (20), plus a heartbeat's lag:
     # what the learner did since its last time-based checkpoint, not the checkpoint_every (10**6) it would otherwise
-    assert resumed["redone"] == resumed["previous"] - resumed["resumed_from"] <= 2 * rate + 20 + 50, (resumed, rate)
+    # (none when the checkpoint came after the learner's last heartbeat: it resumes past what status last saw)
+    assert resumed["redone"] == max(0, resumed["previous"] - resumed["resumed_from"]) <= 2 * rate + 20 + 50, \
+        (resumed, rate)
     assert any(e["event"] == "resumed" and e["name"] == "learner" for e in stack.events())
     assert "redone" in stack.cli("status").stdout
 
