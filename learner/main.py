@@ -33,6 +33,8 @@ from learner.sampler import Sampler
 from learner.td3 import TD3Agent, q_max
 from policy.network import policy_arrays
 from protocol.config import Config, load_config
+from protocol.curve import (CURVE_HANDSHAKE_BYTES, Gatekeeper, KeyFileError, allowed_keys, load_secret, serve_curve,
+                            tcp_endpoints)
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
@@ -107,19 +109,61 @@ class Learner:
         self.weights_version = 0
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
         self.lock = threading.Lock()  # the replay and its stream table, shared by the receive and sample threads
+        self.gate: Gatekeeper | None = None  # the TCP sockets' authenticator (learner.curve_key)
         if self.lcfg.torch_threads:
             torch.set_num_threads(self.lcfg.torch_threads)
 
     # -- setup ---------------------------------------------------------------
 
     def bind(self) -> None:
-        self.pull = make_socket(self.ctx, zmq.PULL, hwm=STEPS_RCVHWM,
-                                max_bytes=steps_max_bytes(self.cfg.workers.batch_steps, self.cfg.env.max_frame_bytes))
+        max_bytes = steps_max_bytes(self.cfg.workers.batch_steps, self.cfg.env.max_frame_bytes)
+        self.pull = make_socket(self.ctx, zmq.PULL, hwm=STEPS_RCVHWM, max_bytes=max_bytes)
         self.pull.bind(self.endpoints["steps"])
         self.pub = make_socket(self.ctx, zmq.PUB, hwm=4, max_bytes=SUBSCRIPTION_MAX_BYTES)
         self.pub.bind(self.endpoints["weights"])
+        self.pubs = [self.pub]
         self.inbox = Receiver(self.pull, self.log.warning)
+        if self.lcfg.listen:
+            self.bind_tcp(max_bytes)
         self.intake = Intake(self.inbox, self.lock, self.progress, self.log, self.on_spec, self.on_episode)
+
+    def bind_tcp(self, max_bytes: int) -> None:
+        """learner.listen: the same steps and weights sockets on TCP, for workers on other hosts; with
+        learner.curve_key, CurveZMQ servers that let in only the allowed hosts' keys."""
+        keys = None
+        if self.lcfg.curve_key:
+            try:
+                keys = load_secret(Path(self.lcfg.curve_key), "learner.curve_key")
+                allowed = allowed_keys(Path(self.lcfg.curve_clients), "learner.curve_clients")
+            except KeyFileError as exc:
+                raise FatalError(str(exc)) from None
+            self.gate = Gatekeeper(self.ctx, allowed, on_refused=self.on_refused)
+        eps = tcp_endpoints(self.lcfg.listen)
+        # a CurveZMQ handshake (HELLO 200 bytes, INITIATE with metadata) passes the same size limit as a message
+        for kind, name, max_b, hwm in ((zmq.PULL, "steps", max_bytes, STEPS_RCVHWM),
+                                       (zmq.PUB, "weights", max(SUBSCRIPTION_MAX_BYTES, CURVE_HANDSHAKE_BYTES), 4)):
+            sock = make_socket(self.ctx, kind, hwm=hwm, max_bytes=max_b)
+            if keys is not None:
+                serve_curve(sock, *keys)
+            try:
+                sock.bind(eps[name])
+            except zmq.ZMQError as exc:
+                raise FatalError(f"learner.listen {self.lcfg.listen}: cannot bind {eps[name]} ({exc.strerror}); "
+                                 "free the port or pick another") from None
+            if kind == zmq.PULL:
+                self.inbox.add(sock)
+            else:
+                self.pubs.append(sock)
+        self.log.info("listening on TCP", steps=eps["steps"], weights=eps["weights"], curve=keys is not None,
+                      allowed_hosts=len(allowed) if keys is not None else None)
+
+    def on_refused(self, count: int) -> None:
+        """A host whose key is not allowed tried to connect (the authenticator's thread)."""
+        self.progress.refused = count
+        now = time.monotonic()
+        if now - getattr(self, "_refused_logged_at", -60.0) >= 5.0:
+            self._refused_logged_at = now
+            self.log.warning("client refused: its key is not in learner.curve_clients", refused=count)
 
     def on_spec(self, spec: dict) -> None:
         """The first hello of the run: record its spaces, then build."""
@@ -180,14 +224,16 @@ class Learner:
             streams = {k: s.transitions for k, s in recent}
             received = self.replay.transitions_total if self.replay else 0
         updates = self.agent.updates if self.agent else 0
-        send(self.pub, PROGRESS, {"updates": updates, "received": received,
-                                  "allowed": self.ratio.allowed_steps(updates), "done": self.done,
-                                  "streams": streams})
+        for pub in self.pubs:
+            send(pub, PROGRESS, {"updates": updates, "received": received,
+                                 "allowed": self.ratio.allowed_steps(updates), "done": self.done,
+                                 "streams": streams})
 
     def publish_weights(self) -> None:
         self.weights_version += 1
-        send(self.pub, WEIGHTS, {"version": self.weights_version, "updates": self.agent.updates},
-             policy_arrays(self.agent.policy))
+        arrays = policy_arrays(self.agent.policy)
+        for pub in self.pubs:
+            send(pub, WEIGHTS, {"version": self.weights_version, "updates": self.agent.updates}, arrays)
 
     # -- checkpoints -----------------------------------------------------------
 
@@ -327,6 +373,8 @@ class Learner:
 
     def close(self) -> None:
         self.heartbeat.stop()
+        if self.gate is not None:
+            self.gate.stop()
         self.ctx.destroy(linger=0)
 
 

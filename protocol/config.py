@@ -161,6 +161,24 @@ class WorkerConfig(_Section):
     eval_episodes: int = Field(3, ge=1)
     torch_threads: int = Field(1, ge=1)
     faults: list[FaultConfig] = Field(default_factory=list)
+    # a learner on another host, tcp://HOST:PORT (its learner.listen); null: this run's own learner, over ipc
+    learner: str | None = None
+    curve_key: str | None = None  # this host's secret key file (NAME.key_secret from `supervisor keys`)
+    learner_key: str | None = None  # the learner's public key file (its NAME.key)
+
+    @model_validator(mode="after")
+    def _remote_learner(self):
+        from protocol.curve import is_loopback, parse_tcp
+
+        if self.learner is not None:
+            parse_tcp(self.learner, "workers.learner")
+            if not is_loopback(self.learner) and not (self.curve_key and self.learner_key):
+                raise ValueError(f"workers.learner {self.learner} is off loopback: it needs workers.curve_key and "
+                                 "workers.learner_key (CurveZMQ; write a pair with `supervisor keys NAME`)")
+        if bool(self.curve_key) != bool(self.learner_key):
+            raise ValueError("workers.curve_key and workers.learner_key go together (this host's pair and the "
+                             "learner's public key)")
+        return self
 
 
 class LearnerConfig(_Section):
@@ -202,11 +220,30 @@ class LearnerConfig(_Section):
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False
     compile: bool = False
+    # also bind tcp://HOST:PORT (steps; weights on PORT+1) for workers on other hosts; off loopback it needs
+    # CurveZMQ: the learner's key pair and a directory of the public keys of the hosts allowed in
+    listen: str | None = None
+    curve_key: str | None = None  # the learner's secret key file (NAME.key_secret from `supervisor keys`)
+    curve_clients: str | None = None  # the directory of allowed hosts' public keys (their NAME.key files)
 
     @model_validator(mode="after")
     def _actor_features(self):
         if self.actor_loss_features == "actor" and self.encoder_mode != "separate":
             raise ValueError("actor_loss_features: actor needs encoder_mode: separate (an actor CNN of its own)")
+        return self
+
+    @model_validator(mode="after")
+    def _listen(self):
+        from protocol.curve import is_loopback, parse_tcp
+
+        if self.listen is not None:
+            parse_tcp(self.listen, "learner.listen")
+            if not is_loopback(self.listen) and not (self.curve_key and self.curve_clients):
+                raise ValueError(f"learner.listen {self.listen} is off loopback: it needs learner.curve_key and "
+                                 "learner.curve_clients (CurveZMQ; write a pair with `supervisor keys NAME`)")
+        if bool(self.curve_key) != bool(self.curve_clients):
+            raise ValueError("learner.curve_key and learner.curve_clients go together (the learner's pair and the "
+                             "directory of the public keys it lets in)")
         return self
 
 

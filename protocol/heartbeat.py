@@ -36,6 +36,7 @@ class Progress:
         self.detail: str | None = None  # why the process cannot progress, in its own words, for `status`
         self.dropped = 0  # malformed or unwanted messages this process dropped (its receivers' counts)
         self.resumed_from: int | None = None  # the learner: the update count of the checkpoint it resumed from
+        self.refused = 0  # the learner: connections turned away because the host's key is not allowed (CurveZMQ)
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -99,6 +100,8 @@ class HeartbeatSender(threading.Thread):
             fields["dropped"] = int(p.dropped)
         if p.resumed_from is not None:
             fields["resumed_from"] = int(p.resumed_from)
+        if p.refused:
+            fields["refused"] = int(p.refused)
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:

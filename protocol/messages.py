@@ -196,6 +196,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "detail": _f(*_STR, required=False),  # why it cannot progress, when it knows
             "dropped": _f(*_INT, nonnegative=True, required=False),  # messages it dropped as malformed/unwanted
             "resumed_from": _f(*_INT, nonnegative=True, required=False),  # the count its saved state held
+            "refused": _f(*_INT, nonnegative=True, required=False),  # connections refused for a key not allowed
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),

@@ -98,11 +98,17 @@ class Receiver:
 
     def __init__(self, sock: zmq.Socket, log: Callable[..., None] | None = None):
         self.sock = sock
+        self.socks = [sock]  # the learner's steps arrive on ipc and, with learner.listen, on TCP too
         self.log = log
         self.dropped: Counter[str] = Counter()
         self.received = 0
         self._last_log: dict[str, float] = {}
         self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+
+    def add(self, sock: zmq.Socket) -> None:
+        """Receive from one more socket as well (the same kind of messages)."""
+        self.socks.append(sock)
         self._poller.register(sock, zmq.POLLIN)
 
     @property
@@ -114,9 +120,10 @@ class Receiver:
         deadline = time.monotonic() + timeout_ms / 1000.0
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self._poller.poll(remaining):
+            ready = self._poller.poll(remaining)
+            if not ready:
                 return None
-            frames = self.sock.recv_multipart(copy=False)
+            frames = ready[0][0].recv_multipart(copy=False)
             msg = self.decode_frames(frames)
             if msg is not None:
                 self.received += 1
@@ -125,17 +132,22 @@ class Receiver:
                 return None
 
     def drain(self, limit: int = 1000) -> list[Message]:
-        """All messages already waiting, up to ``limit``."""
+        """All messages already waiting, up to ``limit`` (taken from each socket in turn)."""
         out = []
-        while len(out) < limit:
-            try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            msg = self.decode_frames(frames)
-            if msg is not None:
-                self.received += 1
-                out.append(msg)
+        open_socks = list(self.socks)
+        while open_socks and len(out) < limit:
+            for sock in list(open_socks):
+                try:
+                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    open_socks.remove(sock)
+                    continue
+                msg = self.decode_frames(frames)
+                if msg is not None:
+                    self.received += 1
+                    out.append(msg)
+                    if len(out) >= limit:
+                        break
         return out
 
     def decode_frames(self, frames) -> Message | None:

@@ -83,7 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="another run to put side by side in the table and the plots (repeatable)")
     rep.add_argument("--html", action="store_true", help="also write report.html, one page with the plots embedded")
     rep.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    keys = sub.add_parser("keys", help="write a CurveZMQ key pair for the wire across hosts: NAME.key (public, "
+                                       "to copy to the peer) and NAME.key_secret, both 0600")
+    keys.add_argument("name", help="the pair's name, e.g. the host's (a learner: `learner`)")
+    keys.add_argument("--dir", type=Path, default=Path("keys"), help="where to write them (default: keys)")
     return parser
+
+
+def cmd_keys(args) -> int:
+    from protocol.curve import write_keypair
+
+    try:
+        public, secret = write_keypair(args.dir, args.name)
+    except (ValueError, FileExistsError) as exc:
+        print(f"supervisor keys: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {public} (public: copy it to the peer) and {secret} (secret: it stays on this host)")
+    return EXIT_OK
 
 
 def cmd_up(args) -> int:
@@ -303,6 +320,8 @@ def dispatch(args) -> int:
         return cmd_simple(args, args.command)
     if args.command == "chaos":
         return cmd_chaos(args)
+    if args.command == "keys":
+        return cmd_keys(args)
     if args.command == "report":
         from runreport.report import report
 

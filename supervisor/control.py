@@ -77,6 +77,7 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
             "gpu_memory_bytes": hb.get("gpu_memory_bytes") if alive else None,
             "alerts": [a for a in hb.get("alerts") or [] if isinstance(a, str)],
             "detail": hb.get("detail") if alive else None,
+            "refused": int(hb.get("refused") or 0),
         })
         rows.append(row)
     return rows

@@ -70,6 +70,8 @@ def status_notes(status: dict) -> list[str]:
             reached = (f"its last run had reached {resumed['previous']}: {resumed['redone']} redone"
                        if resumed.get("redone") is not None else "how far its last run got is not known")
             lines.append(f"{p['name']} resumed from its checkpoint at {resumed['resumed_from']} ({reached})")
+        if p.get("refused"):
+            lines.append(f"{p['name']} refused {p['refused']} connection(s) from hosts whose key it does not allow")
     own = status.get("supervisor_dropped")
     if status.get("dropped_messages") and own is not None:
         lines.append(f"dropped messages: supervisor {own}, " + ", ".join(

@@ -62,6 +62,9 @@ def families(payload: dict | None, host: str) -> Iterator:
                       "with each incarnation; the learner's are those it stored)", lambda r: r.get("env_steps") or 0)
     yield child_gauge("child_dropped_messages", "Messages the child dropped as malformed or unwanted, its "
                       "earlier incarnations included", lambda r: r.get("dropped") or 0, counter=True)
+    yield child_gauge("child_refused_connections", "Connections the child (the learner on learner.listen) refused "
+                      "because the host's CurveZMQ key is not allowed, this incarnation",
+                      lambda r: r.get("refused") or 0)
     yield child_gauge("child_alerts", "Alerts the child's last heartbeat raised (the learner's divergence alerts)",
                       lambda r: len(r.get("alerts") or ()))
 
@@ -122,21 +125,22 @@ class Endpoint:
         self.server.server_close()
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Why the endpoint could not bind ``host:port`` (in use, or an address not of this host), or None.
+def port_problem(host: str, port: int, what: str = "the metrics port",
+                 host_key: str = "supervisor.metrics_host") -> str | None:
+    """Why ``what`` could not bind ``host:port`` (in use, or an address not of this host), or None.
 
-    The same address family and ``SO_REUSEADDR`` as prometheus_client's server, so a port that only lingers in
-    TIME_WAIT is no problem."""
+    The same address family and ``SO_REUSEADDR`` as prometheus_client's server (and ZeroMQ's TCP listener), so a
+    port that only lingers in TIME_WAIT is no problem."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        return f"supervisor.metrics_host {host!r} does not resolve ({exc.strerror})"
+        return f"{host_key} {host!r} does not resolve ({exc.strerror})"
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return f"the metrics port {port} on {host} is in use"
-            return f"the metrics endpoint cannot bind {host}:{port} ({exc.strerror or exc})"
+                return f"{what} {port} on {host} is in use"
+            return f"{what} {port} cannot be bound on {host} ({exc.strerror or exc})"
     return None

@@ -168,7 +168,7 @@ def check_up(args) -> Ready:
     if missing:
         raise Refused(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
                       "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", EXIT_USAGE)
-    problem = metrics_problem(cfg)
+    problem = metrics_problem(cfg) or wire_problem(cfg)
     if problem is not None:
         raise Refused(f"supervisor up: {problem}", EXIT_USAGE)
     warnings = []
@@ -211,6 +211,34 @@ def metrics_problem(cfg) -> str | None:
     if problem is not None:
         return (f"{problem}; free it, or choose another with --set supervisor.metrics_port=N (or leave it out: no "
                 "endpoint)")
+    return None
+
+
+def wire_problem(cfg) -> str | None:
+    """Why the wire across hosts cannot be set up as configured (a key file missing, open to others or not a key;
+    learner.listen's ports taken), with what to do; None when it can (or is not used). The learner and the
+    workers check the same when they start; here it ends `up` before anything is written."""
+    from protocol.curve import KeyFileError, allowed_keys, load_public, load_secret, parse_tcp
+    from supervisor.metrics import port_problem
+
+    lc, wc = cfg.learner, cfg.workers
+    try:
+        if lc.curve_key:
+            load_secret(Path(lc.curve_key), "learner.curve_key")
+            if not allowed_keys(Path(lc.curve_clients), "learner.curve_clients"):
+                return (f"learner.curve_clients {lc.curve_clients} holds no public key (*.key): no host could connect; "
+                        "copy each worker host's NAME.key there")
+        if wc.curve_key:
+            load_secret(Path(wc.curve_key), "workers.curve_key")
+            load_public(Path(wc.learner_key), "workers.learner_key")
+    except KeyFileError as exc:
+        return str(exc)
+    if lc.listen:
+        host, port = parse_tcp(lc.listen, "learner.listen")
+        for p in (port, port + 1):
+            problem = port_problem(host, p, what="learner.listen's port", host_key="learner.listen's host")
+            if problem is not None:
+                return f"{problem}; free it, or choose another with --set learner.listen=tcp://{host}:N"
     return None
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
+from protocol.curve import connect_curve
 from protocol.heartbeat import Progress
 from protocol.messages import EPISODE, HELLO, PROGRESS, STEPS, WEIGHTS
 from protocol.ratelimit import Allowance
@@ -26,15 +27,20 @@ STEPS_HWM = 64
 
 class LearnerLink:
     def __init__(self, ctx: zmq.Context, endpoints: dict[str, str], name: str, incarnation: int,
-                 progress: Progress, log, stopping: Callable[[], bool]):
+                 progress: Progress, log, stopping: Callable[[], bool],
+                 curve: tuple[bytes, bytes, bytes] | None = None):
+        """``curve``: this host's public and secret key and the learner's public key, for a CurveZMQ learner."""
         self.name = name
         self.incarnation = incarnation
         self.progress = progress
         self.stopping = stopping
         self.steps_sock = make_socket(ctx, zmq.PUSH, hwm=STEPS_HWM)
-        self.steps_sock.connect(endpoints["steps"])
         self.sub = make_socket(ctx, zmq.SUB, hwm=4)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if curve is not None:
+            connect_curve(self.steps_sock, *curve)
+            connect_curve(self.sub, *curve)
+        self.steps_sock.connect(endpoints["steps"])
         self.sub.connect(endpoints["weights"])
         self.inbox = Receiver(self.sub, log.warning)
         self.allowance = Allowance(f"{name}/{incarnation}")

@@ -21,6 +21,7 @@ import zmq
 
 from protocol.chaos import REQUEST_SIGNAL
 from protocol.config import Config, load_config
+from protocol.curve import KeyFileError, load_public, load_secret, tcp_endpoints
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
@@ -72,8 +73,18 @@ class EnvWorker:
 
     def connect(self) -> None:
         self.progress.set_phase("connecting")
-        self.link = LearnerLink(self.ctx, self.endpoints, self.name, self.incarnation, self.progress, self.log,
-                                lambda: self.stopping)
+        endpoints, curve = self.endpoints, None
+        wc = self.cfg.workers
+        if wc.learner:  # a learner on another host: its TCP endpoints, with this host's key where it has one
+            endpoints = dict(endpoints, **tcp_endpoints(wc.learner))
+            if wc.curve_key:
+                try:
+                    curve = (*load_secret(Path(wc.curve_key), "workers.curve_key"),
+                             load_public(Path(wc.learner_key), "workers.learner_key"))
+                except KeyFileError as exc:
+                    raise FatalError(str(exc)) from None
+        self.link = LearnerLink(self.ctx, endpoints, self.name, self.incarnation, self.progress, self.log,
+                                lambda: self.stopping, curve=curve)
 
     def make_envs(self) -> None:
         import torch

@@ -37,7 +37,7 @@ def machine_row(name, role, state, *, restarts=0, age=0.4, hb=None, dropped=0, s
 def payload() -> dict:
     rows = status_rows([
         machine_row(LEARNER, LEARNER, RUNNING, hb={"env_steps": 5000, "updates": 1200, "steps_per_s": 0.0,
-                                                   "alerts": ["q_divergence", "critic_loss"]}),
+                                                   "alerts": ["q_divergence", "critic_loss"], "refused": 7}),
         machine_row("worker-0", WORKER, RUNNING, slot=0, hb={"env_steps": 2600, "updates": 1180,
                                                               "steps_per_s": 310.5}, dropped=3),
         machine_row("worker-1", WORKER, BACKOFF, slot=1, restarts=2, age=None),
@@ -85,6 +85,8 @@ def test_per_child_series_carry_the_payloads_values():
     assert value(got["rlstack_child_dropped_messages"], "rlstack_child_dropped_messages_total", child="worker-0") == 3
     assert value(got["rlstack_child_alerts"], child=LEARNER) == 2
     assert value(got["rlstack_child_alerts"], child="worker-0") == 0
+    assert value(got["rlstack_child_refused_connections"], child=LEARNER) == 7
+    assert value(got["rlstack_child_refused_connections"], child="worker-0") == 0
 
 
 def test_run_and_host_series():
