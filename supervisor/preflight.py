@@ -188,6 +188,9 @@ def check_up(args) -> Ready:
                 containers, check_ports=not resuming)
         except (EngineError, SpawnError) as exc:
             raise Refused(f"supervisor up: {exc}", EXIT_USAGE) from None
+    if cfg.learner.listen and not cfg.learner.curve_key:
+        warnings.append(f"supervisor up: warning: learner.listen {cfg.learner.listen} has no CurveZMQ keys: any user "
+                        "of this host can connect to it (learner.curve_key and learner.curve_clients: docs/hosts.md)")
     if py_spy_path() is None:
         warnings.append("supervisor up: warning: py-spy is not installed; incidents will hold no stacks of stalled "
                         "processes (pip install 'carla-rl-stack[supervisor]')")
