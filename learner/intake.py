@@ -9,12 +9,17 @@ the steps as stored (what ``status`` reports survives a SIGKILL).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from protocol.codec import Message
 from protocol.heartbeat import Progress
 from protocol.messages import EPISODE, HELLO, STEPS
 from protocol.sockets import Receiver
+
+
+LOCAL_HOST = "local"
+MAX_HOSTS = 64  # hosts (and workers per host) the table keeps
 
 
 class Intake:
@@ -30,6 +35,9 @@ class Intake:
         self.replay = None  # set once the spec is known
         self.lost_steps = 0
         self.data_arrived = threading.Event()
+        # who sends: per host (HOST of a worker called HOST:worker-N; "local" for this run's own workers), its
+        # workers, the steps stored from it and when it last sent
+        self.hosts: dict[str, dict] = {}
 
     def handle(self, msg: Message) -> None:
         if msg.type == HELLO:
@@ -55,9 +63,28 @@ class Intake:
             return
         lost = self.replay.add_batch(f"{msg['worker']}/{msg['incarnation']}", msg["seq"], a["first"], a["frames"],
                                      a["actions"], a["rewards"], a["terminated"], a["truncated"], msg["env_steps"])
+        self.seen(msg["worker"], len(a["rewards"]))
         if lost:
             self.lost_steps += lost
             self.log.warning("steps lost in transit", worker=msg["worker"], incarnation=msg["incarnation"], lost=lost)
+
+    def seen(self, worker: str, steps: int) -> None:
+        host, _, name = worker.rpartition(":")
+        entry = self.hosts.get(host or LOCAL_HOST)
+        if entry is None:
+            if len(self.hosts) >= MAX_HOSTS:
+                return  # a flood of made-up names does not grow the table
+            entry = self.hosts[host or LOCAL_HOST] = {"workers": set(), "steps": 0, "last_seen": 0.0}
+        if len(entry["workers"]) < MAX_HOSTS:
+            entry["workers"].add(name)
+        entry["steps"] += steps
+        entry["last_seen"] = time.monotonic()
+
+    def host_rows(self) -> list[dict]:
+        """The hosts table for the heartbeat (``status`` shows it under the learner)."""
+        now = time.monotonic()
+        return [{"host": host, "slots": len(e["workers"]), "steps": e["steps"],
+                 "last_seen_s": round(now - e["last_seen"], 1)} for host, e in sorted(self.hosts.items())]
 
     def receive_loop(self, stopping: Callable[[], bool]) -> None:
         """Stores what arrives, and the replay index after each batch, until ``stopping()``."""

@@ -320,6 +320,8 @@ class Learner:
             if now - last_progress >= PROGRESS_EVERY_S:
                 self.publish_progress()
                 self.progress.dropped = self.inbox.dropped_total
+                if self.lcfg.listen:  # who sends from where: status lists the hosts
+                    self.progress.hosts = self.intake.host_rows()
                 last_progress = now
             if self.agent.updates < self.updates_due():
                 self.progress.set_phase("training")

@@ -32,6 +32,9 @@ class RunConfig(_Section):
     max_timesteps: int = Field(100_000, gt=0)
     seed: int = 0
     debug: bool = False
+    # all: the learner and this host's slots; workers: only this host's slots (and their simulators), against the
+    # learner at workers.learner on another host
+    role: Literal["all", "workers"] = "all"
 
 
 class FaultConfig(_Section):
@@ -165,6 +168,8 @@ class WorkerConfig(_Section):
     learner: str | None = None
     curve_key: str | None = None  # this host's secret key file (NAME.key_secret from `supervisor keys`)
     learner_key: str | None = None  # the learner's public key file (its NAME.key)
+    # what this host's workers are called at a learner elsewhere (HOST:worker-N); null: the machine's hostname
+    host: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
     @model_validator(mode="after")
     def _remote_learner(self):
@@ -385,6 +390,22 @@ class Config(_Section):
     def has_containers(self) -> bool:
         """Whether the supervisor runs a simulator container per slot."""
         return self.env.backend == "carla" and self.simulators.mode == "container" and self.workers.count > 0
+
+    def worker_host(self) -> str | None:
+        """What this host's workers are called at a learner elsewhere (``workers.host`` or the hostname); None
+        when they send to this run's own learner."""
+        if self.workers.learner is None:
+            return None
+        import socket
+
+        return self.workers.host or socket.gethostname().split(".")[0] or "host"
+
+    @model_validator(mode="after")
+    def _workers_role(self):
+        if self.run.role == "workers" and self.workers.learner is None:
+            raise ValueError("run.role workers runs only this host's slots: it needs workers.learner, the learner's "
+                             "tcp://HOST:PORT (supervisor up --role workers --learner tcp://HOST:PORT)")
+        return self
 
     @model_validator(mode="after")
     def _chaos_fits(self):

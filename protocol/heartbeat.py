@@ -37,6 +37,7 @@ class Progress:
         self.dropped = 0  # malformed or unwanted messages this process dropped (its receivers' counts)
         self.resumed_from: int | None = None  # the learner: the update count of the checkpoint it resumed from
         self.refused = 0  # the learner: connections turned away because the host's key is not allowed (CurveZMQ)
+        self.hosts: list[dict] = []  # the learner on TCP: each sending host, its slots, steps and when last seen
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -102,6 +103,8 @@ class HeartbeatSender(threading.Thread):
             fields["resumed_from"] = int(p.resumed_from)
         if p.refused:
             fields["refused"] = int(p.refused)
+        if p.hosts:
+            fields["hosts"] = list(p.hosts)
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -197,6 +197,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "dropped": _f(*_INT, nonnegative=True, required=False),  # messages it dropped as malformed/unwanted
             "resumed_from": _f(*_INT, nonnegative=True, required=False),  # the count its saved state held
             "refused": _f(*_INT, nonnegative=True, required=False),  # connections refused for a key not allowed
+            "hosts": _f(list, required=False),  # the learner: [{host, slots, steps, last_seen_s}] of its senders
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--runs-dir", help="where run directories go (default: runs)")
     up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key, e.g. --set learner.batch_size=128")
+    up.add_argument("--role", choices=("all", "workers"),
+                    help="workers: only this host's slots, against the learner at --learner (docs/hosts.md)")
+    up.add_argument("--learner", dest="learner_endpoint", metavar="tcp://HOST:PORT",
+                    help="the learner's endpoint on another host")
+    up.add_argument("--key", metavar="PATH", help="this host's secret key (NAME.key_secret from `supervisor keys`)")
+    up.add_argument("--learner-key", metavar="PATH", help="the learner's public key (its NAME.key)")
+    up.add_argument("--host", help="what this host's workers are called at the learner (default: the hostname)")
     up.add_argument("--live", dest="live", action="store_true", default=None, help="live table (default on a tty)")
     up.add_argument("--no-live", dest="live", action="store_false")
 

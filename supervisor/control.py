@@ -78,9 +78,22 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
             "alerts": [a for a in hb.get("alerts") or [] if isinstance(a, str)],
             "detail": hb.get("detail") if alive else None,
             "refused": int(hb.get("refused") or 0),
+            "hosts": sending_hosts(hb.get("hosts")) if alive else [],
         })
         rows.append(row)
     return rows
+
+
+def sending_hosts(hosts) -> list[dict]:
+    """The learner's hosts table as status shows it: well-formed rows only (a heartbeat is input like any other)."""
+    out = []
+    for h in hosts if isinstance(hosts, list) else ():
+        if isinstance(h, dict) and isinstance(h.get("host"), str) and all(
+                isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)
+                for k in ("slots", "steps", "last_seen_s")):
+            out.append({"host": h["host"][:64], "slots": int(h["slots"]), "steps": int(h["steps"]),
+                        "last_seen_s": float(h["last_seen_s"])})
+    return out[:64]
 
 
 def status_payload(rows: list[dict], *, run_dir: Path, uptime_s: float, env_steps: int, max_timesteps: int,

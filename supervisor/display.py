@@ -70,6 +70,9 @@ def status_notes(status: dict) -> list[str]:
             reached = (f"its last run had reached {resumed['previous']}: {resumed['redone']} redone"
                        if resumed.get("redone") is not None else "how far its last run got is not known")
             lines.append(f"{p['name']} resumed from its checkpoint at {resumed['resumed_from']} ({reached})")
+        for h in p.get("hosts") or []:
+            lines.append(f"{p['name']} hears from host {h['host']}: {h['slots']} slot(s), {h['steps']:,} steps, "
+                         f"last {h['last_seen_s']:.1f}s ago")
         if p.get("refused"):
             lines.append(f"{p['name']} refused {p['refused']} connection(s) from hosts whose key it does not allow")
     own = status.get("supervisor_dropped")

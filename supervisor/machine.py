@@ -49,6 +49,7 @@ from protocol import events as ev
 from protocol.states import (
     ALIVE,
     BACKOFF,
+    ENDED,
     FAILED,
     RUNNING,
     STALLED,
@@ -595,7 +596,7 @@ class Supervision:
             for d in self.dependents(c):  # held ones waiting for it will wait no more
                 if d.held and not d.live and d.state not in ALIVE:
                     actions += self._wait_for_dependencies(d)
-            return actions
+            return actions + self._end_with_pool(c)
         if spec.restart == TEMPORARY:
             return self._fail(c, f"exited with code {code}; {TEMPORARY} children are not restarted", {})
         # to be restarted, within the intensity limit
@@ -623,7 +624,20 @@ class Supervision:
             actions += self.request_stop(f"{c.name} failed: {reason}", 1)
         elif pool and all(p.state == FAILED for p in pool) and not self.stopping:
             actions += self.request_stop(f"every child of pool {c.spec.pool} failed; the last, {c.name}: {reason}", 1)
+        else:
+            actions += self._end_with_pool(c)
         return actions
+
+    def _end_with_pool(self, c: Child) -> list[Action]:
+        """With no significant child to end the run (it runs on another host), the run ends once ``c``'s pool has
+        ended: 0 when every child of it finished, 1 when one failed."""
+        pool = [p for p in self.children.values() if c.spec.pool and p.spec.pool == c.spec.pool]
+        if self.stopping or not pool or any(p.state not in ENDED for p in pool) \
+                or any(p.spec.significant for p in self.children.values()):
+            return []
+        failed = [p.name for p in pool if p.state == FAILED]
+        return self.request_stop(f"every child of pool {c.spec.pool} finished" + (
+            f" or failed ({', '.join(failed)})" if failed else ""), 1 if failed else 0)
 
     def _advance_stop(self) -> list[Action]:
         """Reverse start order: terminate a stopping child once nothing alive depends on it."""

@@ -70,9 +70,17 @@ class Plan:
                     missing.append(module)
         return missing
 
+    @property
+    def runs_learner(self) -> bool:
+        """Whether this host runs the learner (run.role workers: it runs on another host)."""
+        return LEARNER in self.names
+
     def run_env_steps(self, rows: list[dict]) -> int:
-        """The run's env steps: what the learner has stored (workers' counts restart with each incarnation)."""
-        return next((int(r["env_steps"]) for r in rows if r["name"] == LEARNER), 0)
+        """The run's env steps: what the learner has stored (workers' counts restart with each incarnation); on a
+        host whose learner runs elsewhere, what its workers' current incarnations stepped."""
+        if self.runs_learner:
+            return next((int(r["env_steps"]) for r in rows if r["name"] == LEARNER), 0)
+        return sum(int(r["env_steps"]) for r in rows if r.get("role") == WORKER)
 
 
 def build_plan(cfg: Config, run_id: str = "") -> Plan:
@@ -108,16 +116,18 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
         launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
                 "needs": ("torch", "gymnasium")},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]
+    # run.role workers: this host's slots only, against a learner on another host (workers.learner)
+    learners = (learner,) if cfg.run.role == "all" else ()
     if cfg.env.backend != "carla":
-        return Plan((learner, *workers))
+        return Plan((*learners, *workers))
     workers = [replace(w, launch={**w.launch, "needs": (*w.launch["needs"], "carla")},
                        stall_dependencies_on=frozenset({EXIT_SIMULATOR_STALLED}),
                        recycle_dependencies_on=frozenset({EXIT_SIMULATOR_RECYCLE})) for w in workers]
     if cfg.simulators.mode != "container":
-        return Plan((learner, *workers))  # servers the user runs: the workers' own health handling only
+        return Plan((*learners, *workers))  # servers the user runs: the workers' own health handling only
     sims = [simulator_spec(cfg, run_id, slot, backoff, intensity) for slot in range(cfg.workers.count)]
     workers = [replace(w, depends_on=(s.name,)) for w, s in zip(workers, sims)]
-    return Plan((learner, *[c for pair in zip(sims, workers) for c in pair]))
+    return Plan((*learners, *[c for pair in zip(sims, workers) for c in pair]))
 
 
 def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intensity: Intensity) -> ChildSpec:

@@ -46,7 +46,8 @@ def overrides_from(args) -> list[tuple[str, object]]:
     for key, value in (("run.max_timesteps", args.max_timesteps), ("workers.count", args.workers),
                        ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
                        ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir),
-                       ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs)):
+                       ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs),
+                       *((key, getattr(args, flag, None)) for key, flag in REMOTE_LEARNER_FLAGS)):
         if value is not None:
             out.append((key, value))
     for item in args.set:
@@ -55,6 +56,11 @@ def overrides_from(args) -> list[tuple[str, object]]:
         key, value = item.split("=", 1)
         out.append((key.strip(), parse_value(value)))
     return out
+
+
+# `up`'s flags for a host whose learner runs on another (docs/hosts.md), and the config keys they set
+REMOTE_LEARNER_FLAGS = (("run.role", "role"), ("workers.learner", "learner_endpoint"), ("workers.curve_key", "key"),
+                        ("workers.learner_key", "learner_key"), ("workers.host", "host"))
 
 
 def config_from(args):
@@ -262,9 +268,12 @@ def host_capacity_problem(cfg) -> str | None:
         return (f"{workers} workers on {cores} cores: at most {most} fit "
                 f"(supervisor.max_workers_per_core {cfg.supervisor.max_workers_per_core:g})")
     per_worker = WORKER_MEMORY_BYTES * (2 if cfg.supervisor.standby_workers else 1)
-    need = LEARNER_MEMORY_BYTES + workers * per_worker
+    from supervisor.plan import build_plan
+
+    learner = LEARNER_MEMORY_BYTES if build_plan(cfg).runs_learner else 0  # or it runs on another host
+    need = learner + workers * per_worker
     available = psutil.virtual_memory().available
     if need > available:
-        return (f"{workers} workers need about {need / 2**30:.1f} GiB of memory (learner {LEARNER_MEMORY_BYTES / 2**30:.1f}"
+        return (f"{workers} workers need about {need / 2**30:.1f} GiB of memory (learner {learner / 2**30:.1f}"
                 f", {per_worker / 2**30:.2f} per worker with its standby), {available / 2**30:.1f} GiB is available")
     return None

@@ -83,7 +83,10 @@ class EnvWorker:
                              load_public(Path(wc.learner_key), "workers.learner_key"))
                 except KeyFileError as exc:
                     raise FatalError(str(exc)) from None
-        self.link = LearnerLink(self.ctx, endpoints, self.name, self.incarnation, self.progress, self.log,
+        # at a learner elsewhere this host's workers go by HOST:worker-N (each host has a worker-0)
+        host = self.cfg.worker_host()
+        wire_name = f"{host}:{self.name}" if host else self.name
+        self.link = LearnerLink(self.ctx, endpoints, wire_name, self.incarnation, self.progress, self.log,
                                 lambda: self.stopping, curve=curve)
 
     def make_envs(self) -> None:

@@ -967,3 +967,37 @@ def test_a_stall_reason_carries_what_the_child_says_of_itself():
         sup.tick()
     assert c.state == STALLED and "it reports: sampling fails" in c.reason
     assert "sampling fails" in status_rows(sup.snapshot())[0]["detail"]
+
+
+def test_a_host_without_the_learner_ends_its_run_when_its_workers_have_finished():
+    """run.role workers: the plan has no significant child; the learner says done and each worker exits 0."""
+    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
+        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000")])).specs)
+    assert [s.name for s in specs] == ["worker-0", "worker-1"] and not any(s.significant for s in specs)
+    sup, clock, _ = start(specs)
+    run_all(sup, clock)
+    assert not of(sup.exited("worker-0", sup.children["worker-0"].incarnation, 0), EndRun)
+    assert not sup.stopping, "one worker finished, the other steps on"
+    actions = sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
+    assert of(actions, EndRun) == [EndRun(0, "every child of pool worker finished")]
+
+
+def test_a_worker_host_whose_worker_failed_and_the_other_finished_ends_nonzero():
+    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
+        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("supervisor.max_restarts", 0)])).specs)
+    sup, clock, _ = start(specs)
+    run_all(sup, clock)
+    sup.exited("worker-0", sup.children["worker-0"].incarnation, 1)
+    assert sup.children["worker-0"].state == FAILED and not sup.stopping
+    actions = sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
+    assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]
+
+
+def test_a_worker_host_whose_last_worker_fails_after_the_other_finished_ends_nonzero():
+    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
+        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("supervisor.max_restarts", 0)])).specs)
+    sup, clock, _ = start(specs)
+    run_all(sup, clock)
+    sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
+    actions = sup.exited("worker-0", sup.children["worker-0"].incarnation, 1)
+    assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]

@@ -89,3 +89,21 @@ def test_only_the_plan_names_the_children():
                 for side in [node.left, *node.comparators]:
                     if isinstance(side, ast.Attribute):
                         assert side.attr != "role", f"{path.name}:{node.lineno} compares a role"
+
+
+def test_a_workers_only_host_runs_its_slots_and_no_learner():
+    from protocol.config import ConfigError
+
+    remote = [("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("workers.host", "host-b")]
+    plan = build_plan(load_config(None, remote))
+    assert plan.names == ["worker-0", "worker-1"] and not plan.runs_learner
+    rows = [{"name": "worker-0", "role": "worker", "env_steps": 30}, {"name": "worker-1", "role": "worker",
+                                                                      "env_steps": 12}]
+    assert plan.run_env_steps(rows) == 42, "this host's steps, its learner being elsewhere"
+    assert build_plan(load_config(None, [])).runs_learner
+    with pytest.raises(ConfigError, match="run.role workers .* needs workers.learner"):
+        load_config(None, [("run.role", "workers")])
+    with pytest.raises(ConfigError, match="workers.host"):
+        load_config(None, remote[:2] + [("workers.host", "has space")])
+    assert load_config(None, remote).worker_host() == "host-b"
+    assert load_config(None, []).worker_host() is None

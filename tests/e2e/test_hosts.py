@@ -1,0 +1,65 @@
+"""Two hosts' supervisors on one machine: a learner host (no workers of its own, the learner on TCP with CurveZMQ)
+and a workers-only host (`up --role workers --learner tcp://...`) whose slots step against it. The learner's status
+lists the host; the learner SIGKILLed on its host is replaced there while the other host's workers wait and go on
+with no restart; the workers-only host ends its run when the learner says the run is complete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from protocol.curve import write_keypair
+from protocol.roles import LEARNER
+from protocol.states import RUNNING
+from tests.e2e.test_wire import free_port_pair
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def row(status, name):
+    return next(p for p in status["processes"] if p["name"] == name)
+
+
+def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_restart(stack_factory, tmp_path):
+    keys = tmp_path / "keys"
+    learner_public, learner_secret = write_keypair(keys, "learner")
+    host_public, host_secret = write_keypair(keys, "host-b")
+    (keys / "clients").mkdir()
+    shutil.copy(host_public, keys / "clients" / "host-b.key")
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    head = stack_factory({"workers": {"count": 0}, "run": {"max_timesteps": 3000},
+                          "learner": {"listen": endpoint, "curve_key": str(learner_secret),
+                                      "curve_clients": str(keys / "clients"), "checkpoint_every": 50}})
+    host = stack_factory(start=False)
+    host.extra_args = ["--role", "workers", "--learner", endpoint, "--key", str(host_secret),
+                       "--learner-key", str(learner_public), "--host", "host-b"]
+    host.start()
+
+    s = host.wait_for(lambda s: all(row(s, f"worker-{i}")["state"] == RUNNING and row(s, f"worker-{i}")["env_steps"]
+                                    > 100 for i in range(2)), 120, "host-b's workers stepping")
+    assert [p["name"] for p in s["processes"]] == ["worker-0", "worker-1"], "no learner on a workers-only host"
+    workers = {i: row(s, f"worker-{i}")["pid"] for i in range(2)}
+    h = head.wait_for(lambda s: row(s, LEARNER)["updates"] >= 100 and row(s, LEARNER)["hosts"], 120,
+                      "the learner training on host-b's steps")
+    assert [(x["host"], x["slots"]) for x in row(h, LEARNER)["hosts"]] == [("host-b", 2)]
+    assert row(h, LEARNER)["hosts"][0]["steps"] > 0 and row(h, LEARNER)["hosts"][0]["last_seen_s"] < 5
+    assert "learner hears from host host-b: 2 slot(s)" in head.cli("status").stdout
+
+    # the learner SIGKILLed on its host: replaced there; host-b's workers wait for it and go on, never restarted
+    updates = row(h, LEARNER)["updates"]
+    os.kill(row(h, LEARNER)["pid"], signal.SIGKILL)
+    head.wait_for(lambda s: row(s, LEARNER)["incarnation"] == 1 and row(s, LEARNER)["updates"] > updates, 120,
+                  "the learner back and training past where it was")
+    s = host.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > 0 for i in range(2)), 30, "host-b stepping")
+    for i in range(2):
+        assert row(s, f"worker-{i}")["pid"] == workers[i] and row(s, f"worker-{i}")["restarts"] == 0
+    assert not [e for e in host.events() if e["event"] in ("stalled", "exited")], "waiting is not a stall"
+
+    # the learner completes the run: host-b's workers finish and its supervisor ends its run, exit 0
+    assert head.proc.wait(timeout=150) == 0, head.diagnostics()
+    assert host.proc.wait(timeout=60) == 0, host.diagnostics()
+    ended = host.events()[-1]
+    assert ended["event"] == "run_ended" and "every child of pool worker finished" in ended["reason"]
