@@ -154,6 +154,20 @@ class EnvConfig(_Section):
         return self
 
 
+def _check_wire(key: str, endpoint: str | None, first: tuple[str, str | None], second: tuple[str, str | None],
+                what: str) -> None:
+    """A tcp endpoint off loopback needs both of its CurveZMQ settings; either one needs the other."""
+    from protocol.curve import is_loopback, parse_tcp
+
+    if endpoint is not None:
+        parse_tcp(endpoint, key)
+        if not is_loopback(endpoint) and not (first[1] and second[1]):
+            raise ValueError(f"{key} {endpoint} is off loopback: it needs {first[0]} and {second[0]} (CurveZMQ; "
+                             "write a pair with `supervisor keys NAME`)")
+    if bool(first[1]) != bool(second[1]):
+        raise ValueError(f"{first[0]} and {second[0]} go together ({what})")
+
+
 class WorkerConfig(_Section):
     count: int = Field(2, ge=0)
     start_steps: int = Field(1000, ge=0)  # uniform random actions before the actor is used
@@ -173,16 +187,8 @@ class WorkerConfig(_Section):
 
     @model_validator(mode="after")
     def _remote_learner(self):
-        from protocol.curve import is_loopback, parse_tcp
-
-        if self.learner is not None:
-            parse_tcp(self.learner, "workers.learner")
-            if not is_loopback(self.learner) and not (self.curve_key and self.learner_key):
-                raise ValueError(f"workers.learner {self.learner} is off loopback: it needs workers.curve_key and "
-                                 "workers.learner_key (CurveZMQ; write a pair with `supervisor keys NAME`)")
-        if bool(self.curve_key) != bool(self.learner_key):
-            raise ValueError("workers.curve_key and workers.learner_key go together (this host's pair and the "
-                             "learner's public key)")
+        _check_wire("workers.learner", self.learner, ("workers.curve_key", self.curve_key),
+                    ("workers.learner_key", self.learner_key), "this host's pair and the learner's public key")
         return self
 
 
@@ -239,16 +245,9 @@ class LearnerConfig(_Section):
 
     @model_validator(mode="after")
     def _listen(self):
-        from protocol.curve import is_loopback, parse_tcp
-
-        if self.listen is not None:
-            parse_tcp(self.listen, "learner.listen")
-            if not is_loopback(self.listen) and not (self.curve_key and self.curve_clients):
-                raise ValueError(f"learner.listen {self.listen} is off loopback: it needs learner.curve_key and "
-                                 "learner.curve_clients (CurveZMQ; write a pair with `supervisor keys NAME`)")
-        if bool(self.curve_key) != bool(self.curve_clients):
-            raise ValueError("learner.curve_key and learner.curve_clients go together (the learner's pair and the "
-                             "directory of the public keys it lets in)")
+        _check_wire("learner.listen", self.listen, ("learner.curve_key", self.curve_key),
+                    ("learner.curve_clients", self.curve_clients),
+                    "the learner's pair and the directory of the public keys it lets in")
         return self
 
 

@@ -6,15 +6,13 @@ with no restart; the workers-only host ends its run when the learner says the ru
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 
 import pytest
 
-from protocol.curve import write_keypair
 from protocol.roles import LEARNER
 from protocol.states import RUNNING
-from tests.e2e.test_wire import free_port_pair
+from tests.e2e.test_wire import free_port_pair, ironhouse
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -24,15 +22,11 @@ def row(status, name):
 
 
 def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_restart(stack_factory, tmp_path):
-    keys = tmp_path / "keys"
-    learner_public, learner_secret = write_keypair(keys, "learner")
-    host_public, host_secret = write_keypair(keys, "host-b")
-    (keys / "clients").mkdir()
-    shutil.copy(host_public, keys / "clients" / "host-b.key")
+    learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "host-b")
     endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
     head = stack_factory({"workers": {"count": 0}, "run": {"max_timesteps": 3000},
                           "learner": {"listen": endpoint, "curve_key": str(learner_secret),
-                                      "curve_clients": str(keys / "clients"), "checkpoint_every": 50}})
+                                      "curve_clients": str(clients), "checkpoint_every": 50}})
     host = stack_factory(start=False)
     host.extra_args = ["--role", "workers", "--learner", endpoint, "--key", str(host_secret),
                        "--learner-key", str(learner_public), "--host", "host-b"]

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -39,20 +40,26 @@ def free_port_pair() -> int:
     raise AssertionError("no two free ports in a row on 127.0.0.1")
 
 
+def ironhouse(keys: Path, host: str) -> tuple[Path, Path, Path, Path]:
+    """The learner's key pair and one host's, the host's public key in the learner's allowed directory, as a user
+    sets them up (docs/hosts.md): (learner public, learner secret, host secret, allowed directory)."""
+    learner_public, learner_secret = write_keypair(keys, "learner")
+    host_public, host_secret = write_keypair(keys, host)
+    (keys / "clients").mkdir()
+    shutil.copy(host_public, keys / "clients" / f"{host}.key")
+    return learner_public, learner_secret, host_secret, keys / "clients"
+
+
 def row(status, name):
     return next(p for p in status["processes"] if p["name"] == name)
 
 
 def test_workers_come_in_over_curve_a_stranger_is_refused_and_no_key_is_written(stack_factory, tmp_path):
-    keys = tmp_path / "keys"
-    learner_public, learner_secret = write_keypair(keys, "learner")
-    host_public, host_secret = write_keypair(keys, "host-a")
-    (keys / "clients").mkdir()
-    shutil.copy(host_public, keys / "clients" / "host-a.key")
+    learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "host-a")
     port = free_port_pair()
     endpoint = f"tcp://127.0.0.1:{port}"
     stack = stack_factory({"learner": {"listen": endpoint, "curve_key": str(learner_secret),
-                                       "curve_clients": str(keys / "clients")},
+                                       "curve_clients": str(clients)},
                            "workers": {"learner": endpoint, "curve_key": str(host_secret),
                                        "learner_key": str(learner_public)}})
     s = stack.wait_for(lambda s: row(s, LEARNER)["updates"] >= 50 and

@@ -969,10 +969,16 @@ def test_a_stall_reason_carries_what_the_child_says_of_itself():
     assert "sampling fails" in status_rows(sup.snapshot())[0]["detail"]
 
 
+def worker_host_specs(**supervisor):
+    """The plan of a host whose learner runs elsewhere (run.role workers): its two workers only."""
+    overrides = [(f"supervisor.{k}", v) for k, v in {**SUPERVISOR, **supervisor}.items()]
+    return list(build_plan(load_config(None, overrides + [("run.role", "workers"),
+                                                           ("workers.learner", "tcp://127.0.0.1:7000")])).specs)
+
+
 def test_a_host_without_the_learner_ends_its_run_when_its_workers_have_finished():
     """run.role workers: the plan has no significant child; the learner says done and each worker exits 0."""
-    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
-        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000")])).specs)
+    specs = worker_host_specs()
     assert [s.name for s in specs] == ["worker-0", "worker-1"] and not any(s.significant for s in specs)
     sup, clock, _ = start(specs)
     run_all(sup, clock)
@@ -982,22 +988,12 @@ def test_a_host_without_the_learner_ends_its_run_when_its_workers_have_finished(
     assert of(actions, EndRun) == [EndRun(0, "every child of pool worker finished")]
 
 
-def test_a_worker_host_whose_worker_failed_and_the_other_finished_ends_nonzero():
-    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
-        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("supervisor.max_restarts", 0)])).specs)
-    sup, clock, _ = start(specs)
+@pytest.mark.parametrize("order", [(("worker-0", 1), ("worker-1", 0)), (("worker-1", 0), ("worker-0", 1))])
+def test_a_worker_host_with_a_failed_worker_ends_nonzero_once_the_other_has_finished(order):
+    sup, clock, _ = start(worker_host_specs(max_restarts=0))
     run_all(sup, clock)
-    sup.exited("worker-0", sup.children["worker-0"].incarnation, 1)
-    assert sup.children["worker-0"].state == FAILED and not sup.stopping
-    actions = sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
-    assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]
-
-
-def test_a_worker_host_whose_last_worker_fails_after_the_other_finished_ends_nonzero():
-    specs = list(build_plan(load_config(None, [(f"supervisor.{k}", v) for k, v in SUPERVISOR.items()] + [
-        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("supervisor.max_restarts", 0)])).specs)
-    sup, clock, _ = start(specs)
-    run_all(sup, clock)
-    sup.exited("worker-1", sup.children["worker-1"].incarnation, 0)
-    actions = sup.exited("worker-0", sup.children["worker-0"].incarnation, 1)
+    (first, code), (second, last_code) = order
+    assert not of(sup.exited(first, sup.children[first].incarnation, code), EndRun) and not sup.stopping
+    actions = sup.exited(second, sup.children[second].incarnation, last_code)
+    assert sup.children["worker-0"].state == FAILED
     assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]
