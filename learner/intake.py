@@ -18,6 +18,13 @@ from protocol.messages import EPISODE, HELLO, STEPS
 from protocol.sockets import Receiver
 
 
+def stream_key(msg: Message) -> str:
+    """A worker process's stream in the replay's table: its name, incarnation and, when it sends one, its session
+    (a restarted host's worker-0 incarnation 0 is a new stream, not the old one's duplicate)."""
+    key = f"{msg['worker']}/{msg['incarnation']}"
+    return f"{key}/{msg['session']}" if msg.get("session") else key
+
+
 LOCAL_HOST = "local"
 MAX_HOSTS = 64  # hosts (and workers per host) the table keeps
 
@@ -61,9 +68,11 @@ class Intake:
                 or a["actions"].shape[1] != self.replay.action_dim:
             self.inbox.drop("spec_mismatch", f"{msg['worker']}: steps of shape {a['frames'].shape[1:]}")
             return
-        lost = self.replay.add_batch(f"{msg['worker']}/{msg['incarnation']}", msg["seq"], a["first"], a["frames"],
-                                     a["actions"], a["rewards"], a["terminated"], a["truncated"], msg["env_steps"])
-        self.seen(msg["worker"], len(a["rewards"]))
+        entries = self.replay.total
+        lost = self.replay.add_batch(stream_key(msg), msg["seq"], a["first"], a["frames"], a["actions"], a["rewards"],
+                                     a["terminated"], a["truncated"], msg["env_steps"])
+        if self.replay.total > entries:  # stored, not a duplicate
+            self.seen(msg["worker"], self.replay.total - entries)
         if lost:
             self.lost_steps += lost
             self.log.warning("steps lost in transit", worker=msg["worker"], incarnation=msg["incarnation"], lost=lost)

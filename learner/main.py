@@ -33,8 +33,8 @@ from learner.sampler import Sampler
 from learner.td3 import TD3Agent, q_max
 from policy.network import policy_arrays
 from protocol.config import Config, load_config
-from protocol.curve import (CURVE_HANDSHAKE_BYTES, Gatekeeper, KeyFileError, allowed_keys, load_secret, serve_curve,
-                            tcp_endpoints)
+from protocol.curve import (CURVE_HANDSHAKE_BYTES, Gatekeeper, KeyFileError, allowed_keys, load_secret, prepare_tcp,
+                            raise_open_files_limit, serve_curve, tcp_endpoints)
 from protocol.exits import FatalError, exit_on_error
 from protocol.heartbeat import HeartbeatSender, Progress
 from protocol.logs import get_logger
@@ -44,6 +44,9 @@ from protocol.roles import LEARNER
 from protocol.sockets import (STEPS_RCVHWM, SUBSCRIPTION_MAX_BYTES, Receiver, load_endpoints, make_socket, send,
                               steps_max_bytes)
 
+# Steps messages queued per TCP peer (ipc: STEPS_RCVHWM); with the size limit it bounds what a host can make the
+# learner hold.
+TCP_STEPS_RCVHWM = 4
 # How often the learner tells workers its counts; also bounds how stale their allowance is.
 PROGRESS_EVERY_S = 0.2
 # How many worker incarnations' acknowledged counts a progress message carries (the newest).
@@ -139,10 +142,13 @@ class Learner:
                 raise FatalError(str(exc)) from None
             self.gate = Gatekeeper(self.ctx, allowed, on_refused=self.on_refused)
         eps = tcp_endpoints(self.lcfg.listen)
-        # a CurveZMQ handshake (HELLO 200 bytes, INITIATE with metadata) passes the same size limit as a message
-        for kind, name, max_b, hwm in ((zmq.PULL, "steps", max_bytes, STEPS_RCVHWM),
+        raise_open_files_limit()  # each TCP peer holds a descriptor (a silent one for HANDSHAKE_MS at most)
+        # a CurveZMQ handshake (HELLO 200 bytes, INITIATE with metadata) passes the same size limit as a message;
+        # a TCP peer's queue is shorter than an ipc one's: there may be many hosts
+        for kind, name, max_b, hwm in ((zmq.PULL, "steps", max_bytes, TCP_STEPS_RCVHWM),
                                        (zmq.PUB, "weights", max(SUBSCRIPTION_MAX_BYTES, CURVE_HANDSHAKE_BYTES), 4)):
             sock = make_socket(self.ctx, kind, hwm=hwm, max_bytes=max_b)
+            prepare_tcp(sock, eps[name])
             if keys is not None:
                 serve_curve(sock, *keys)
             try:

@@ -404,6 +404,10 @@ class Config(_Section):
         if self.run.role == "workers" and self.workers.learner is None:
             raise ValueError("run.role workers runs only this host's slots: it needs workers.learner, the learner's "
                              "tcp://HOST:PORT (supervisor up --role workers --learner tcp://HOST:PORT)")
+        if self.run.role == "all" and self.workers.learner not in (None, self.learner.listen):
+            raise ValueError(f"workers.learner {self.workers.learner} is another learner than this run's own "
+                             f"(learner.listen {self.learner.listen}): its learner would get no steps; run only this "
+                             "host's slots with --role workers (run.role: workers)")
         return self
 
     @model_validator(mode="after")

@@ -115,9 +115,18 @@ def _read_keys(path: Path, what: str) -> tuple[bytes | None, bytes | None]:
             public = line.split(b"=", 1)[1].strip(b" \t'\"")
         elif line.startswith(b"secret-key"):
             secret = line.split(b"=", 1)[1].strip(b" \t'\"")
+    import zmq
+    from zmq.utils import z85
+
     for key in (public, secret):
-        if key is not None and len(key) != 40:
-            raise KeyFileError(f"{what} {path} holds no valid CurveZMQ key (a Z85 key is 40 characters)")
+        try:
+            if key is not None and len(z85.decode(key)) != 32:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise KeyFileError(f"{what} {path} holds no valid CurveZMQ key (a Z85 key is 40 characters)") from None
+    if public is not None and secret is not None and zmq.curve_public(secret) != public:
+        raise KeyFileError(f"{what} {path}: its public key is not the secret key's (write a new pair with "
+                           "`supervisor keys NAME`)")
     return public, secret
 
 
@@ -128,6 +137,8 @@ def load_secret(path: Path, what: str) -> tuple[bytes, bytes]:
         mode = path.stat().st_mode
     except OSError:
         mode = 0
+    if stat.S_ISDIR(mode):
+        raise KeyFileError(f"{what} {path} is a directory; it names the NAME{SECRET_SUFFIX} file")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"{what} {path} can be read by others (mode {stat.S_IMODE(mode):o}); chmod 600 {path}")
     public, secret = _read_keys(path, what)
@@ -152,6 +163,32 @@ def allowed_keys(directory: Path, what: str) -> set[bytes]:
 
 
 # -- sockets ---------------------------------------------------------------------------------------------------
+
+# A TCP peer that connects and never finishes its handshake is cut off after this long (ZeroMQ's default is 30 s:
+# a flood of silent connections would hold that many file descriptors).
+HANDSHAKE_MS = 2000
+
+
+def prepare_tcp(sock, endpoint: str) -> None:
+    """Options every TCP socket of the wire carries, before it binds or connects: IPv6 when the endpoint's host is
+    an IPv6 address, and a short handshake deadline."""
+    host, _ = parse_tcp(endpoint, "endpoint")
+    if ":" in host:
+        sock.ipv6 = True
+    sock.handshake_ivl = HANDSHAKE_MS
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard one (a listening learner holds one per peer)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
 
 def serve_curve(sock, public: bytes, secret: bytes) -> None:
     """Make a socket, before it binds, a CurveZMQ server whose clients ZAP checks."""
@@ -199,7 +236,10 @@ class Gatekeeper:
         with self._lock:
             self.refused += 1
         if self.on_refused is not None:
-            self.on_refused(self.refused)
+            try:
+                self.on_refused(self.refused)
+            except Exception:  # noqa: BLE001 (the ZAP thread must answer every handshake whatever a report does)
+                pass
 
     def stop(self) -> None:
         self.auth.stop()

@@ -9,6 +9,7 @@ in :mod:`protocol.codec` enforces them on both ends, raising :class:`ProtocolErr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +62,7 @@ class FieldSpec:
     required: bool = True
     choices: tuple | None = None
     nonnegative: bool = False
+    pattern: str | None = None  # a string must match it whole
 
     def accepts(self, value: Any) -> bool:
         if value is None:
@@ -73,12 +75,16 @@ class FieldSpec:
             return False
         if self.nonnegative and isinstance(value, (int, float)) and value < 0:
             return False
+        if self.pattern is not None and not (isinstance(value, str) and re.fullmatch(self.pattern, value)):
+            return False
         return True
 
     def describe(self) -> str:
         names = "/".join(t.__name__ for t in self.types)
         if self.choices:
             return f"one of {list(self.choices)}"
+        if self.pattern:
+            return f"a {names} matching {self.pattern}"
         return f"a {'non-negative ' if self.nonnegative else ''}{names}"
 
 
@@ -107,6 +113,11 @@ def _f(*types, **kw) -> FieldSpec:
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
+# A worker as the learner knows it: worker-N of this run, or HOST:worker-N of a host whose learner runs elsewhere
+# (names are shown by status and keyed in the replay index: short, and nothing a terminal would act on).
+WORKER_NAME = r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,62}:)?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+# A worker process's own stream id: a restarted host's worker-0 incarnation 0 is another stream than the last one's.
+SESSION = r"[0-9a-f]{8,16}"
 
 
 def _check_steps(msg) -> None:
@@ -157,21 +168,22 @@ SCHEMAS: dict[str, MessageSchema] = {
     s.name: s
     for s in [
         MessageSchema(HELLO, {
-            "worker": _f(*_STR), "slot": _f(*_INT, nonnegative=True),
+            "worker": _f(*_STR, pattern=WORKER_NAME), "slot": _f(*_INT, nonnegative=True),
             "incarnation": _f(*_INT, nonnegative=True),
             "frame_shape": _f(list), "frame_dtype": _f(*_STR, choices=("|u1", "<f4")),
             "action_dim": _f(*_INT, nonnegative=True),
         }, check=_check_hello),
         MessageSchema(STEPS, {
-            "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
+            "worker": _f(*_STR, pattern=WORKER_NAME), "incarnation": _f(*_INT, nonnegative=True),
             "seq": _f(*_INT, nonnegative=True), "env_steps": _f(*_INT, nonnegative=True),
+            "session": _f(*_STR, required=False, pattern=SESSION),
         }, arrays={
             "first": frozenset({"|u1"}), "frames": frozenset({"|u1", "<f4"}),
             "actions": frozenset({"<f4"}), "rewards": frozenset({"<f4"}),
             "terminated": frozenset({"|u1"}), "truncated": frozenset({"|u1"}),
         }, max_bytes=MAX_STEPS_BYTES, check=_check_steps),
         MessageSchema(EPISODE, {
-            "worker": _f(*_STR), "incarnation": _f(*_INT, nonnegative=True),
+            "worker": _f(*_STR, pattern=WORKER_NAME), "incarnation": _f(*_INT, nonnegative=True),
             "reward": _f(*_NUM), "length": _f(*_INT, nonnegative=True),
             "eval": _f(bool), "env_steps": _f(*_INT, nonnegative=True),
             "reason": _f(*_STR, required=False),  # why it ended: collision, route_done, time_limit, ...

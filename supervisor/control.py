@@ -9,7 +9,9 @@ people read taken from each child's last heartbeat, as it came.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -85,15 +87,19 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
 
 
 def sending_hosts(hosts) -> list[dict]:
-    """The learner's hosts table as status shows it: well-formed rows only (a heartbeat is input like any other)."""
+    """The learner's hosts table as status shows it: well-formed rows only (a heartbeat is input like any other:
+    a host is a name a terminal shows as it is, the counts finite numbers)."""
     out = []
-    for h in hosts if isinstance(hosts, list) else ():
-        if isinstance(h, dict) and isinstance(h.get("host"), str) and all(
-                isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool)
-                for k in ("slots", "steps", "last_seen_s")):
-            out.append({"host": h["host"][:64], "slots": int(h["slots"]), "steps": int(h["steps"]),
+    for h in hosts[:64] if isinstance(hosts, list) else ():
+        if isinstance(h, dict) and isinstance(h.get("host"), str) and re.fullmatch(HOST_NAME, h["host"]) and all(
+                isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) and math.isfinite(h[k])
+                and h[k] >= 0 for k in ("slots", "steps", "last_seen_s")):
+            out.append({"host": h["host"], "slots": int(h["slots"]), "steps": int(h["steps"]),
                         "last_seen_s": float(h["last_seen_s"])})
-    return out[:64]
+    return out
+
+
+HOST_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # as protocol.messages.WORKER_NAME's host part ("local" included)
 
 
 def status_payload(rows: list[dict], *, run_dir: Path, uptime_s: float, env_steps: int, max_timesteps: int,

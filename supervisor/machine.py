@@ -568,11 +568,11 @@ class Supervision:
         c.restart_at = math.inf
         if failed:
             c.reason = f"{failed[0]} failed"
-            return self._enter(c, FAILED, ev.FAILED, reason=c.reason) + self._drop_spare(c)
+            return self._enter(c, FAILED, ev.FAILED, reason=c.reason) + self._drop_spare(c) + self._end_with_pool(c)
         if ended:  # it finished and will not come back: neither will this
             c.held = False
             c.reason = f"{ended[0]} finished"
-            return self._enter(c, STOPPED, ev.FINISHED) + self._drop_spare(c)
+            return self._enter(c, STOPPED, ev.FINISHED) + self._drop_spare(c) + self._end_with_pool(c)
         c.reason = f"waiting for {down[0]}" if down else ""
         return self._enter(c, BACKOFF)
 

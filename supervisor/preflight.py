@@ -194,7 +194,7 @@ def check_up(args) -> Ready:
                 containers, check_ports=not resuming)
         except (EngineError, SpawnError) as exc:
             raise Refused(f"supervisor up: {exc}", EXIT_USAGE) from None
-    if cfg.learner.listen and not cfg.learner.curve_key:
+    if cfg.learner.listen and not cfg.learner.curve_key and plan.runs_learner:
         warnings.append(f"supervisor up: warning: learner.listen {cfg.learner.listen} has no CurveZMQ keys: any user "
                         "of this host can connect to it (learner.curve_key and learner.curve_clients: docs/hosts.md)")
     if py_spy_path() is None:
@@ -231,8 +231,11 @@ def wire_problem(cfg) -> str | None:
     from supervisor.metrics import port_problem
 
     lc, wc = cfg.learner, cfg.workers
+    from supervisor.plan import build_plan
+
+    here = build_plan(cfg).runs_learner  # the learner runs on this host (run.role workers: elsewhere, keys and all)
     try:
-        if lc.curve_key:
+        if lc.curve_key and here:
             load_secret(Path(lc.curve_key), "learner.curve_key")
             if not allowed_keys(Path(lc.curve_clients), "learner.curve_clients"):
                 return (f"learner.curve_clients {lc.curve_clients} holds no public key (*.key): no host could connect; "
@@ -242,7 +245,7 @@ def wire_problem(cfg) -> str | None:
             load_public(Path(wc.learner_key), "workers.learner_key")
     except KeyFileError as exc:
         return str(exc)
-    if lc.listen:
+    if lc.listen and here:
         host, port = parse_tcp(lc.listen, "learner.listen")
         for p in (port, port + 1):
             problem = port_problem(host, p, what="learner.listen's port", host_key="learner.listen's host")

@@ -8,12 +8,13 @@ learner is gone and ZeroMQ's queue is full, the worker waits here in phase
 
 from __future__ import annotations
 
+import secrets
 from typing import Callable
 
 import numpy as np
 import zmq
 
-from protocol.curve import connect_curve
+from protocol.curve import connect_curve, prepare_tcp
 from protocol.heartbeat import Progress
 from protocol.messages import EPISODE, HELLO, PROGRESS, STEPS, WEIGHTS
 from protocol.ratelimit import Allowance
@@ -37,13 +38,17 @@ class LearnerLink:
         self.steps_sock = make_socket(ctx, zmq.PUSH, hwm=STEPS_HWM)
         self.sub = make_socket(ctx, zmq.SUB, hwm=4)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        if curve is not None:
-            connect_curve(self.steps_sock, *curve)
-            connect_curve(self.sub, *curve)
+        for sock, endpoint in ((self.steps_sock, endpoints["steps"]), (self.sub, endpoints["weights"])):
+            if endpoint.startswith("tcp://"):
+                prepare_tcp(sock, endpoint)
+            if curve is not None:
+                connect_curve(sock, *curve)
         self.steps_sock.connect(endpoints["steps"])
         self.sub.connect(endpoints["weights"])
         self.inbox = Receiver(self.sub, log.warning)
-        self.allowance = Allowance(f"{name}/{incarnation}")
+        # this process's stream at the learner: a restarted host's worker-N incarnation 0 is not the last one's
+        self.session = secrets.token_hex(4)
+        self.allowance = Allowance(f"{name}/{incarnation}/{self.session}")
         self.batch = StepBatch()
         self.seq = 0
         self.done = False  # the learner said the run is complete
@@ -64,7 +69,7 @@ class LearnerLink:
         if not len(self.batch):
             return
         fields = {"worker": self.name, "incarnation": self.incarnation, "seq": self.seq,
-                  "env_steps": self.progress.env_steps}
+                  "env_steps": self.progress.env_steps, "session": self.session}
         arrays = self.batch.arrays()
         while True:
             try:

@@ -44,3 +44,53 @@ def test_status_shows_each_sending_host_and_ignores_malformed_rows():
     assert sending_hosts({"not": "a list"}) == [] and sending_hosts(None) == []
     status = {"processes": [{"name": "learner", "state": "running", "hosts": hosts}]}
     assert "learner hears from host host-b: 2 slot(s), 12,345 steps, last 0.4s ago" in status_notes(status)
+
+
+def test_a_restarted_hosts_worker_is_a_new_stream_and_a_duplicate_is_not_counted(tmp_path):
+    """A host whose supervisor restarted sends as host-b:worker-0 incarnation 0 again, from seq 0: its session makes
+    it a stream of its own, so nothing it sends is taken for a duplicate of the last one's."""
+    import numpy as np
+
+    from learner.replay import ReplayBuffer
+    from protocol.codec import decode, encode
+    from protocol.messages import STEPS
+
+    i = intake()
+    i.replay = ReplayBuffer(tmp_path / "replay", 1000, (3,), np.uint8, 1)
+
+    def steps(session, seq, n=10):
+        a = {"first": np.eye(1, n, dtype=np.uint8)[0] if seq == 0 else np.zeros(n, np.uint8),
+             "frames": np.zeros((n, 3), np.uint8), "actions": np.zeros((n, 1), np.float32),
+             "rewards": np.zeros(n, np.float32), "terminated": np.zeros(n, np.uint8), "truncated": np.zeros(n, np.uint8)}
+        return decode(encode(STEPS, {"worker": "host-b:worker-0", "incarnation": 0, "seq": seq,
+                                     "env_steps": (seq + 1) * n, "session": session}, a))
+
+    for seq in range(5):
+        i.store(steps("aaaa0001", seq))
+    i.store(steps("aaaa0001", 3))  # resent after a learner restart: a duplicate
+    assert i.host_rows()[0]["steps"] == 50 and i.replay.total == 50
+    for seq in range(3):  # the host's supervisor restarted: worker-0 incarnation 0 again, a new session
+        i.store(steps("bbbb0002", seq))
+    assert i.replay.total == 80 and i.host_rows()[0]["steps"] == 80
+    assert set(i.replay.streams) == {"host-b:worker-0/0/aaaa0001", "host-b:worker-0/0/bbbb0002"}
+
+
+@pytest.mark.parametrize("name", ["x" * 200, "a:b:c", "host-b:\x1b[31mworker", "", ":worker-0", "host b:worker-0"])
+def test_a_worker_name_the_learner_would_keep_or_show_is_refused_at_the_schema(name):
+    import numpy as np
+
+    from protocol.codec import decode, encode
+    from protocol.messages import STEPS, ProtocolError
+
+    arrays = {"first": np.ones(1, np.uint8), "frames": np.zeros((1, 3), np.uint8),
+              "actions": np.zeros((1, 1), np.float32), "rewards": np.zeros(1, np.float32),
+              "terminated": np.zeros(1, np.uint8), "truncated": np.zeros(1, np.uint8)}
+    import msgpack
+
+    with pytest.raises(ProtocolError, match="steps.worker"):  # we never send one
+        encode(STEPS, {"worker": name, "incarnation": 0, "seq": 0, "env_steps": 1}, arrays)
+    frames = encode(STEPS, {"worker": "worker-0", "incarnation": 0, "seq": 0, "env_steps": 1}, arrays)
+    header = msgpack.unpackb(frames[0], raw=False)
+    header["worker"] = name
+    with pytest.raises(ProtocolError, match="steps.worker"):  # nor take one
+        decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])

@@ -142,3 +142,45 @@ def test_a_receiver_takes_from_each_of_its_sockets(ctx):
     rest = inbox.drain()
     names = sorted(m["name"] for m in [first, *rest])
     assert names == ["a0", "a1", "a2", "b0", "b1", "b2"]
+
+
+def test_keys_that_are_not_keys_or_not_a_pair_and_a_directory_are_named(tmp_path):
+    tilde = tmp_path / "tilde.key_secret"
+    tilde.write_text(f'curve\n    public-key = "{"~" * 40}"\n    secret-key = "{"~" * 40}"\n')
+    os.chmod(tilde, 0o600)
+    with pytest.raises(KeyFileError, match="holds no valid CurveZMQ key"):
+        load_secret(tilde, "learner.curve_key")
+    public, _ = zmq.curve_keypair()
+    _, secret = zmq.curve_keypair()
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(f'curve\n    public-key = "{public.decode()}"\n    secret-key = "{secret.decode()}"\n')
+    os.chmod(mixed, 0o600)
+    with pytest.raises(KeyFileError, match="its public key is not the secret key's"):
+        load_secret(mixed, "workers.curve_key")
+    (tmp_path / "dir.key_secret").mkdir(mode=0o755)
+    with pytest.raises(KeyFileError, match="is a directory"):
+        load_secret(tmp_path / "dir.key_secret", "learner.curve_key")
+
+
+def test_an_ipv6_endpoint_carries_steps_and_a_silent_peer_is_cut_off(ctx):
+    """prepare_tcp: IPv6 where the endpoint's host is an IPv6 address, and a short handshake deadline."""
+    from protocol.curve import HANDSHAKE_MS, prepare_tcp
+
+    server_public, server_secret = zmq.curve_keypair()
+    client = zmq.curve_keypair()
+    gate = Gatekeeper(ctx, {client[0]})
+    try:
+        pull = make_socket(ctx, zmq.PULL)
+        prepare_tcp(pull, "tcp://[::1]:1")
+        assert pull.handshake_ivl == HANDSHAKE_MS
+        serve_curve(pull, server_public, server_secret)
+        port = pull.bind_to_random_port("tcp://[::1]")
+        push = make_socket(ctx, zmq.PUSH)
+        endpoint = tcp_endpoints(f"tcp://[::1]:{port}")["steps"]
+        prepare_tcp(push, endpoint)
+        connect_curve(push, *client, server_public)
+        push.connect(endpoint)
+        push.send(b"over IPv6")
+        assert pull.poll(5000) and pull.recv() == b"over IPv6"
+    finally:
+        gate.stop()

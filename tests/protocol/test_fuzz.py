@@ -201,7 +201,7 @@ def field_values(spec) -> st.SearchStrategy:
             options.append(st.floats(min_value=0.0) | st.sampled_from([-0.0, math.nan]) if spec.nonnegative
                            else st.floats())  # what "non-negative" lets through: -0.0 and NaN too
         elif t is str:
-            options.append(st.text(max_size=30))
+            options.append(st.from_regex(spec.pattern, fullmatch=True) if spec.pattern else st.text(max_size=30))
         elif t is list:
             options.append(st.lists(plain, max_size=4))
         elif t is dict:

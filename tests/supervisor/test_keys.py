@@ -53,7 +53,7 @@ def test_up_names_a_missing_key_an_empty_allow_list_and_a_taken_port_before_writ
     secret = str(tmp_path / "learner.key_secret")
     assert "holds no public key" in problem(**{"learner.listen": "tcp://127.0.0.1:7000", "learner.curve_key": secret,
                                                "learner.curve_clients": str(tmp_path / "clients")})
-    assert "does not exist" in problem(**{"workers.learner": "tcp://127.0.0.1:7000",
+    assert "does not exist" in problem(**{"run.role": "workers", "workers.learner": "tcp://127.0.0.1:7000",
                                           "workers.curve_key": str(tmp_path / "host.key_secret"),
                                           "workers.learner_key": str(tmp_path / "learner.key")})
     with socket.socket() as taken:
@@ -83,3 +83,27 @@ def test_status_shows_the_connections_the_learner_refused():
     assert next(p for p in status["processes"] if p["name"] == "learner")["refused"] == 7
     assert "learner refused 7 connection(s) from hosts whose key it does not allow" in status_notes(status)
     assert not [line for line in status_notes(status) if "worker-0 refused" in line]
+
+
+def test_status_keeps_only_well_formed_hosts():
+    from supervisor.control import sending_hosts
+
+    good = {"host": "host-b", "slots": 2, "steps": 10, "last_seen_s": 0.5}
+    bad = [dict(good, steps=float("inf")), dict(good, last_seen_s=float("nan")), dict(good, slots=-1),
+           dict(good, host="\x1b[2Jhost"), dict(good, host="x" * 100), dict(good, steps=True)]
+    assert sending_hosts([good, *bad]) == [good]
+
+
+def test_a_workers_only_host_is_not_held_to_the_learners_keys_and_ports():
+    """One config for every host: the learner's key paths and port mean nothing on a host that runs no learner."""
+    cfg = load_config(PENDULUM, [("learner.listen", "tcp://0.0.0.0:7000"),
+                                 ("learner.curve_key", "/nonexistent/learner.key_secret"),
+                                 ("learner.curve_clients", "/nonexistent/clients"), ("run.role", "workers"),
+                                 ("workers.learner", "tcp://127.0.0.1:7000")])
+    assert wire_problem(cfg) is None
+    from protocol.config import ConfigError
+
+    with pytest.raises(ConfigError, match="is another learner than this run's own .*--role workers"):
+        load_config(PENDULUM, [("workers.learner", "tcp://127.0.0.1:7000")])
+    assert load_config(PENDULUM, [("workers.learner", "tcp://127.0.0.1:7000"),
+                                  ("learner.listen", "tcp://127.0.0.1:7000")]).run.role == "all"

@@ -997,3 +997,25 @@ def test_a_worker_host_with_a_failed_worker_ends_nonzero_once_the_other_has_fini
     actions = sup.exited(second, sup.children[second].incarnation, last_code)
     assert sup.children["worker-0"].state == FAILED
     assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]
+
+
+def test_a_carla_worker_host_whose_simulator_failed_ends_nonzero():
+    """run.role workers with simulator containers: carla-0 fails, worker-0 fails with it, and the host's run ends."""
+    overrides = [(f"supervisor.{k}", v) for k, v in {**SUPERVISOR, "max_restarts": 0}.items()] + [
+        ("run.role", "workers"), ("workers.learner", "tcp://127.0.0.1:7000"), ("env.backend", "carla"),
+        ("simulators.mode", "container"), ("workers.count", 1), ("env.carla.client_timeout_s", 2)]
+    sup, clock, pids = start([s for s in build_plan(load_config(None, overrides)).specs])
+    for a in sup.heartbeat({"name": "carla-0", "pid": sup.children["carla-0"].pid, "incarnation": 0,
+                            "phase": "serving", "probes": 1}):
+        if isinstance(a, Spawn):
+            sup.spawned(a.name, a.incarnation, next(pids))
+    beat(sup, "worker-0")
+    actions = sup.exited("carla-0", sup.children["carla-0"].incarnation, 1)
+    for _ in range(30):
+        clock.advance(1)
+        actions += sup.tick()
+        for name, c in sup.children.items():
+            if c.state == STOPPING and c.pid:
+                actions += sup.exited(name, c.incarnation, -15)
+    assert sup.children["worker-0"].state == FAILED and sup.children["worker-0"].reason == "carla-0 failed"
+    assert of(actions, EndRun) == [EndRun(1, "every child of pool worker finished or failed (worker-0)")]
