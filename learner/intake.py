@@ -47,6 +47,10 @@ class Intake:
         self.hosts: dict[str, dict] = {}
 
     def handle(self, msg: Message) -> None:
+        if msg.peer and msg.get("worker", "").rpartition(":")[0] != msg.peer:
+            # a host is who its key says: host-b's key sends as host-b:worker-N, never as another host's worker
+            self.inbox.drop("host_mismatch", f"{msg.get('worker')} came in with the key of host {msg.peer}")
+            return
         if msg.type == HELLO:
             spec = {"frame_shape": msg["frame_shape"], "frame_dtype": msg["frame_dtype"],
                     "action_dim": msg["action_dim"]}

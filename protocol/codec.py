@@ -37,6 +37,7 @@ class Message:
     type: str
     fields: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    peer: str | None = None  # who the transport says sent it: the name of the CurveZMQ key it came in with
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]

@@ -7,6 +7,7 @@ the key path (``config error: learner.batch_sise: unknown key``), not hours late
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import string
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocol.chaos import FAULT_NAMES, FAULTS, SIMULATOR
+from protocol.messages import HOST_NAME
 
 
 class ConfigError(ValueError):
@@ -391,19 +393,31 @@ class Config(_Section):
         return self.env.backend == "carla" and self.simulators.mode == "container" and self.workers.count > 0
 
     def worker_host(self) -> str | None:
-        """What this host's workers are called at a learner elsewhere (``workers.host`` or the hostname); None
-        when they send to this run's own learner."""
+        """What this host's workers are called at a learner elsewhere: ``workers.host``, else the name of its key
+        (``keys/host-b.key_secret``: host-b, the name the learner knows the key by), else the hostname; None when
+        they send to this run's own learner."""
         if self.workers.learner is None:
             return None
+        if self.workers.host:
+            return self.workers.host
+        if self.workers.curve_key:
+            from protocol.curve import SECRET_SUFFIX
+
+            name = Path(self.workers.curve_key).name
+            return name[:-len(SECRET_SUFFIX)] if name.endswith(SECRET_SUFFIX) else name
         import socket
 
-        return self.workers.host or socket.gethostname().split(".")[0] or "host"
+        return socket.gethostname().split(".")[0] or "host"
 
     @model_validator(mode="after")
     def _workers_role(self):
         if self.run.role == "workers" and self.workers.learner is None:
             raise ValueError("run.role workers runs only this host's slots: it needs workers.learner, the learner's "
                              "tcp://HOST:PORT (supervisor up --role workers --learner tcp://HOST:PORT)")
+        host = self.worker_host()
+        if host is not None and not re.fullmatch(HOST_NAME, host):
+            raise ValueError(f"this host's workers would be called {host!r}:worker-N at the learner; a host name is "
+                             "letters, digits, '_', '.' and '-' (set workers.host, or name the key file so)")
         if self.run.role == "all" and self.workers.learner not in (None, self.learner.listen):
             raise ValueError(f"workers.learner {self.workers.learner} is another learner than this run's own "
                              f"(learner.listen {self.learner.listen}): its learner would get no steps; run only this "

@@ -154,12 +154,14 @@ def load_public(path: Path, what: str) -> bytes:
     return public
 
 
-def allowed_keys(directory: Path, what: str) -> set[bytes]:
-    """The public keys (``*.key``) of a directory of allowed clients."""
+def allowed_keys(directory: Path, what: str) -> dict[bytes, str]:
+    """The public keys (``*.key``) of a directory of allowed clients, each with its host's name (the file's, as
+    ``supervisor keys NAME`` wrote it): a host's workers must call themselves ``NAME:worker-N``."""
     directory = Path(directory)
     if not directory.is_dir():
         raise KeyFileError(f"{what} {directory} is not a directory of public keys")
-    return {load_public(p, what) for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
+    return {load_public(p, what): p.name[:-len(PUBLIC_SUFFIX)]
+            for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
 
 
 # -- sockets ---------------------------------------------------------------------------------------------------
@@ -209,8 +211,12 @@ class Gatekeeper:
     """ZeroMQ's authenticator (ZAP, in a thread of its own) for the learner's TCP sockets: it lets in the clients
     whose public keys are in the allowed directory and counts (and reports, by address) the ones it turns away."""
 
-    def __init__(self, ctx, allowed: set[bytes], on_refused=None):
+    def __init__(self, ctx, allowed: dict[bytes, str] | set[bytes], on_refused=None):
+        """``allowed``: the public keys let in, each with the name its messages then carry (``Message.peer``)."""
         from zmq.auth.thread import ThreadAuthenticator
+        from zmq.utils import z85
+
+        names = allowed if isinstance(allowed, dict) else dict.fromkeys(allowed, "")
 
         gate = self
         quiet = logging.getLogger("rlstack.curve")  # ZAP's own log names keys: it goes nowhere
@@ -224,6 +230,9 @@ class Gatekeeper:
                 if not ok:
                     gate._refuse()
                 return ok, reason
+
+            def curve_user_id(self, client_public_key):
+                return names.get(z85.encode(client_public_key), "")
 
         self.refused = 0
         self._lock = threading.Lock()

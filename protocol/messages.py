@@ -115,7 +115,8 @@ _NUM = (int, float)
 _STR = (str,)
 # A worker as the learner knows it: worker-N of this run, or HOST:worker-N of a host whose learner runs elsewhere
 # (names are shown by status and keyed in the replay index: short, and nothing a terminal would act on).
-WORKER_NAME = r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,62}:)?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+HOST_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+WORKER_NAME = rf"(?:{HOST_NAME}:)?[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
 # A worker process's own stream id: a restarted host's worker-0 incarnation 0 is another stream than the last one's.
 SESSION = r"[0-9a-f]{8,16}"
 

@@ -152,7 +152,12 @@ class Receiver:
 
     def decode_frames(self, frames) -> Message | None:
         try:
-            return decode([f.buffer for f in frames])
+            msg = decode([f.buffer for f in frames])
+            try:  # the name of the key a CurveZMQ peer was let in with (protocol.curve.Gatekeeper); none on ipc
+                msg.peer = frames[0].get("User-Id") or None
+            except (zmq.ZMQError, AttributeError, TypeError):
+                pass
+            return msg
         except ProtocolError as exc:
             self.drop(exc.reason, exc.detail)
         except Exception as exc:  # a decoder bug must not take the loop down either

@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST
+from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HOST_NAME
 from protocol.sockets import Receiver, send
 
 # Requests served per turn of the loop, at most (the rest wait for the next turn).
@@ -97,9 +97,6 @@ def sending_hosts(hosts) -> list[dict]:
             out.append({"host": h["host"], "slots": int(h["slots"]), "steps": int(h["steps"]),
                         "last_seen_s": float(h["last_seen_s"])})
     return out
-
-
-HOST_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # as protocol.messages.WORKER_NAME's host part ("local" included)
 
 
 def status_payload(rows: list[dict], *, run_dir: Path, uptime_s: float, env_steps: int, max_timesteps: int,

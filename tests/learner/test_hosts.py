@@ -94,3 +94,36 @@ def test_a_worker_name_the_learner_would_keep_or_show_is_refused_at_the_schema(n
     header["worker"] = name
     with pytest.raises(ProtocolError, match="steps.worker"):  # nor take one
         decode([msgpack.packb(header, use_bin_type=True), *frames[1:]])
+
+
+def test_a_host_is_who_its_key_says():
+    """Steps that came in with host-b's key are host-b's workers' or nothing: dropped and counted otherwise."""
+    import zmq
+
+    from protocol.codec import Message
+    from protocol.sockets import Receiver
+
+    ctx = zmq.Context()
+    try:
+        inbox = Receiver(ctx.socket(zmq.PULL))
+        i = Intake(inbox=inbox, lock=None, progress=None, log=None, on_spec=None, on_episode=lambda m: None)
+        i.handle(Message("episode", {"worker": "host-c:worker-0", "incarnation": 0}, peer="host-b"))
+        i.handle(Message("episode", {"worker": "worker-0", "incarnation": 0}, peer="host-b"))
+        assert inbox.dropped["host_mismatch"] == 2
+        i.handle(Message("episode", {"worker": "host-b:worker-0", "incarnation": 0}, peer="host-b"))
+        i.handle(Message("episode", {"worker": "worker-0", "incarnation": 0}))  # ipc: no key, this run's own
+        assert inbox.dropped_total == 2
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_hosts_workers_are_called_by_its_keys_name_unless_told_otherwise():
+    from protocol.config import ConfigError, load_config
+
+    remote = [("run.role", "workers"), ("workers.learner", "tcp://10.0.0.5:7000"),
+              ("workers.learner_key", "keys/learner.key")]
+    assert load_config(None, remote + [("workers.curve_key", "keys/host-b.key_secret")]).worker_host() == "host-b"
+    assert load_config(None, remote + [("workers.curve_key", "keys/host-b.key_secret"),
+                                       ("workers.host", "rack2-n7")]).worker_host() == "rack2-n7"
+    with pytest.raises(ConfigError, match="a host name is letters"):
+        load_config(None, remote + [("workers.curve_key", "keys/my key.key_secret")])
