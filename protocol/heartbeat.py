@@ -61,7 +61,8 @@ class HeartbeatSender(threading.Thread):
         self._proc = psutil.Process()
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=20)
         self._wake = threading.Event()
-        self.beats = 0
+        self.beats = 0  # heartbeats handed to ZeroMQ
+        self._linger_ms = 0  # how long the socket's last beats may take to leave when it closes
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -73,11 +74,14 @@ class HeartbeatSender(threading.Thread):
         self.progress.detail = message[:MAX_DETAIL_CHARS]
         if self.is_alive():
             seen = self.beats
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + 5.0  # a child that fails at once may beat before its socket connects
             while self.beats < seen + 2 and time.monotonic() < deadline:  # the second was surely built after
                 self._wake.set()
                 time.sleep(0.02)
-            time.sleep(0.3)  # ZeroMQ's I/O thread sends it before the context goes
+            # the thread closes its socket lingering, so the context's end waits until the beats have left
+            self._linger_ms = 2000
+            self.stop()
+            self.join(timeout=3.0)
         return EXIT_FATAL
 
     def steps_per_s(self, now: float, steps: int) -> float:
@@ -108,7 +112,7 @@ class HeartbeatSender(threading.Thread):
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:
-            pass  # supervisor not reading; the next beat carries the same news
+            return  # the supervisor not reading: the next beat carries the same news
         self.beats += 1
 
     def run(self) -> None:
@@ -122,4 +126,4 @@ class HeartbeatSender(threading.Thread):
                 self._wake.wait(self.interval_s)
                 self._wake.clear()
         finally:
-            sock.close(0)
+            sock.close(self._linger_ms)

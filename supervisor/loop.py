@@ -222,6 +222,7 @@ class Supervisor:
         for driver in self.drivers.values():
             for seen in driver.poll():
                 if isinstance(seen, Exited):
+                    self.take_heartbeats()  # a child's last beats (why it gave up) come before its exit
                     self.execute(self.machine.exited(seen.name, seen.incarnation, seen.code))
                 elif isinstance(seen, Beat):
                     self.execute(self.machine.heartbeat(seen.fields))
@@ -287,16 +288,19 @@ class Supervisor:
     def on_signal(self, signum, frame) -> None:
         self.signals.put(signum)
 
+    def take_heartbeats(self) -> None:
+        for msg in self.hb_inbox.drain(limit=500):
+            if msg.type == HEARTBEAT:
+                self.execute(self.machine.heartbeat(msg.fields))
+            else:
+                self.hb_inbox.drop("wrong_type", f"{msg.type} on the heartbeat socket")
+
     def loop_once(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(int(TICK_S * 1000)))
         if self.control.sock in events:  # first: an operator's request is answered however busy the run is
             self.control.serve()
         if self.hb_sock in events:
-            for msg in self.hb_inbox.drain(limit=500):
-                if msg.type == HEARTBEAT:
-                    self.execute(self.machine.heartbeat(msg.fields))
-                else:
-                    self.hb_inbox.drop("wrong_type", f"{msg.type} on the heartbeat socket")
+            self.take_heartbeats()
         self.check_disk()
         while not self.evidence_done.empty():
             name, path = self.evidence_done.get()

@@ -35,3 +35,4 @@ def no_process_outside_e2e(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
     yield
+

@@ -1,16 +1,22 @@
 """Two hosts' supervisors on one machine: a learner host (no workers of its own, the learner on TCP with CurveZMQ)
-and a workers-only host (`up --role workers --learner tcp://...`) whose slots step against it. The learner's status
-lists the host; the learner SIGKILLed on its host is replaced there while the other host's workers wait and go on
-with no restart; the workers-only host ends its run when the learner says the run is complete."""
+and a workers-only host (`up --role workers --learner tcp://...`) whose slots come in over TCP with its key. The
+learner's status lists the host; a stranger's key is refused and counted; the learner SIGKILLed on its host is
+replaced there while the other host's workers wait and go on with no restart; the workers-only host ends its run
+when the learner says the run is complete; no key is written anywhere in either run."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import psutil
 import pytest
+import zmq
 
+from protocol.codec import encode
+from protocol.curve import connect_curve, load_public, load_secret
 from protocol.roles import LEARNER
+from protocol.sockets import make_socket
 from protocol.states import RUNNING
 from tests.e2e.test_wire import free_port_pair, ironhouse
 
@@ -36,11 +42,30 @@ def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_
                                     > 100 for i in range(2)), 120, "host-b's workers stepping")
     assert [p["name"] for p in s["processes"]] == ["worker-0", "worker-1"], "no learner on a workers-only host"
     workers = {i: row(s, f"worker-{i}")["pid"] for i in range(2)}
+    port = int(endpoint.rsplit(":", 1)[1])
+    for pid in workers.values():  # each worker's steps and weights sockets: TCP connections to the learner's ports
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        assert {c.raddr.port for c in conns if c.raddr and c.status == psutil.CONN_ESTABLISHED} >= {port, port + 1}
     h = head.wait_for(lambda s: row(s, LEARNER)["updates"] >= 100 and row(s, LEARNER)["hosts"], 120,
                       "the learner training on host-b's steps")
     assert [(x["host"], x["slots"]) for x in row(h, LEARNER)["hosts"]] == [("host-b", 2)]
     assert row(h, LEARNER)["hosts"][0]["steps"] > 0 and row(h, LEARNER)["hosts"][0]["last_seen_s"] < 5
     assert "learner hears from host host-b: 2 slot(s)" in head.cli("status").stdout
+    assert '"listening on TCP"' in head.log(LEARNER) and '"curve": true' in head.log(LEARNER)
+
+    # a stranger with a key of its own: refused, counted, shown; nothing it sends arrives
+    stranger_keys = zmq.curve_keypair()
+    ctx = zmq.Context()
+    try:
+        push = make_socket(ctx, zmq.PUSH)
+        connect_curve(push, *stranger_keys, load_public(learner_public, "learner"))
+        push.connect(endpoint)
+        push.send_multipart(encode("control_request", {"cmd": "stop"}), zmq.NOBLOCK)
+        h = head.wait_for(lambda s: row(s, LEARNER)["refused"] >= 1, 30, "the stranger refused")
+    finally:
+        ctx.destroy(linger=0)
+    assert row(h, LEARNER)["dropped"] == 0, "nothing of the stranger's got through to be dropped"
+    assert "whose key it does not allow" in head.cli("status").stdout
 
     # the learner SIGKILLed on its host: replaced there; host-b's workers wait for it and go on, never restarted
     updates = row(h, LEARNER)["updates"]
@@ -57,3 +82,10 @@ def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_
     assert host.proc.wait(timeout=60) == 0, host.diagnostics()
     ended = host.events()[-1]
     assert ended["event"] == "run_ended" and "every child of pool worker finished" in ended["reason"]
+
+    # no key in either run's files, their logs or the supervisors' output: only paths
+    secrets = [*load_secret(learner_secret, "l"), *load_secret(host_secret, "h"), stranger_keys[0]]
+    for stack in (head, host):
+        for path in [*stack.run_dir.rglob("*"), stack.tmp / "supervisor.out"]:
+            if path.is_file():
+                assert not [k for k in secrets if k in path.read_bytes()], f"a key in {path}"

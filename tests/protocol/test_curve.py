@@ -118,7 +118,7 @@ def test_a_curve_subscriber_needs_the_handshakes_room_on_the_publisher(ctx):
             connect_curve(sub, *client, server_public)
             sub.connect(f"tcp://127.0.0.1:{port}")
             got[limit] = False
-            deadline = time.monotonic() + (1.5 if limit == SUBSCRIPTION_MAX_BYTES else 10)
+            deadline = time.monotonic() + (0.5 if limit == SUBSCRIPTION_MAX_BYTES else 10)
             while not got[limit] and time.monotonic() < deadline:
                 pub.send(b"weights")
                 got[limit] = bool(sub.poll(50))
