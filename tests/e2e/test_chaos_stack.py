@@ -127,15 +127,21 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
 
 @pytest.mark.timeout(240)
 def test_learner_sigkill_and_sigstop_are_repaired_and_workers_go_on(stack_factory):
-    stack = stack_factory()
+    stack = stack_factory({"learner": {"checkpoint_every": 50}})
     stack.wait_running()
-    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner past a checkpoint")
+    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner past two checkpoints")
     workers = {i: row(s, f"worker-{i}")["pid"] for i in range(2)}
+    stored_before = row(s, "learner")["env_steps"]  # transitions in replay, as the learner last reported
     code, out, _ = _chaos(stack, "learner_sigkill")
     assert code == 0 and "learner_sigkill -> learner" in out
     killed = _wait_outcome(stack, 1, 120, "learner back after SIGKILL")
     assert killed["ok"] and killed["detected"] == "exited", killed
-    stack.wait_running()
+    s = stack.wait_running()
+    assert row(s, "learner")["incarnation"] == 1
+    resumed = [json.loads(line) for line in stack.log("learner").splitlines() if '"resumed from checkpoint"' in line]
+    assert resumed and resumed[0]["updates"] >= 100 and resumed[0]["replay_entries"] > 0
+    # the replay index is written after every batch: nothing the learner had reported is lost
+    assert resumed[0]["transitions"] >= stored_before
     code, out, _ = _chaos(stack, "learner_sigstop")
     assert code == 0 and "within 2s (heartbeat deadline)" in out
     stopped = _wait_outcome(stack, 2, 120, "learner back after SIGSTOP")

@@ -90,26 +90,6 @@ def test_crash_looping_worker_ends_failed_while_the_other_keeps_stepping(stack_f
     stack.wait_for(lambda s: row(s, "worker-1")["incarnation"] == 3, 30, "worker-1 respawned by hand")
 
 
-def test_sigkilled_learner_resumes_from_checkpoint_and_workers_go_on(stack_factory):
-    stack = stack_factory({"learner": {"checkpoint_every": 50}})
-    stack.wait_running()
-    s = stack.wait_for(lambda s: row(s, "learner")["updates"] >= 120, 150, "learner past two checkpoints")
-    learner_pid = row(s, "learner")["pid"]
-    stored_before = row(s, "learner")["env_steps"]  # transitions in replay, as the learner last reported
-    os.kill(learner_pid, signal.SIGKILL)
-    s = stack.wait_for(lambda s: row(s, "learner")["incarnation"] == 1 and row(s, "learner")["state"] == RUNNING
-                       and row(s, "learner")["updates"] >= 150, 120, "learner back and updating")
-    log = [json.loads(line) for line in stack.log("learner").splitlines()]
-    resumed = [e for e in log if e["event"] == "resumed from checkpoint"]
-    assert resumed and resumed[0]["updates"] >= 100 and resumed[0]["replay_entries"] > 0
-    # the replay index is written after every batch: nothing the learner had reported is lost
-    assert resumed[0]["transitions"] >= stored_before
-    steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
-    stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
-                   "workers go on")
-    assert all(row(stack.status(), f"worker-{i}")["restarts"] == 0 for i in range(2)), "workers were not restarted"
-
-
 def test_default_image_config_runs_to_completion(stack_factory):
     """The embedded default (racetrack camera frames, stacked by the workers) end to end, tiny."""
     stack = stack_factory({"run": {"max_timesteps": 300},
