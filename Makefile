@@ -35,7 +35,7 @@ status: $(STAMP)
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone" $(PYTEST_ARGS)
-	$(PY) -m pytest -m alone $(PYTEST_ARGS)
+	$(PY) -m pytest -m alone tests/e2e $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
 # examples of each kind, one thread each for torch and numpy; about 20 s.
