@@ -184,6 +184,9 @@ class WorkerConfig(_Section):
     learner: str | None = None
     curve_key: str | None = None  # this host's secret key file (NAME.key_secret from `supervisor keys`)
     learner_key: str | None = None  # the learner's public key file (its NAME.key)
+    # a learner elsewhere not heard from for this long is given up on: the worker ends with the reason (0: wait
+    # for it however long; its restart is survived well within this)
+    learner_absent_s: float = Field(600.0, ge=0.0)
     # what this host's workers are called at a learner elsewhere (HOST:worker-N); null: the machine's hostname
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 

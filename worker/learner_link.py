@@ -9,12 +9,14 @@ learner is gone and ZeroMQ's queue is full, the worker waits here in phase
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Callable
 
 import numpy as np
 import zmq
 
 from protocol.curve import connect_curve, prepare_tcp
+from protocol.exits import FatalError
 from protocol.heartbeat import Progress
 from protocol.messages import EPISODE, HELLO, PROGRESS, STEPS, WEIGHTS
 from protocol.ratelimit import Allowance
@@ -29,8 +31,9 @@ STEPS_HWM = 64
 class LearnerLink:
     def __init__(self, ctx: zmq.Context, endpoints: dict[str, str], name: str, incarnation: int,
                  progress: Progress, log, stopping: Callable[[], bool],
-                 curve: tuple[bytes, bytes, bytes] | None = None):
-        """``curve``: this host's public and secret key and the learner's public key, for a CurveZMQ learner."""
+                 curve: tuple[bytes, bytes, bytes] | None = None, absent_s: float = 0.0):
+        """``curve``: this host's public and secret key and the learner's public key, for a CurveZMQ learner.
+        ``absent_s``: a learner on another host not heard from for this long is given up on (0: never)."""
         self.name = name
         self.incarnation = incarnation
         self.progress = progress
@@ -54,6 +57,9 @@ class LearnerLink:
         self.done = False  # the learner said the run is complete
         self.weights_version = -1
         self.on_weights: Callable[[dict[str, np.ndarray]], None] | None = None  # raises ValueError on a misfit
+        self.endpoint = endpoints["weights"]
+        self.absent_s = absent_s
+        self.heard_at = time.monotonic()  # when the learner last published anything
 
     def run_steps(self) -> int:
         """The run's env steps as far as this worker knows, counting what it has batched."""
@@ -88,6 +94,13 @@ class LearnerLink:
         """Take in what the learner published: progress (the allowance) and the newest weights."""
         msg = self.inbox.recv(timeout_ms) if timeout_ms else None
         msgs = ([msg] if msg else []) + self.inbox.drain()
+        now = time.monotonic()
+        if msgs:
+            self.heard_at = now
+        elif self.absent_s and now - self.heard_at > self.absent_s and not self.done:
+            raise FatalError(f"no word from the learner at {self.endpoint} for {now - self.heard_at:.0f}s "
+                             f"(workers.learner_absent_s {self.absent_s:g}): it ended or cannot be reached; "
+                             "check it, then restart this host's workers (supervisor restart NAME)")
         latest_weights = None
         for m in msgs:
             if m.type == WEIGHTS:

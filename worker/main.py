@@ -87,7 +87,7 @@ class EnvWorker:
         host = self.cfg.worker_host()
         wire_name = f"{host}:{self.name}" if host else self.name
         self.link = LearnerLink(self.ctx, endpoints, wire_name, self.incarnation, self.progress, self.log,
-                                lambda: self.stopping, curve=curve)
+                                lambda: self.stopping, curve=curve, absent_s=wc.learner_absent_s if wc.learner else 0)
 
     def make_envs(self) -> None:
         import torch
