@@ -174,11 +174,11 @@ def check_up(args) -> Ready:
     if missing:
         raise Refused(f"supervisor up: this install lacks {', '.join(missing)}, which the run's children need; "
                       "install everything with: pip install 'carla-rl-stack[all]' (or `make up`)", EXIT_USAGE)
-    problem = metrics_problem(cfg) or wire_problem(cfg)
+    problem = metrics_problem(cfg) or wire_problem(cfg, plan)
     if problem is not None:
         raise Refused(f"supervisor up: {problem}", EXIT_USAGE)
     warnings = []
-    problem = host_capacity_problem(cfg)
+    problem = host_capacity_problem(cfg, plan)
     if problem is not None:
         if not args.oversubscribe:
             raise Refused(f"supervisor up: {problem}; use fewer workers (--workers N), or --oversubscribe to start "
@@ -223,7 +223,7 @@ def metrics_problem(cfg) -> str | None:
     return None
 
 
-def wire_problem(cfg) -> str | None:
+def wire_problem(cfg, plan) -> str | None:
     """Why the wire across hosts cannot be set up as configured (a key file missing, open to others or not a key;
     learner.listen's ports taken), with what to do; None when it can (or is not used). The learner and the
     workers check the same when they start; here it ends `up` before anything is written."""
@@ -231,9 +231,7 @@ def wire_problem(cfg) -> str | None:
     from supervisor.metrics import port_problem
 
     lc, wc = cfg.learner, cfg.workers
-    from supervisor.plan import build_plan
-
-    here = build_plan(cfg).runs_learner  # the learner runs on this host (run.role workers: elsewhere, keys and all)
+    here = plan.runs_learner  # the learner runs on this host (run.role workers: elsewhere, keys and all)
     try:
         if lc.curve_key and here:
             load_secret(Path(lc.curve_key), "learner.curve_key")
@@ -260,7 +258,7 @@ WORKER_MEMORY_BYTES = int(0.35 * 2**30)
 LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
 
 
-def host_capacity_problem(cfg) -> str | None:
+def host_capacity_problem(cfg, plan) -> str | None:
     """Why this host cannot run ``cfg``'s workers (cores and memory), or None when it can."""
     import psutil
 
@@ -271,9 +269,7 @@ def host_capacity_problem(cfg) -> str | None:
         return (f"{workers} workers on {cores} cores: at most {most} fit "
                 f"(supervisor.max_workers_per_core {cfg.supervisor.max_workers_per_core:g})")
     per_worker = WORKER_MEMORY_BYTES * (2 if cfg.supervisor.standby_workers else 1)
-    from supervisor.plan import build_plan
-
-    learner = LEARNER_MEMORY_BYTES if build_plan(cfg).runs_learner else 0  # or it runs on another host
+    learner = LEARNER_MEMORY_BYTES if plan.runs_learner else 0  # or it runs on another host
     need = learner + workers * per_worker
     available = psutil.virtual_memory().available
     if need > available:

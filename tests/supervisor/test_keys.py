@@ -12,6 +12,7 @@ import pytest
 from protocol.config import load_config
 from protocol.curve import load_public, load_secret, write_keypair
 from supervisor import cli
+from supervisor.plan import build_plan
 from supervisor.preflight import wire_problem
 from tests.conftest import ROOT
 
@@ -48,7 +49,8 @@ def test_up_names_a_missing_key_an_empty_allow_list_and_a_taken_port_before_writ
     (tmp_path / "clients").mkdir()
 
     def problem(**keys):
-        return wire_problem(load_config(PENDULUM, list(keys.items())))
+        cfg = load_config(PENDULUM, list(keys.items()))
+        return wire_problem(cfg, build_plan(cfg))
 
     secret = str(tmp_path / "learner.key_secret")
     assert "holds no public key" in problem(**{"learner.listen": "tcp://127.0.0.1:7000", "learner.curve_key": secret,
@@ -100,7 +102,7 @@ def test_a_workers_only_host_is_not_held_to_the_learners_keys_and_ports():
                                  ("learner.curve_key", "/nonexistent/learner.key_secret"),
                                  ("learner.curve_clients", "/nonexistent/clients"), ("run.role", "workers"),
                                  ("workers.learner", "tcp://127.0.0.1:7000")])
-    assert wire_problem(cfg) is None
+    assert wire_problem(cfg, build_plan(cfg)) is None
     from protocol.config import ConfigError
 
     with pytest.raises(ConfigError, match="is another learner than this run's own .*--role workers"):

@@ -9,6 +9,7 @@ import pytest
 
 from protocol.config import ConfigError, load_config, resume_conflicts
 from supervisor import cli, preflight
+from supervisor.plan import build_plan
 from supervisor.preflight import host_capacity_problem
 from tests.conftest import ROOT
 
@@ -53,14 +54,18 @@ def test_a_resume_that_changes_the_model_is_refused_in_one_line(tmp_path):
                                 "--config", str(ROOT / "configs/default.yaml")))
 
 
+def capacity(overrides) -> str | None:
+    cfg = load_config(None, overrides)
+    return host_capacity_problem(cfg, build_plan(cfg))
+
+
 def test_more_workers_than_the_cores_hold_are_refused_with_the_reason():
     cores = len(os.sched_getaffinity(0))
-    problem = host_capacity_problem(load_config(None, [("workers.count", 64 * cores)]))
+    problem = capacity([("workers.count", 64 * cores)])
     assert problem is not None and f"{64 * cores} workers on {cores} cores" in problem
-    assert host_capacity_problem(load_config(None, [("workers.count", 1)])) is None
+    assert capacity([("workers.count", 1)]) is None
 
 
 def test_more_workers_than_the_memory_holds_are_refused():
-    problem = host_capacity_problem(load_config(None, [("workers.count", 10_000),
-                                                       ("supervisor.max_workers_per_core", 1e6)]))
+    problem = capacity([("workers.count", 10_000), ("supervisor.max_workers_per_core", 1e6)])
     assert problem is not None and "GiB of memory" in problem
