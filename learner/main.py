@@ -157,7 +157,7 @@ class Learner:
                 raise FatalError(f"learner.listen {self.lcfg.listen}: cannot bind {eps[name]} ({exc.strerror}); "
                                  "free the port or pick another") from None
             if kind == zmq.PULL:
-                self.inbox.add(sock)
+                self.inbox.add(sock, authenticated=keys is not None)
             else:
                 self.pubs.append(sock)
         self.log.info("listening on TCP", steps=eps["steps"], weights=eps["weights"], curve=keys is not None,

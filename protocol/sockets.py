@@ -99,6 +99,7 @@ class Receiver:
     def __init__(self, sock: zmq.Socket, log: Callable[..., None] | None = None):
         self.sock = sock
         self.socks = [sock]  # the learner's steps arrive on ipc and, with learner.listen, on TCP too
+        self.authenticated: set[zmq.Socket] = set()  # sockets whose peers come in with a named CurveZMQ key
         self.log = log
         self.dropped: Counter[str] = Counter()
         self.received = 0
@@ -106,10 +107,13 @@ class Receiver:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
 
-    def add(self, sock: zmq.Socket) -> None:
-        """Receive from one more socket as well (the same kind of messages)."""
+    def add(self, sock: zmq.Socket, authenticated: bool = False) -> None:
+        """Receive from one more socket as well (the same kind of messages); ``authenticated``: a CurveZMQ server
+        whose messages carry the name of the key they came in with (``Message.peer``)."""
         self.socks.append(sock)
         self._poller.register(sock, zmq.POLLIN)
+        if authenticated:
+            self.authenticated.add(sock)
 
     @property
     def dropped_total(self) -> int:
@@ -123,8 +127,8 @@ class Receiver:
             ready = self._poller.poll(remaining)
             if not ready:
                 return None
-            frames = ready[0][0].recv_multipart(copy=False)
-            msg = self.decode_frames(frames)
+            sock = ready[0][0]
+            msg = self.decode_frames(sock.recv_multipart(copy=False), sock in self.authenticated)
             if msg is not None:
                 self.received += 1
                 return msg
@@ -142,7 +146,7 @@ class Receiver:
                 except zmq.Again:
                     open_socks.remove(sock)
                     continue
-                msg = self.decode_frames(frames)
+                msg = self.decode_frames(frames, sock in self.authenticated)
                 if msg is not None:
                     self.received += 1
                     out.append(msg)
@@ -150,13 +154,11 @@ class Receiver:
                         break
         return out
 
-    def decode_frames(self, frames) -> Message | None:
+    def decode_frames(self, frames, authenticated: bool = False) -> Message | None:
         try:
             msg = decode([f.buffer for f in frames])
-            try:  # the name of the key a CurveZMQ peer was let in with (protocol.curve.Gatekeeper); none on ipc
+            if authenticated:  # the name of the key the peer was let in with (protocol.curve.Gatekeeper)
                 msg.peer = frames[0].get("User-Id") or None
-            except (zmq.ZMQError, AttributeError, TypeError):
-                pass
             return msg
         except ProtocolError as exc:
             self.drop(exc.reason, exc.detail)

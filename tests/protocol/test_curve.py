@@ -186,3 +186,36 @@ def test_an_ipv6_endpoint_carries_steps_and_a_silent_peer_is_cut_off(ctx):
         assert pull.poll(5000) and pull.recv() == b"over IPv6"
     finally:
         gate.stop()
+
+
+def test_a_receiver_names_the_key_of_what_an_authenticated_socket_took_and_nothing_else(tmp_path, ctx):
+    from protocol.codec import encode
+
+    server_public, server_secret = zmq.curve_keypair()
+    write_keypair(tmp_path / "clients", "host-a")
+    host_a = load_secret(tmp_path / "clients" / "host-a.key_secret", "k")
+    gate = Gatekeeper(ctx, allowed_keys(tmp_path / "clients", "learner.curve_clients"))
+    try:
+        plain = make_socket(ctx, zmq.PULL)
+        plain.bind("inproc://plain")
+        pull = make_socket(ctx, zmq.PULL)
+        serve_curve(pull, server_public, server_secret)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        inbox = Receiver(plain)
+        inbox.add(pull, authenticated=True)
+        friend = make_socket(ctx, zmq.PUSH)
+        connect_curve(friend, *host_a, server_public)
+        friend.connect(f"tcp://127.0.0.1:{port}")
+        friend.send_multipart(encode("control_request", {"cmd": "status"}))
+        local = make_socket(ctx, zmq.PUSH)
+        local.connect("inproc://plain")
+        local.send_multipart(encode("control_request", {"cmd": "stop"}))
+        got = {}
+        deadline = time.monotonic() + 10
+        while len(got) < 2 and time.monotonic() < deadline:
+            msg = inbox.recv(timeout_ms=200)
+            if msg is not None:
+                got[msg["cmd"]] = msg.peer
+        assert got == {"status": "host-a", "stop": None}
+    finally:
+        gate.stop()
