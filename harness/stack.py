@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from harness.paced import ENV_ID as PACED_PENDULUM
 from protocol.roles import LEARNER
 from protocol.states import RUNNING
 from supervisor.cli import request
@@ -43,7 +44,7 @@ FAST = {
 
 # Pendulum at a simulator's pace (harness/paced.py): each worker steps at most 100 times a second, so a running
 # stack's learner is not busy all the time; tests wait for counts, not times, so they wait a little longer instead.
-PACED = {"env": {"id": "harness.paced:PacedPendulum-v1", "kwargs": {"step_s": 0.01}}}
+PACED = {"env": {"id": PACED_PENDULUM, "kwargs": {"step_s": 0.01}}}
 
 
 def merge(base: dict, extra: dict) -> dict:

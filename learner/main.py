@@ -13,6 +13,7 @@ together and runs the update loop.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -113,6 +114,7 @@ class Learner:
         self.alerts = AlertMonitor(q_max(cfg.env.reward_max, self.lcfg.gamma), self.lcfg)
         self.lock = threading.Lock()  # the replay and its stream table, shared by the receive and sample threads
         self.gate: Gatekeeper | None = None  # the TCP sockets' authenticator (learner.curve_key)
+        self.refused_logged_at = -math.inf  # the last log line of a refused connection (one every 5 s at most)
         if self.lcfg.torch_threads:
             torch.set_num_threads(self.lcfg.torch_threads)
 
@@ -167,8 +169,8 @@ class Learner:
         """A host whose key is not allowed tried to connect (the authenticator's thread)."""
         self.progress.refused = count
         now = time.monotonic()
-        if now - getattr(self, "_refused_logged_at", -60.0) >= 5.0:
-            self._refused_logged_at = now
+        if now - self.refused_logged_at >= 5.0:
+            self.refused_logged_at = now
             self.log.warning("client refused: its key is not in learner.curve_clients", refused=count)
 
     def on_spec(self, spec: dict) -> None:

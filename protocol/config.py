@@ -188,7 +188,7 @@ class WorkerConfig(_Section):
     # for it however long; its restart is survived well within this)
     learner_absent_s: float = Field(600.0, ge=0.0)
     # what this host's workers are called at a learner elsewhere (HOST:worker-N); null: the machine's hostname
-    host: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    host: str | None = Field(None, pattern=f"^{HOST_NAME}$")
 
     @model_validator(mode="after")
     def _remote_learner(self):
@@ -404,10 +404,9 @@ class Config(_Section):
         if self.workers.host:
             return self.workers.host
         if self.workers.curve_key:
-            from protocol.curve import SECRET_SUFFIX
+            from protocol.curve import key_name
 
-            name = Path(self.workers.curve_key).name
-            return name[:-len(SECRET_SUFFIX)] if name.endswith(SECRET_SUFFIX) else name
+            return key_name(self.workers.curve_key)
         import socket
 
         return socket.gethostname().split(".")[0] or "host"

@@ -154,14 +154,22 @@ def load_public(path: Path, what: str) -> bytes:
     return public
 
 
+def key_name(path: Path) -> str:
+    """The name a key file was written under (``supervisor keys NAME``): ``keys/host-b.key_secret`` -> host-b."""
+    name = Path(path).name
+    for suffix in (SECRET_SUFFIX, PUBLIC_SUFFIX):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def allowed_keys(directory: Path, what: str) -> dict[bytes, str]:
     """The public keys (``*.key``) of a directory of allowed clients, each with its host's name (the file's, as
     ``supervisor keys NAME`` wrote it): a host's workers must call themselves ``NAME:worker-N``."""
     directory = Path(directory)
     if not directory.is_dir():
         raise KeyFileError(f"{what} {directory} is not a directory of public keys")
-    return {load_public(p, what): p.name[:-len(PUBLIC_SUFFIX)]
-            for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
+    return {load_public(p, what): key_name(p) for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
 
 
 # -- sockets ---------------------------------------------------------------------------------------------------
@@ -209,7 +217,8 @@ def connect_curve(sock, public: bytes, secret: bytes, server_public: bytes) -> N
 
 class Gatekeeper:
     """ZeroMQ's authenticator (ZAP, in a thread of its own) for the learner's TCP sockets: it lets in the clients
-    whose public keys are in the allowed directory and counts (and reports, by address) the ones it turns away."""
+    whose public keys are in the allowed directory, under the names of their key files, and counts the ones it turns
+    away (``on_refused`` hears the count)."""
 
     def __init__(self, ctx, allowed: dict[bytes, str] | set[bytes], on_refused=None):
         """``allowed``: the public keys let in, each with the name its messages then carry (``Message.peer``)."""
@@ -239,7 +248,7 @@ class Gatekeeper:
         self.on_refused = on_refused
         self.auth = Counting(ctx, log=quiet)
         self.auth.start()
-        self.auth.certs[ZAP_DOMAIN] = {key: True for key in allowed}
+        self.auth.certs[ZAP_DOMAIN] = dict.fromkeys(names, True)
 
     def _refuse(self) -> None:
         with self._lock:

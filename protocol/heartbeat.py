@@ -74,7 +74,7 @@ class HeartbeatSender(threading.Thread):
         self.progress.detail = message[:MAX_DETAIL_CHARS]
         if self.is_alive():
             seen = self.beats
-            deadline = time.monotonic() + 5.0  # a child that fails at once may beat before its socket connects
+            deadline = time.monotonic() + 5.0  # a beat counts once ZeroMQ took it: a full queue refuses it
             while self.beats < seen + 2 and time.monotonic() < deadline:  # the second was surely built after
                 self._wake.set()
                 time.sleep(0.02)
