@@ -308,6 +308,9 @@ class Supervisor:
         self.observe()
         while not self.signals.empty():
             self.execute(self.machine.signal_received(signal.Signals(self.signals.get()).name))
+        # the beats that came while this loop did its own work (a slow disk, a status answer) count before the
+        # machine judges silence: a supervisor late on its own work must not blame a child for it
+        self.take_heartbeats()
         self.execute(self.machine.tick())
         self.chaos.tick()
         self.sample_progress()
