@@ -1,10 +1,9 @@
 """The policy network that crosses the wire: encoders and the actor.
 
-Workers act with a local copy of the learner's policy, so both sides must build
-the same modules from the same config; the weights message carries the policy's
-``state_dict`` as raw float32 tensors. A package of its own so that
-``protocol`` stays free of torch: workers and the learner import it, the
-supervisor never does.
+The learner trains it; workers act with a copy of it evaluated in numpy
+(:mod:`policy.acting`, no torch), built from the same config; the weights message
+carries the policy's ``state_dict`` as raw float32 tensors. A package of its own
+so that ``protocol`` stays free of torch; the supervisor never imports it.
 """
 
 from __future__ import annotations
@@ -143,15 +142,3 @@ def orthogonal_init(m: nn.Module) -> None:
 def policy_arrays(policy: Policy) -> dict[str, np.ndarray]:
     """The policy's tensors as float32 numpy arrays, for the weights message."""
     return {k: v.detach().to("cpu", torch.float32).contiguous().numpy() for k, v in policy.state_dict().items()}
-
-
-def load_policy_arrays(policy: Policy, arrays: dict[str, np.ndarray]) -> None:
-    """Load a weights message; raises ValueError naming the first tensor that does not fit."""
-    state = policy.state_dict()
-    if set(arrays) != set(state):
-        missing, extra = sorted(set(state) - set(arrays)), sorted(set(arrays) - set(state))
-        raise ValueError(f"weights do not match the policy: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, tensor in state.items():
-        if tuple(arrays[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"weights tensor {name}: shape {arrays[name].shape}, expected {tuple(tensor.shape)}")
-    policy.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})

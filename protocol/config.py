@@ -178,7 +178,7 @@ class WorkerConfig(_Section):
     batch_interval_s: float = Field(0.5, gt=0.0)
     eval_freq: int = Field(5000, ge=0)  # env steps between evaluation runs; 0 disables
     eval_episodes: int = Field(3, ge=1)
-    torch_threads: int = Field(1, ge=1)
+    torch_threads: int = Field(1, ge=1)  # threads of the worker's policy (numpy's BLAS; the key's name is older)
     faults: list[FaultConfig] = Field(default_factory=list)
     # a learner on another host, tcp://HOST:PORT (its learner.listen); null: this run's own learner, over ipc
     learner: str | None = None

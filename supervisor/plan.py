@@ -114,7 +114,10 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
         kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.kill_grace_s, backoff=backoff, intensity=intensity,
         standby=sup.standby_workers, fatal_exit_codes=frozenset({EXIT_FATAL}), pool=WORKER,
         launch={"module": "worker", "args": ("--name", worker_name(slot), "--slot", str(slot)),
-                "needs": ("torch", "gymnasium")},
+                "needs": ("gymnasium",),
+                # the worker's policy is numpy's (policy.acting): its matrix products on this many threads
+                "env": {"OMP_NUM_THREADS": str(cfg.workers.torch_threads),
+                        "OPENBLAS_NUM_THREADS": str(cfg.workers.torch_threads)}},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]
     # run.role workers: this host's slots only, against a learner on another host (workers.learner)
     learners = (learner,) if cfg.run.role == "all" else ()

@@ -253,8 +253,9 @@ def wire_problem(cfg, plan) -> str | None:
 
 
 # What one child of each kind takes, for the check that a host can hold a run (measured on the embedded
-# default: a worker with torch and highway-env ~0.35 GiB, its standby spare as much, the learner ~1.5 GiB).
-WORKER_MEMORY_BYTES = int(0.35 * 2**30)
+# default: a worker with highway-env and its numpy policy ~0.13 GiB, with room for a simulator's client; its
+# standby spare as much; the learner ~1.5 GiB).
+WORKER_MEMORY_BYTES = int(0.2 * 2**30)
 LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
 
 

@@ -90,12 +90,8 @@ class EnvWorker:
                                 lambda: self.stopping, curve=curve, absent_s=wc.learner_absent_s if wc.learner else 0)
 
     def make_envs(self) -> None:
-        import torch
+        from policy.acting import ActingPolicy
 
-        from policy.network import build_policy, load_policy_arrays
-
-        torch.set_num_threads(self.cfg.workers.torch_threads)
-        torch.manual_seed(self.seed)  # the local actor's first weights, before the learner's arrive
         env = make_env(self.cfg, self.slot, self.incarnation, self.seed)
         self.raw_env = env
         self.env = FaultInjector(env, self.cfg.workers.faults, self.slot, self.incarnation, self.seed, self.log,
@@ -109,8 +105,10 @@ class EnvWorker:
                              f"env.max_frame_bytes {self.cfg.env.max_frame_bytes}; raise env.max_frame_bytes")
         self.stacker = FrameStack(self.cfg.env.frame_stack)
         obs_shape = self.stacker.reset(frame).shape
-        self.policy = build_policy(obs_shape, self.scaler.dim, self.cfg.learner).eval()
-        self.link.on_weights = lambda arrays: load_policy_arrays(self.policy, arrays)
+        # the learner's network in numpy (no torch in a worker); its first weights, before the learner's arrive,
+        # from the worker's seed
+        self.policy = ActingPolicy(obs_shape, self.scaler.dim, self.cfg.learner, seed=self.seed)
+        self.link.on_weights = self.policy.load
         self._first_obs = obs
         self.link.hello(self.slot, frame, self.scaler.dim)
 
@@ -126,12 +124,9 @@ class EnvWorker:
     # -- acting ------------------------------------------------------------
 
     def act(self, stack: np.ndarray, explore: bool) -> np.ndarray:
-        import torch
-
         if explore and self.link.run_steps() < self.cfg.workers.start_steps:
             return self.rng.uniform(-1.0, 1.0, self.scaler.dim).astype(np.float32)
-        with torch.no_grad():
-            action = self.policy(torch.from_numpy(stack).unsqueeze(0))[0].numpy()
+        action = self.policy(stack)
         if explore and self.cfg.workers.exploration_noise > 0:
             action = action + self.rng.normal(0.0, self.cfg.workers.exploration_noise, action.shape)
         return np.clip(action, -1.0, 1.0).astype(np.float32)
@@ -252,15 +247,14 @@ class EnvWorker:
 def wait_for_activation() -> int | None:
     """A standby worker: everything heavy is imported; wait for the supervisor to hand over an incarnation.
 
-    Starting Python with torch and the simulator's client takes seconds; a standby
+    Starting Python with gymnasium and the simulator's client takes seconds; a standby
     process per slot takes that out of the time from a freeze to stepping again.
     """
     os.environ.setdefault("SDL_VIDEODRIVER", "offscreen")
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     import gymnasium  # noqa: F401
-    import torch  # noqa: F401
 
-    import policy.network  # noqa: F401
+    import policy.acting  # noqa: F401
 
     try:
         import highway_env  # noqa: F401

@@ -68,11 +68,11 @@ class ProcessDriver:
         return [sys.executable, "-m", spec.launch["module"], "--run-dir", str(self.run_dir),
                 "--incarnation", str(incarnation), *spec.launch.get("args", ())]
 
-    def _popen(self, name: str, cmd: list[str], stdin) -> subprocess.Popen:
+    def _popen(self, spec: ChildSpec, cmd: list[str], stdin) -> subprocess.Popen:
         log_dir = self.run_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        out = open(log_dir / f"{name}.out", "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        out = open(log_dir / f"{spec.name}.out", "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **spec.launch.get("env", {}))
         env["PYTHONPATH"] = str(PROJECT_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
             return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, start_new_session=True,
@@ -84,13 +84,13 @@ class ProcessDriver:
         proc = self._activate_spare(spec.name, incarnation) if standby else None
         used_standby = proc is not None
         if proc is None:
-            proc = self._popen(spec.name, self.command(spec, incarnation), subprocess.DEVNULL)
+            proc = self._popen(spec, self.command(spec, incarnation), subprocess.DEVNULL)
         self.procs[(spec.name, incarnation)] = proc
         return proc.pid, used_standby
 
     def start_standby(self, spec: ChildSpec) -> None:
         if spec.name not in self.spares:
-            self.spares[spec.name] = self._popen(spec.name, self.command(spec, 0) + ["--standby"], subprocess.PIPE)
+            self.spares[spec.name] = self._popen(spec, self.command(spec, 0) + ["--standby"], subprocess.PIPE)
 
     def drop_standby(self, name: str) -> None:
         spare = self.spares.pop(name, None)

@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 import numpy as np
+import psutil
 import pytest
 import zmq
 
@@ -101,6 +102,10 @@ def test_status_shows_the_live_run_on_the_base_install(run):
     assert any(all(col in line for col in ("NAME", "STATE", "PID", "UPTIME", "STEPS", "STEPS/S", "HEARTBEAT",
                                            "RESTARTS")) for line in table.stdout.splitlines())
     run.wait_for(lambda s: row(s, "worker-0")["env_steps"] > before, 30, "worker-0 keeps stepping")
+    # a worker acts with its numpy policy: torch is never loaded, and its BLAS threads are the config's
+    worker = psutil.Process(row(s, "worker-0")["pid"])
+    assert not [m.path for m in worker.memory_maps() if "libtorch" in m.path]
+    assert worker.environ()["OPENBLAS_NUM_THREADS"] == "1"
 
 
 def test_the_prometheus_endpoint_serves_every_childs_series(run):

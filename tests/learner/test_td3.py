@@ -10,7 +10,8 @@ from torch import nn
 from learner.alerts import AlertMonitor
 from learner.replay import Batch
 from learner.td3 import TD3Agent, random_shift
-from policy.network import build_policy, load_policy_arrays, policy_arrays
+from policy.acting import ActingPolicy
+from policy.network import policy_arrays
 from protocol.config import LearnerConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -136,15 +137,16 @@ def test_random_shift_moves_images_by_at_most_pad():
 def test_weights_message_roundtrip_into_a_worker_policy():
     torch.manual_seed(0)
     agent = TD3Agent(IMG, 2, cfg(), torch.device("cpu"))
-    worker_policy = build_policy(IMG, 2, cfg())
-    load_policy_arrays(worker_policy, policy_arrays(agent.policy))
-    obs = torch.from_numpy(batch(IMG).obs)
+    worker_policy = ActingPolicy(IMG, 2, cfg())  # what a worker acts with (numpy)
+    worker_policy.load(policy_arrays(agent.policy))
+    obs = batch(IMG).obs
     with torch.no_grad():
-        assert torch.allclose(worker_policy(obs), agent.policy(obs), rtol=1e-4, atol=1e-5)
+        expected = agent.policy(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(np.stack([worker_policy(o) for o in obs]), expected, rtol=1e-4, atol=2e-5)
     bad = policy_arrays(agent.policy)
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="missing"):
-        load_policy_arrays(worker_policy, bad)
+        worker_policy.load(bad)
 
 
 def healthy_metrics(i):
@@ -412,9 +414,10 @@ def test_the_users_network_checkpoints_resumes_and_crosses_the_wire(tmp_path):
     # a checkpoint of one trunk does not load into the other (the learner names this as another model's)
     with pytest.raises(RuntimeError, match="trunk"):
         TD3Agent(IMG, 2, users_cfg(trunk="layernorm_tanh"), torch.device("cpu")).load_state_dict(state["agent"])
-    worker_policy = build_policy(IMG, 2, users_cfg())
-    load_policy_arrays(worker_policy, policy_arrays(agent.policy))
+    worker_policy = ActingPolicy(IMG, 2, users_cfg())
+    worker_policy.load(policy_arrays(agent.policy))
     with torch.no_grad():
-        assert torch.allclose(worker_policy(obs), agent.policy(obs), rtol=1e-4, atol=1e-5)  # channels-last there
+        expected = agent.policy(obs).numpy()  # channels-last there
+    np.testing.assert_allclose(np.stack([worker_policy(o) for o in obs.numpy()]), expected, rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="missing"):
-        load_policy_arrays(build_policy(IMG, 2, cfg()), policy_arrays(agent.policy))
+        ActingPolicy(IMG, 2, cfg()).load(policy_arrays(agent.policy))

@@ -67,6 +67,10 @@ def test_plan_policies():
         assert w.deadlines.progress_s == 10.0 and w.stop_grace_s == w.kill_grace_s
         assert "evaluating" in w.progress_phases and "waiting_learner" not in w.progress_phases
     assert PERMANENT not in {s.restart for s in plan.specs}
+    # a worker needs no torch (its policy is numpy's), and its BLAS threads are workers.torch_threads
+    assert "torch" in learner.launch["needs"] and all("torch" not in w.launch["needs"] for w in workers)
+    threads = build_plan(load_config(None, [("workers.torch_threads", 3)])).specs[1].launch["env"]
+    assert threads == {"OMP_NUM_THREADS": "3", "OPENBLAS_NUM_THREADS": "3"}
     assert plan.run_env_steps([{"name": "worker-0", "env_steps": 5}, {"name": "learner", "env_steps": 42}]) == 42
 
 
