@@ -42,12 +42,13 @@ def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_
                                     > 100 for i in range(2)), 120, "host-b's workers stepping")
     assert [p["name"] for p in s["processes"]] == ["worker-0", "worker-1"], "no learner on a workers-only host"
     workers = {i: row(s, f"worker-{i}")["pid"] for i in range(2)}
+    # (a worker steps its first random steps before the learner is up: its steps wait in its queue meanwhile)
+    h = head.wait_for(lambda s: row(s, LEARNER)["updates"] >= 100 and row(s, LEARNER)["hosts"], 120,
+                      "the learner training on host-b's steps")
     port = int(endpoint.rsplit(":", 1)[1])
     for pid in workers.values():  # each worker's steps and weights sockets: TCP connections to the learner's ports
         conns = psutil.Process(pid).net_connections(kind="tcp")
         assert {c.raddr.port for c in conns if c.raddr and c.status == psutil.CONN_ESTABLISHED} >= {port, port + 1}
-    h = head.wait_for(lambda s: row(s, LEARNER)["updates"] >= 100 and row(s, LEARNER)["hosts"], 120,
-                      "the learner training on host-b's steps")
     assert [(x["host"], x["slots"]) for x in row(h, LEARNER)["hosts"]] == [("host-b", 2)]
     assert row(h, LEARNER)["hosts"][0]["steps"] > 0 and row(h, LEARNER)["hosts"][0]["last_seen_s"] < 5
     assert "learner hears from host host-b: 2 slot(s)" in head.cli("status").stdout
