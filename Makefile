@@ -30,6 +30,10 @@ up: $(STAMP)
 status: $(STAMP)
 	$(VENV)/bin/supervisor status
 
+# Python keeps its compiled modules and pytest its rewritten tests (a caller's PYTHONDONTWRITEBYTECODE would have
+# every test process compile them again)
+test test-fast: export PYTHONDONTWRITEBYTECODE :=
+
 # the container tests need a Docker engine: one is installed and started where none answers;
 # two pytest workers, one per core; then the tests that load the host by design, by themselves
 test: $(STAMP)

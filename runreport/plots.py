@@ -48,7 +48,7 @@ def _label(run, runs, text):
 
 
 def _save(fig, out: Path, name: str, title: str, made: list) -> None:
-    fig.tight_layout()
+    fig.set_layout_engine("constrained")  # laid out within the one drawing savefig makes
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     made.append((title, name))
