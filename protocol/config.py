@@ -37,6 +37,9 @@ class RunConfig(_Section):
     # all: the learner and this host's slots; workers: only this host's slots (and their simulators), against the
     # learner at workers.learner on another host
     role: Literal["all", "workers"] = "all"
+    # local: this host's children only; ray: the learner here and one host agent per Ray node offering
+    # cluster.host_resource, each running that host's own supervisor of its slots (docs/fleet.md)
+    engine: Literal["local", "ray"] = "local"
 
 
 class FaultConfig(_Section):
@@ -381,6 +384,31 @@ class ReportConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    """The fleet on Ray (``run.engine: ray``): where the cluster is and how its hosts are judged."""
+
+    address: str | None = None  # Ray's address (ray://..., HOST:PORT, auto); None: RAY_ADDRESS, else auto
+    namespace: str = Field("rlstack", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    hosts: int | None = Field(None, ge=1, le=256)  # None: one per unit of host_resource in the cluster at start
+    host_resource: str = "carla_host"
+    learner_resource: str = "learner_host"
+    # what the hosts dial: tcp://HOST:PORT; None: learner.listen, its wildcard address replaced by this node's
+    learner_address: str | None = None
+    host_runs_dir: str | None = None  # each host's run directory goes under this (None: the head's runs_dir)
+    probe_interval_s: float = Field(1.0, gt=0.0)
+    probe_timeout_s: float = Field(5.0, gt=0.0)
+    host_deadline_s: float = Field(20.0, gt=0.0)  # no status answered by a host's supervisor for this long: hung
+    host_startup_s: float = Field(180.0, gt=0.0)  # from placing an agent to its supervisor's first answer
+
+    @model_validator(mode="after")
+    def _probe_fits(self):
+        if self.probe_timeout_s + self.probe_interval_s >= self.host_deadline_s:
+            raise ValueError(f"cluster.host_deadline_s ({self.host_deadline_s:g}) must exceed probe_timeout_s + "
+                             f"probe_interval_s ({self.probe_timeout_s + self.probe_interval_s:g}): one slow answer "
+                             "is not a hung host")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
@@ -390,6 +418,7 @@ class Config(_Section):
     simulators: SimulatorsConfig = Field(default_factory=SimulatorsConfig)
     chaos: ChaosConfig = Field(default_factory=ChaosConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def has_containers(self) -> bool:
         """Whether the supervisor runs a simulator container per slot."""
@@ -424,6 +453,18 @@ class Config(_Section):
             raise ValueError(f"workers.learner {self.workers.learner} is another learner than this run's own "
                              f"(learner.listen {self.learner.listen}): its learner would get no steps; run only this "
                              "host's slots with --role workers (run.role: workers)")
+        return self
+
+    @model_validator(mode="after")
+    def _ray_engine(self):
+        if self.run.engine != "ray":
+            return self
+        if self.run.role != "all":
+            raise ValueError("run.engine ray runs the learner and places the hosts' supervisors: run.role all "
+                             "(a host's own supervisor is started by its agent)")
+        if not self.learner.listen or not self.learner.listen.startswith("tcp://"):
+            raise ValueError("run.engine ray needs learner.listen, tcp://ADDRESS:PORT, for the hosts' workers to "
+                             "reach the learner (docs/fleet.md)")
         return self
 
     @model_validator(mode="after")

@@ -9,7 +9,8 @@ from __future__ import annotations
 LEARNER = "learner"
 WORKER = "worker"
 SIMULATOR = "simulator"  # a CARLA server of one slot
-ROLES = (LEARNER, WORKER, SIMULATOR)
+HOST = "host"  # the fleet on Ray: one host's agent and, under it, that host's own supervisor and slots
+ROLES = (LEARNER, WORKER, SIMULATOR, HOST)
 
 SIMULATOR_PREFIX = "carla"  # simulator children are carla-N
 
@@ -20,3 +21,7 @@ def worker_name(slot: int) -> str:
 
 def simulator_name(slot: int) -> str:
     return f"{SIMULATOR_PREFIX}-{slot}"
+
+
+def host_name(index: int) -> str:
+    return f"{HOST}-{index}"

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--key", metavar="PATH", help="this host's secret key (NAME.key_secret from `supervisor keys`)")
     up.add_argument("--learner-key", metavar="PATH", help="the learner's public key (its NAME.key)")
     up.add_argument("--host", help="what this host's workers are called at the learner (default: the hostname)")
+    up.add_argument("--engine", choices=("local", "ray"),
+                    help="ray: the learner here and a host agent on each Ray node offering carla_host (docs/fleet.md)")
+    up.add_argument("--address", help="the Ray cluster's address (default: RAY_ADDRESS, else auto)")
     up.add_argument("--live", dest="live", action="store_true", default=None, help="live table (default on a tty)")
     up.add_argument("--no-live", dest="live", action="store_false")
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HOST_NAME
+from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HOST_NAME, WORKER_NAME
 from protocol.sockets import Receiver, send
 
 # Requests served per turn of the loop, at most (the rest wait for the next turn).
@@ -82,8 +82,27 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
             "refused": int(hb.get("refused") or 0),
             "hosts": sending_hosts(hb.get("hosts")) if alive else [],
         })
+        if "children" in hb:  # a host of the fleet on Ray: its node and its own supervisor's children
+            row["node"] = hb.get("node") if isinstance(hb.get("node"), str) else None
+            row["children"] = host_children(hb.get("children")) if alive else []
         rows.append(row)
     return rows
+
+
+def host_children(children) -> list[dict]:
+    """A fleet host's children as status shows them: well-formed rows only (names a terminal shows as they are)."""
+    out = []
+    for c in children[:256] if isinstance(children, list) else ():
+        if isinstance(c, dict) and isinstance(c.get("name"), str) and re.fullmatch(WORKER_NAME, c["name"]) \
+                and isinstance(c.get("state"), str) and re.fullmatch(r"[a-z_]{1,32}", c["state"]):
+            out.append({"name": c["name"], "state": c["state"], "env_steps": _count(c.get("env_steps")),
+                        "restarts": _count(c.get("restarts"))})
+    return out
+
+
+def _count(value) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value >= 0 else 0
 
 
 def sending_hosts(hosts) -> list[dict]:

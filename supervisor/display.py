@@ -73,6 +73,11 @@ def status_notes(status: dict) -> list[str]:
         for h in p.get("hosts") or []:
             lines.append(f"{p['name']} hears from host {h['host']}: {h['slots']} slot(s), {h['steps']:,} steps, "
                          f"last {h['last_seen_s']:.1f}s ago")
+        if p.get("children"):  # a host of the fleet: its own supervisor's children
+            node = f" (node {p['node']})" if p.get("node") else ""
+            lines.append(f"{p['name']}{node}: " + ", ".join(
+                f"{c['name']} {c['state']} {c['env_steps']:,} steps" + (f" {c['restarts']} restarts" if c['restarts']
+                                                                        else "") for c in p["children"]))
         if p.get("refused"):
             lines.append(f"{p['name']} refused {p['refused']} connection(s) from hosts whose key it does not allow")
     own = status.get("supervisor_dropped")

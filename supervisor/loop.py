@@ -449,4 +449,16 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = 
         sims = cfg.simulators
         drivers["container"] = ContainerDriver(run_dir, Path(run_dir).name, sims.probe_interval_s,
                                                sims.probe_timeout_s, sims.docker_timeout_s, owner=owner)
+    hosts = [s.name for s in plan.specs if s.kind == "ray_host"]
+    if hosts:
+        from fleet.agent import registry_name
+        from supervisor.drivers.ray import RayHostDriver
+        from supervisor.plan import host_agent_spec, registry_info
+
+        run_id, cl = Path(run_dir).name, cfg.cluster
+        drivers["ray_host"] = RayHostDriver(
+            run_dir, run_id, {h: host_agent_spec(cfg, run_id, h, registry_name(run_id)) for h in hosts},
+            address=cl.address, namespace=cl.namespace, resource=cl.host_resource, registry=registry_info(cfg),
+            probe_interval_s=cl.probe_interval_s, probe_timeout_s=cl.probe_timeout_s,
+            stop_grace_s=cfg.supervisor.kill_grace_s + cfg.supervisor.learner_stop_grace_s)
     return drivers

@@ -13,6 +13,7 @@ import importlib.util
 import re
 import shlex
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from protocol.config import Config
 from protocol.exits import EXIT_FATAL
@@ -21,7 +22,7 @@ from protocol.messages import (
     PROGRESSING_PHASES,
     STARTUP_PHASES,
 )
-from protocol.roles import LEARNER, SIMULATOR, WORKER, simulator_name, worker_name
+from protocol.roles import HOST, LEARNER, SIMULATOR, WORKER, host_name, simulator_name, worker_name
 from protocol.simulators import (
     EXIT_SIMULATOR_RECYCLE,
     EXIT_SIMULATOR_STALLED,
@@ -119,6 +120,8 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
                 "env": {"OMP_NUM_THREADS": str(cfg.workers.torch_threads),
                         "OPENBLAS_NUM_THREADS": str(cfg.workers.torch_threads)}},
         labels={"role": WORKER, "slot": str(slot)}) for slot in range(cfg.workers.count)]
+    if cfg.run.engine == "ray":  # the learner here; each host's slots under that host's own supervisor
+        return Plan((learner, *[host_spec(cfg, i, backoff, intensity) for i in range(cfg.cluster.hosts or 0)]))
     # run.role workers: this host's slots only, against a learner on another host (workers.learner)
     learners = (learner,) if cfg.run.role == "all" else ()
     if cfg.env.backend != "carla":
@@ -153,3 +156,54 @@ def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intens
                 "host": server.host, "rpc_port": server.rpc_port, "pull": sims.pull,
                 "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "needs": ("docker",)},
         labels={"role": SIMULATOR, "slot": str(slot)})
+
+
+def host_spec(cfg: Config, index: int, backoff: Backoff, intensity: Intensity) -> ChildSpec:
+    """One host of the fleet on Ray (``run.engine: ray``): its agent, healthy while the host's own supervisor
+    answers a real ``status`` request through it (each answer is progress; ``waiting_node``, while Ray reports
+    its node dead, is not judged)."""
+    cl, sup = cfg.cluster, cfg.supervisor
+    return ChildSpec(
+        name=host_name(index), kind="ray_host", restart=TRANSIENT, significant=False,
+        deadlines=Deadlines(heartbeat_s=cl.host_deadline_s, progress_s=cl.host_deadline_s,
+                            startup_s=cl.host_startup_s, evidence_s=sup.evidence_timeout_s),
+        progress_phases=frozenset({"serving"}), startup_phases=frozenset(), progress_counters=("probes",),
+        kill_grace_s=sup.kill_grace_s, stop_grace_s=sup.kill_grace_s + sup.learner_stop_grace_s, backoff=backoff,
+        intensity=intensity, pool=HOST, launch={"needs": ("ray",)}, labels={"role": HOST, "slot": str(index)})
+
+
+def host_agent_spec(cfg: Config, run_id: str, host: str, registry: str | None) -> dict:
+    """What a host's agent (``fleet.agent.HostAgent``) is started with: the host run's id and directory, and its
+    config: this run's, as a workers-only run of that host (paths only: no key is ever in it)."""
+    config = cfg.model_dump(mode="json")
+    config["learner"].update(listen=None, curve_key=None, curve_clients=None)  # the learner is not on that host
+    config["supervisor"].update(metrics_port=None)
+    config.pop("cluster", None)
+    runs_dir = cfg.cluster.host_runs_dir or str(Path(cfg.run.runs_dir).resolve())
+    return {"run_id": f"{run_id}-{host}", "host": host, "runs_dir": runs_dir, "config": config,
+            "registry": registry, "namespace": cfg.cluster.namespace}
+
+
+def learner_address(cfg) -> str:
+    """Where the hosts reach the learner: ``cluster.learner_address``, else ``learner.listen`` with a wildcard
+    address replaced by this node's."""
+    if cfg.cluster.learner_address:
+        return cfg.cluster.learner_address
+    from protocol.curve import parse_tcp
+
+    host, port = parse_tcp(cfg.learner.listen, "learner.listen")
+    if host in ("*", "0.0.0.0", "::", "[::]"):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return f"tcp://{host}:{port}"
+
+
+def registry_info(cfg) -> dict:
+    """The run's public facts for its hosts: the learner's endpoint and its public key (never the secret)."""
+    public = None
+    if cfg.learner.curve_key:
+        from protocol.curve import load_secret
+
+        public = load_secret(Path(cfg.learner.curve_key), "learner.curve_key")[0].decode()
+    return {"learner": learner_address(cfg), "learner_public_key": public}

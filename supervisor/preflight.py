@@ -47,7 +47,7 @@ def overrides_from(args) -> list[tuple[str, object]]:
                        ("run.seed", args.seed), ("workers.eval_freq", args.eval_freq), ("run.debug", args.debug),
                        ("run.run_id", args.run_id), ("run.runs_dir", args.runs_dir),
                        ("env.carla.scenario", _index_or_name(args.scenario)), ("env.carla.npcs", args.npcs),
-                       *((key, getattr(args, flag, None)) for key, flag in REMOTE_LEARNER_FLAGS)):
+                       *((key, getattr(args, flag, None)) for key, flag in HOSTS_FLAGS)):
         if value is not None:
             out.append((key, value))
     for item in args.set:
@@ -58,9 +58,10 @@ def overrides_from(args) -> list[tuple[str, object]]:
     return out
 
 
-# `up`'s flags for a host whose learner runs on another (docs/hosts.md), and the config keys they set
-REMOTE_LEARNER_FLAGS = (("run.role", "role"), ("workers.learner", "learner_endpoint"), ("workers.curve_key", "key"),
-                        ("workers.learner_key", "learner_key"), ("workers.host", "host"))
+# `up`'s flags for runs on several hosts (docs/hosts.md, docs/fleet.md), and the config keys they set
+HOSTS_FLAGS = (("run.role", "role"), ("workers.learner", "learner_endpoint"), ("workers.curve_key", "key"),
+                        ("workers.learner_key", "learner_key"), ("workers.host", "host"),
+                        ("run.engine", "engine"), ("cluster.address", "address"))
 
 
 def config_from(args):
@@ -141,6 +142,32 @@ def live_supervisor(run_dir: Path) -> int | None:
     return live_pid(read_state(run_dir))
 
 
+def fleet_problem(cfg) -> str | None:
+    """``run.engine: ray``: Ray installed, a cluster answering at ``cluster.address``, and nodes offering
+    ``cluster.host_resource``; sets ``cluster.hosts`` to their count where it is not given."""
+    import importlib.util
+
+    cl = cfg.cluster
+    if importlib.util.find_spec("ray") is None:
+        return "run.engine ray needs Ray: pip install 'carla-rl-stack[fleet]'"
+    from supervisor.drivers.ray import connect
+
+    try:
+        ray = connect(cl.address, cl.namespace)
+        offered = ray.cluster_resources().get(cl.host_resource, 0)
+    except Exception as exc:  # ConnectionError, a bad address, a cluster of another version
+        where = cl.address or os.environ.get("RAY_ADDRESS") or "auto"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"no Ray cluster answers at {where} ({text}); start its head with deploy/ray/start-head.sh, or set "
+                "cluster.address (or RAY_ADDRESS)")
+    if cl.hosts is None:
+        if offered < 1:
+            return (f"no node of the Ray cluster offers the resource {cl.host_resource}: start each GPU host's node "
+                    f"with --resources '{{\"{cl.host_resource}\": 1}}' (deploy/ray/start-worker.sh)")
+        cl.hosts = int(offered)
+    return None
+
+
 def check_up(args) -> Ready:
     """Every check of ``up``, in order, before anything is written; raises Refused."""
     from protocol.config import ConfigError
@@ -169,6 +196,10 @@ def check_up(args) -> Ready:
         cfg = resume_config(args, cfg)
     except ConfigError as exc:
         raise Refused(str(exc), EXIT_USAGE) from None
+    if cfg.run.engine == "ray":
+        problem = fleet_problem(cfg)
+        if problem is not None:
+            raise Refused(f"supervisor up: {problem}", EXIT_USAGE)
     plan = build_plan(cfg, cfg.run.run_id or "")
     missing = plan.missing_modules()
     if missing:

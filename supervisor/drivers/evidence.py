@@ -42,27 +42,30 @@ def incident_dir(run_dir: Path, name: str, suffix: str = "") -> Path:
     return out
 
 
+def stack_of(pid: int | None, timeout_s: float, native: bool = False) -> str:
+    """Every thread's Python stack of ``pid`` (``py-spy dump``, bounded by ``timeout_s``), or why there is none."""
+    spy = py_spy_path()
+    if pid is None:
+        return "the process had exited before its stack could be taken\n"
+    if spy is None:
+        return "py-spy is not installed; no stack captured\n"
+    cmd = [spy, "dump", "--nonblocking", "--pid", str(pid)] + (["--native"] if native else [])
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        return res.stdout + (f"\n[py-spy exit {res.returncode}]\n{res.stderr}" if res.returncode else "")
+    except subprocess.TimeoutExpired:
+        return f"py-spy dump timed out after {timeout_s}s\n"
+    except OSError as exc:
+        return f"py-spy could not run: {exc}\n"
+
+
 def capture(run_dir: Path, name: str, pid: int | None, reason: str, heartbeat: dict | None, timeout_s: float,
             native: bool = False) -> Path:
     """Write one incident directory and return it."""
     out = incident_dir(run_dir, name)
     (out / "incident.json").write_text(json.dumps(
         {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat}, indent=2))
-    spy = py_spy_path()
-    if pid is None:
-        stack = "the process had exited before its stack could be taken\n"
-    elif spy is None:
-        stack = "py-spy is not installed; no stack captured\n"
-    else:
-        cmd = [spy, "dump", "--nonblocking", "--pid", str(pid)] + (["--native"] if native else [])
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-            stack = res.stdout + (f"\n[py-spy exit {res.returncode}]\n{res.stderr}" if res.returncode else "")
-        except subprocess.TimeoutExpired:
-            stack = f"py-spy dump timed out after {timeout_s}s\n"
-        except OSError as exc:
-            stack = f"py-spy could not run: {exc}\n"
-    (out / "stack.txt").write_text(stack)
+    (out / "stack.txt").write_text(stack_of(pid, timeout_s, native))
     logs = Path(run_dir) / "logs"
     (out / "log_tail.txt").write_text("\n\n".join(
         f"== logs/{name}{suffix} ==\n{tail(logs / f'{name}{suffix}')}" for suffix in (".jsonl", ".out")) + "\n")

@@ -15,14 +15,16 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy", "runreport")
+PACKAGES = ("protocol", "supervisor", "learner", "worker", "policy", "runreport", "fleet")
 
 
 # Which extras each package's role installs on top of the base dependencies, and which
 # of the project's own packages it may import (supervisor, learner and worker never import each other).
 ROLES = {
     "protocol": ((), {"protocol"}),
-    "supervisor": (("supervisor",), {"protocol", "supervisor", "runreport"}),  # `supervisor report` is runreport
+    # `supervisor report` is runreport; `up --engine ray` places fleet's agents
+    "supervisor": (("supervisor", "fleet"), {"protocol", "supervisor", "runreport", "fleet"}),
+    "fleet": (("supervisor", "fleet"), {"protocol", "supervisor", "fleet"}),  # a host's agent runs its supervisor
     "learner": (("learner",), {"protocol", "learner", "policy"}),
     "worker": (("worker",), {"protocol", "worker", "policy"}),
     "policy": (("learner", "worker"), {"policy"}),  # both roles install what the shared network needs

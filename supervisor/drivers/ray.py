@@ -1,0 +1,273 @@
+"""Host agents on Ray: the fleet's children, one per host, judged like any other child.
+
+Ray places the agents (one per unit of ``cluster.host_resource``), notices dead
+nodes and places an agent again when a node comes back. It does not notice a hung
+host: an agent whose host supervisor stopped answering is still "alive" to Ray.
+This driver makes the heartbeats the machine judges: a beat for each ``status``
+request the host's supervisor answered through its agent (a real request, asked
+every ``cluster.probe_interval_s`` and bounded by ``probe_timeout_s``). Silence
+past ``cluster.host_deadline_s`` is a stall: the machine asks for evidence (the
+host supervisor's stack and last status, from the agent; or that the agent itself
+did not answer), then a kill, and spawns the next incarnation, a new agent, which
+first removes what the last one left on its host. While Ray reports the agent's
+node dead the driver beats ``waiting_node``, a phase no deadline of progress
+applies to: a dead node is waited for, not killed.
+
+Each incarnation is a detached actor named for the run and the host, so a head
+supervisor that was killed and started again finds the running agents by name and
+takes them over (:meth:`RayHostDriver.spawn` adopts a live one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.drivers import Beat, Exited, NotSupported, Observation
+from supervisor.drivers.evidence import incident_dir
+from supervisor.machine import CaptureEvidence
+from supervisor.specs import ChildSpec
+
+WAITING_NODE = "waiting_node"  # the agent's node is dead to Ray: waited for, never judged for progress
+SERVING = "serving"
+FREE_NAME_S = 30.0  # how long a killed agent's name may take to be free for the next incarnation
+
+
+def connect(address: str | None, namespace: str):
+    """Join the Ray cluster as a driver (``address``: None means RAY_ADDRESS, else a local cluster); returns ray."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", namespace=namespace,
+                 log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    return ray
+
+
+@dataclass
+class HostRun:
+    name: str
+    incarnation: int
+    actor: object
+    actor_name: str
+    stop: threading.Event = field(default_factory=threading.Event)
+    answers: int = 0
+    node: str | None = None
+    last: dict | None = None  # the agent's last answer
+    last_error: str | None = None
+    ended: bool = False
+
+
+def host_children(status: dict | None) -> list[dict]:
+    """What the head shows of a host's own children, from its supervisor's status answer."""
+    rows = []
+    for p in (status or {}).get("processes") or []:
+        if isinstance(p, dict):
+            rows.append({k: p.get(k) for k in ("name", "state", "env_steps", "restarts", "pid")})
+    return rows
+
+
+class RayHostDriver:
+    """The ``ray_host`` kind: each child is a host's agent (``fleet.agent.HostAgent``) on a Ray node."""
+
+    def __init__(self, run_dir: Path, run_id: str, specs: dict[str, dict], *, address: str | None, namespace: str,
+                 resource: str, registry: dict, probe_interval_s: float, probe_timeout_s: float,
+                 stop_grace_s: float):
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.agent_specs = specs  # child name -> the HostAgent's spec
+        self.namespace = namespace
+        self.resource = resource
+        self.probe_interval_s = probe_interval_s
+        self.probe_timeout_s = probe_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.ray = connect(address, namespace)
+        from fleet.agent import Registry, registry_name
+
+        self.registry = self.ray.remote(Registry).options(
+            name=registry_name(run_id), namespace=namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0).remote(registry)
+        self.ray.get(self.registry.put.remote(registry), timeout=60)
+        self.running: dict[str, HostRun] = {}
+        self.seen: queue.Queue[Observation] = queue.Queue()
+
+    # -- starting and ending -----------------------------------------------------------------
+
+    def _existing(self, actor_name: str):
+        try:
+            return self.ray.get_actor(actor_name, namespace=self.namespace)
+        except ValueError:
+            return None
+
+    def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int | None, bool]:
+        from fleet.agent import HostAgent, agent_name
+
+        actor_name = agent_name(self.run_id, spec.name)
+        actor = self._existing(actor_name)
+        if actor is None:
+            actor = self.ray.remote(HostAgent).options(
+                name=actor_name, namespace=self.namespace, lifetime="detached", num_cpus=0,
+                resources={self.resource: 1}, max_restarts=-1, max_concurrency=4,
+            ).remote(self.agent_specs[spec.name])
+        # else: an agent a head supervisor before this one started (and which runs on): taken over as it is
+        run = HostRun(spec.name, incarnation, actor, actor_name)
+        self.running[spec.name] = run
+        threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
+        return None, False
+
+    def start_standby(self, spec: ChildSpec) -> None:
+        pass
+
+    def drop_standby(self, name: str) -> None:
+        pass
+
+    def _end(self, name: str, incarnation: int, graceful: bool) -> None:
+        run = self.running.get(name)
+        if run is None or run.incarnation != incarnation or run.ended:
+            return
+        run.ended = True
+        run.stop.set()
+
+        def end():
+            code = -9
+            if graceful:
+                try:
+                    answer = self.ray.get(run.actor.stop.remote(self.stop_grace_s), timeout=self.stop_grace_s + 10)
+                    code = answer if isinstance(answer, int) else 0
+                except Exception:
+                    code = -9
+            try:
+                self.ray.kill(run.actor, no_restart=True)
+            except Exception:
+                pass
+            self._wait_name_free(run.actor_name)
+            self.seen.put(Exited(name, incarnation, code))
+
+        threading.Thread(target=end, name=f"end-{name}", daemon=True).start()
+
+    def _wait_name_free(self, actor_name: str) -> None:
+        deadline = time.monotonic() + FREE_NAME_S
+        while time.monotonic() < deadline and self._existing(actor_name) is not None:
+            time.sleep(0.2)
+
+    def terminate(self, name: str, incarnation: int) -> None:
+        self._end(name, incarnation, graceful=True)
+
+    def kill(self, name: str, incarnation: int) -> None:
+        self._end(name, incarnation, graceful=False)
+
+    def inject(self, name: str, incarnation: int, what: str) -> None:
+        raise NotSupported("a host agent takes no chaos faults; inject them into its host's own supervisor")
+
+    # -- watching ----------------------------------------------------------------------------
+
+    def _node_dead(self, node: str | None) -> bool:
+        if node is None:
+            return False
+        try:
+            return any(n.get("NodeID") == node and not n.get("Alive") for n in self.ray.nodes())
+        except Exception:
+            return False
+
+    def _beat(self, run: HostRun, phase: str, detail: str | None = None) -> None:
+        status = (run.last or {}).get("status")
+        children = host_children(status)
+        beat = {"name": run.name, "incarnation": run.incarnation, "pid": None, "phase": phase, "phase_age_s": 0.0,
+                "probes": run.answers, "env_steps": sum(int(c.get("env_steps") or 0) for c in children),
+                "node": (run.node or "")[:16], "children": children}
+        if detail:
+            beat["detail"] = detail
+        self.seen.put(Beat(beat))
+
+    def _probe_loop(self, run: HostRun) -> None:
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        while not run.stop.is_set():
+            started = time.monotonic()
+            try:
+                answer = self.ray.get(run.actor.ping.remote(self.probe_timeout_s / 2), timeout=self.probe_timeout_s)
+                run.last, run.node = answer, answer.get("node") or run.node
+                if "exited" in answer:  # its supervisor ended: the host's run is over (0) or failed
+                    if not run.ended:
+                        run.ended = True
+                        try:
+                            self.ray.kill(run.actor, no_restart=True)
+                        except Exception:
+                            pass
+                        self._wait_name_free(run.actor_name)
+                        self.seen.put(Exited(run.name, run.incarnation, int(answer["exited"])))
+                    return
+                if answer.get("status") is not None:
+                    run.answers += 1
+                    run.last_error = None
+                    self._beat(run, SERVING)
+                else:
+                    run.last_error = "its supervisor did not answer a status request"
+            except ActorUnavailableError:  # Ray is placing it again (its node died)
+                run.last_error = "Ray is placing the agent again"
+                self._beat(run, WAITING_NODE, "its node is gone; Ray places the agent again when a node is back")
+            except GetTimeoutError:
+                run.last_error = f"the agent did not answer within {self.probe_timeout_s:g}s"
+                if self._node_dead(run.node):
+                    self._beat(run, WAITING_NODE, "its node is dead to Ray; waiting for it or another")
+            except RayActorError as exc:  # dead for good (killed by someone else, or its creation failed)
+                if not run.ended:
+                    run.ended = True
+                    run.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    self.seen.put(Exited(run.name, run.incarnation, None))
+                return
+            except Exception as exc:  # whatever answers badly is no answer
+                run.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            run.stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - started)))
+
+    def poll(self) -> list[Observation]:
+        out = []
+        while True:
+            try:
+                out.append(self.seen.get_nowait())
+            except queue.Empty:
+                return out
+
+    def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
+        """The host's evidence through its agent: its supervisor's stack, output and last status; or, when the
+        agent itself does not answer, that it did not and what Ray says of its node."""
+        out = incident_dir(run_dir, action.name)
+        run = self.running.get(action.name)
+        got, error = None, None
+        if run is not None:
+            try:
+                got = self.ray.get(run.actor.evidence.remote(timeout_s / 2), timeout=timeout_s)
+            except Exception as exc:
+                error = f"the agent did not give evidence within {timeout_s:g}s ({type(exc).__name__})"
+        incident = {"name": action.name, "pid": (got or {}).get("pid"), "reason": action.reason, "time": time.time(),
+                    "last_heartbeat": action.heartbeat, "agent": run.actor_name if run else None,
+                    "node": (got or {}).get("node") or (run.node if run else None),
+                    "node_alive": (not self._node_dead(run.node)) if run else None,
+                    "last_probe_error": run.last_error if run else None, "evidence_error": error}
+        (out / "incident.json").write_text(json.dumps(incident, indent=2))
+        (out / "stack.txt").write_text((got or {}).get("stack") or f"{error or 'no agent'}: no stack of its "
+                                                                   "host's supervisor\n")
+        (out / "log_tail.txt").write_text((got or {}).get("log_tail") or "")
+        (out / "status.json").write_text(json.dumps((got or {}).get("last_status") or (run.last or {}).get("status")
+                                                    if run else None, indent=2))
+        return out
+
+    def kill_leftovers(self, saved: dict) -> list[int]:
+        return []  # agents of an earlier head supervisor are taken over by name, not killed
+
+    def pids(self) -> list[int]:
+        return []
+
+    def kill_all(self) -> None:
+        for run in list(self.running.values()):
+            run.stop.set()
+            try:
+                self.ray.kill(run.actor, no_restart=True)
+            except Exception:
+                pass

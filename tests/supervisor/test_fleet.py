@@ -1,0 +1,136 @@
+"""The fleet's decisions about hosts, on a fake clock: the machine's, for a child kind of its own.
+
+A real :class:`supervisor.loop.Supervisor` (run directory, sockets, event log) runs
+the plan of ``run.engine: ray`` (the learner and two hosts); a recording driver
+stands in for Ray and the agents and beats for each host as told: ``serving`` (its
+supervisor answered), ``waiting_node`` (Ray reports its node dead), or nothing (a
+hung host, which Ray would still call alive).
+"""
+
+from pathlib import Path
+
+import pytest
+
+from protocol import events as ev
+from protocol.config import load_config
+from protocol.states import FAILED, RUNNING
+from supervisor.loop import Supervisor
+from supervisor.plan import build_plan, host_agent_spec
+from tests.supervisor.test_drivers import RecordingDriver, events, loop
+from tests.supervisor.test_machine import FakeClock
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class HostsDriver(RecordingDriver):
+    """Hosts that beat with the phase set for each (None: silent)."""
+
+    def __init__(self, log):
+        super().__init__("ray_host", log, "probes", "serving")
+        self.phases: dict[str, str | None] = {}
+        self.answers: dict[str, int] = {}
+
+    def poll(self):
+        self.count += 1
+        seen = list(self.exits)
+        self.exits.clear()
+        for name, (inc, pid) in self.running.items():
+            phase = self.phases.get(name, "serving")
+            if phase is not None:
+                seen.append(self.beat(name, inc, phase))
+        return seen
+
+    def beat(self, name, inc, phase):
+        from supervisor.drivers import Beat
+
+        if phase == "serving":  # as the Ray driver counts: answers of the host's supervisor, nothing else
+            self.answers[name] = self.answers.get(name, 0) + 1
+        return Beat({"name": name, "incarnation": inc, "pid": None, "phase": phase, "probes": self.answers.get(name, 0),
+                     "children": [{"name": "worker-0", "state": RUNNING, "env_steps": self.count, "restarts": 0}]})
+
+    def spawn(self, spec, incarnation, standby):
+        super().spawn(spec, incarnation, standby)
+        return None, False
+
+
+@pytest.fixture
+def fleet(tmp_path, monkeypatch):
+    monkeypatch.setattr("supervisor.loop.TICK_S", 0.001)  # the clock is fake: no loop needs to wait for sockets
+    cfg = load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555"), ("cluster.hosts", 2),
+                             ("cluster.host_deadline_s", 6.0), ("cluster.probe_timeout_s", 2.0), ("cluster.host_startup_s", 30.0),
+                             ("run.runs_dir", str(tmp_path)), ("supervisor.backoff_jitter", 0.0),
+                             ("supervisor.max_restarts", 2), ("supervisor.restart_window_s", 600.0)])
+    plan = build_plan(cfg, "run")
+    run_dir = tmp_path / "run"
+    (run_dir / "incidents").mkdir(parents=True)
+    log = []
+    hosts = HostsDriver(log)
+    drivers = {"process": RecordingDriver("process", log, "updates", "training"), "ray_host": hosts}
+    clock = FakeClock()
+    sup = Supervisor(cfg, run_dir, plan=plan, drivers=drivers, clock=clock)
+    poller = sup.start()
+    yield sup, poller, hosts, log, clock
+    sup.close()
+
+
+def states(sup):
+    return {r["name"]: (r["state"], r["incarnation"]) for r in sup.status()["processes"]}
+
+
+def test_a_healthy_fleet_is_left_alone_and_status_shows_each_hosts_children(fleet):
+    sup, poller, hosts, log, clock = fleet
+    loop(sup, poller, clock, 60)
+    assert states(sup) == {"learner": (RUNNING, 0), "host-0": (RUNNING, 0), "host-1": (RUNNING, 0)}
+    assert not [e for e in events(sup) if e["event"] == ev.STALLED]
+    row = next(r for r in sup.status()["processes"] if r["name"] == "host-0")
+    assert row["role"] == "host" and row["children"][0]["name"] == "worker-0"
+
+
+def test_a_silent_host_gets_evidence_then_a_kill_then_a_new_agent_and_the_other_is_untouched(fleet):
+    sup, poller, hosts, log, clock = fleet
+    loop(sup, poller, clock, 5)
+    log.clear()
+    hosts.phases["host-0"] = None  # its supervisor answers nothing; Ray would still call the agent alive
+    loop(sup, poller, clock, 5)
+    assert not [a for a in log if a[2] == "host-0"], "within its deadline (6 s) nothing happens"
+    loop(sup, poller, clock, 10)
+    actions = [(what, inc) for kind, what, name, inc in log if name == "host-0"]
+    assert actions[:2] == [("capture", 0), ("terminate", 0)] and ("spawn", 1) in actions, actions
+    hosts.phases["host-0"] = "serving"
+    loop(sup, poller, clock, 5)
+    assert states(sup)["host-0"] == (RUNNING, 1) and states(sup)["host-1"] == (RUNNING, 0)
+    assert (sup.run_dir / "incidents" / "ray_host-host-0" / "incident.json").exists()
+
+
+def test_a_host_waiting_for_its_node_is_waited_for_not_killed(fleet):
+    sup, poller, hosts, log, clock = fleet
+    loop(sup, poller, clock, 5)
+    log.clear()
+    hosts.phases["host-1"] = "waiting_node"  # Ray reports its node dead: the driver beats, no progress
+    loop(sup, poller, clock, 120)
+    assert not [a for a in log if a[2] == "host-1"], log
+    assert states(sup)["host-1"] == (RUNNING, 0)
+    hosts.phases["host-1"] = "serving"
+    loop(sup, poller, clock, 5)
+    assert not [e for e in events(sup) if e["event"] == ev.STALLED]
+
+
+def test_a_host_that_keeps_hanging_fails_and_the_run_goes_on_with_the_others(fleet):
+    sup, poller, hosts, log, clock = fleet
+    loop(sup, poller, clock, 5)
+    hosts.phases["host-0"] = None  # every agent it gets hangs too
+    loop(sup, poller, clock, 200)
+    assert states(sup)["host-0"][0] == FAILED
+    assert states(sup)["learner"] == (RUNNING, 0) and states(sup)["host-1"] == (RUNNING, 0)
+    assert sup.machine.end is None, "the run goes on with the other host"
+
+
+def test_each_hosts_agent_is_given_paths_and_the_learners_address_never_a_key(tmp_path):
+    cfg = load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555"), ("cluster.hosts", 1),
+                             ("run.runs_dir", str(tmp_path))])
+    spec = host_agent_spec(cfg, "r", "host-0", "rlstack-r-registry")
+    assert spec["run_id"] == "r-host-0" and Path(spec["runs_dir"]).is_absolute()
+    assert spec["config"]["learner"]["listen"] is None and "cluster" not in spec["config"]
+    assert load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555")]).cluster.hosts is None
+    with pytest.raises(Exception, match="learner.listen"):
+        load_config(None, [("run.engine", "ray")])
