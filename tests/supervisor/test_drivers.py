@@ -93,7 +93,8 @@ class RecordingDriver:
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setattr("supervisor.loop.TICK_S", 0.001)  # the clock is fake: no loop needs to wait for sockets
     cfg = load_config(None, [("workers.count", 1), ("run.runs_dir", str(tmp_path)), ("supervisor.standby_workers", False),
                              ("supervisor.backoff_jitter", 0.0)])
     base = build_plan(cfg)

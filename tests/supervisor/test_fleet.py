@@ -55,7 +55,7 @@ class HostsDriver(RecordingDriver):
 
 @pytest.fixture
 def fleet(tmp_path, monkeypatch):
-    monkeypatch.setattr("supervisor.loop.TICK_S", 0.001)  # the clock is fake: no loop needs to wait for sockets
+    monkeypatch.setattr("supervisor.loop.TICK_S", 0.001)  # the clock is fake: no loop needs to wait for its sockets
     cfg = load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555"), ("cluster.hosts", 2),
                              ("cluster.host_deadline_s", 6.0), ("cluster.probe_timeout_s", 2.0), ("cluster.host_startup_s", 30.0),
                              ("run.runs_dir", str(tmp_path)), ("supervisor.backoff_jitter", 0.0),
