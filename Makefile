@@ -38,6 +38,7 @@ test test-fast: export PYTHONDONTWRITEBYTECODE :=
 # two pytest workers, one per core; then the tests that load the host by design, by themselves
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
+	bash deploy/test-tools.sh
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone" $(PYTEST_ARGS)
 	$(PY) -m pytest -m alone tests/e2e $(PYTEST_ARGS)
 

@@ -290,9 +290,10 @@ class SupervisorConfig(_Section):
 
 
 class SimulatorsConfig(_Section):
-    """Where the CARLA servers of a ``carla`` run come from: containers per slot, or servers the user runs."""
+    """Where the CARLA servers of a ``carla`` run come from: containers per slot, servers the user runs, or the
+    sibling containers of a Kubernetes pod (``pod``: the kubelet restarts them; deploy/README.md)."""
 
-    mode: Literal["container", "external"] = "container"
+    mode: Literal["container", "external", "pod"] = "container"
     image: str = "carlasim/carla:0.9.16"
     # {rpc_port}, {streaming_port}, {secondary_port} and {slot} are filled in per slot
     command: str = "./CarlaUE4.sh -RenderOffScreen -nosound -quality-level=Low -carla-rpc-port={rpc_port}"
@@ -395,6 +396,9 @@ class ClusterConfig(_Section):
     # what the hosts dial: tcp://HOST:PORT; None: learner.listen, its wildcard address replaced by this node's
     learner_address: str | None = None
     host_runs_dir: str | None = None  # each host's run directory goes under this (None: the head's runs_dir)
+    # each host's own secret key (NAME.key_secret), the same path on every host (absolute: a host's supervisor runs
+    # in host_runs_dir); needed where the learner has CurveZMQ keys; never read on the head, never sent through Ray
+    host_key: str | None = None
     probe_interval_s: float = Field(1.0, gt=0.0)
     probe_timeout_s: float = Field(5.0, gt=0.0)
     host_deadline_s: float = Field(20.0, gt=0.0)  # no status answered by a host's supervisor for this long: hung
@@ -465,6 +469,9 @@ class Config(_Section):
         if not self.learner.listen or not self.learner.listen.startswith("tcp://"):
             raise ValueError("run.engine ray needs learner.listen, tcp://ADDRESS:PORT, for the hosts' workers to "
                              "reach the learner (docs/fleet.md)")
+        if bool(self.learner.curve_key) != bool(self.cluster.host_key):
+            raise ValueError("learner.curve_key and cluster.host_key go together: with CurveZMQ each host connects "
+                             "with its own key, at cluster.host_key on that host (docs/fleet.md)")
         return self
 
     @model_validator(mode="after")
@@ -496,7 +503,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _simulator_ports(self):
-        if self.env.backend != "carla" or self.simulators.mode != "container":
+        if self.env.backend != "carla" or self.simulators.mode not in ("container", "pod"):
             return self
         sims, used = self.simulators, {}
         for slot in range(self.workers.count):

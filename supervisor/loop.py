@@ -449,6 +449,10 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = 
         sims = cfg.simulators
         drivers["container"] = ContainerDriver(run_dir, Path(run_dir).name, sims.probe_interval_s,
                                                sims.probe_timeout_s, sims.docker_timeout_s, owner=owner)
+    if any(s.kind == "pod_simulator" for s in plan.specs):
+        from supervisor.drivers.pod import PodSimulatorDriver
+
+        drivers["pod_simulator"] = PodSimulatorDriver(cfg.simulators.probe_interval_s, cfg.simulators.probe_timeout_s)
     hosts = [s.name for s in plan.specs if s.kind == "ray_host"]
     if hosts:
         from fleet.agent import registry_name

@@ -129,9 +129,12 @@ def build_plan(cfg: Config, run_id: str = "") -> Plan:
     workers = [replace(w, launch={**w.launch, "needs": (*w.launch["needs"], "carla")},
                        stall_dependencies_on=frozenset({EXIT_SIMULATOR_STALLED}),
                        recycle_dependencies_on=frozenset({EXIT_SIMULATOR_RECYCLE})) for w in workers]
-    if cfg.simulators.mode != "container":
+    if cfg.simulators.mode == "external":
         return Plan((*learners, *workers))  # servers the user runs: the workers' own health handling only
     sims = [simulator_spec(cfg, run_id, slot, backoff, intensity) for slot in range(cfg.workers.count)]
+    if cfg.simulators.mode == "pod":  # the pod's sibling containers: watched and signalled, started by the kubelet
+        sims = [replace(s, kind="pod_simulator", launch={"host": s.launch["host"], "rpc_port": s.launch["rpc_port"],
+                                                         "needs": ()}) for s in sims]
     workers = [replace(w, depends_on=(s.name,)) for w, s in zip(workers, sims)]
     return Plan((*learners, *[c for pair in zip(sims, workers) for c in pair]))
 
@@ -178,6 +181,7 @@ def host_agent_spec(cfg: Config, run_id: str, host: str, registry: str | None) -
     config = cfg.model_dump(mode="json")
     config["learner"].update(listen=None, curve_key=None, curve_clients=None)  # the learner is not on that host
     config["supervisor"].update(metrics_port=None)
+    config["workers"].update(curve_key=cfg.cluster.host_key)  # a path on that host; its agent adds the learner's key
     config.pop("cluster", None)
     runs_dir = cfg.cluster.host_runs_dir or str(Path(cfg.run.runs_dir).resolve())
     return {"run_id": f"{run_id}-{host}", "host": host, "runs_dir": runs_dir, "config": config,

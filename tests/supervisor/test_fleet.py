@@ -134,3 +134,9 @@ def test_each_hosts_agent_is_given_paths_and_the_learners_address_never_a_key(tm
     assert load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555")]).cluster.hosts is None
     with pytest.raises(Exception, match="learner.listen"):
         load_config(None, [("run.engine", "ray")])
+    with pytest.raises(Exception, match="cluster.host_key go together"):
+        load_config(None, [("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555"),
+                           ("learner.curve_key", "k/l.key_secret"), ("learner.curve_clients", "k/c")])
+    fleet = load_config("configs/fleet.yaml")  # the shipped fleet setting: keys on the wire, each host's by path
+    spec = host_agent_spec(fleet, "r", "host-3", None)
+    assert spec["config"]["workers"]["curve_key"] == fleet.cluster.host_key and "secret-key" not in str(spec)
