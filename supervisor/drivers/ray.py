@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,13 @@ class HostRun:
     last: dict | None = None  # the agent's last answer
     last_error: str | None = None
     ended: bool = False
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of a Ray error that says why (its cause, where Ray wraps one), at most 300 characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    told = [line for line in lines if "Error" in line and not line.startswith(("File ", "Traceback"))]
+    return ((told[-1] if told else lines[0]) if lines else type(exc).__name__)[:300]
 
 
 def host_children(status: dict | None) -> list[dict]:
@@ -216,10 +224,16 @@ class RayHostDriver:
                 run.last_error = f"the agent did not answer within {self.probe_timeout_s:g}s"
                 if self._node_dead(run.node):
                     self._beat(run, WAITING_NODE, "its node is dead to Ray; waiting for it or another")
-            except RayActorError as exc:  # dead for good (killed by someone else, or its creation failed)
-                if not run.ended:
+            except RayActorError as exc:
+                if self._existing(run.actor_name) is not None:  # its name held: Ray restarts it (its node died
+                    run.last_error = "the agent died; Ray is placing it again"  # under a call, or its process)
+                    self._beat(run, WAITING_NODE, "its agent died; Ray places it again when a node is there")
+                    run.stop.wait(self.probe_interval_s)
+                    continue
+                if not run.ended:  # dead for good (killed by someone else, or its creation failed)
                     run.ended = True
-                    run.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    run.last_error = _reason(exc)
+                    print(f"[supervisor] {run.name}: its agent is dead: {run.last_error}", file=sys.stderr, flush=True)
                     self.seen.put(Exited(run.name, run.incarnation, None))
                 return
             except Exception as exc:  # whatever answers badly is no answer

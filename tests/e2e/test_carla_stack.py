@@ -52,7 +52,7 @@ def test_a_paused_simulator_costs_its_slot_one_deadline_and_the_other_slot_never
         assert recovered_s < 30.0
         # training goes on: the learner keeps updating on both slots' steps
         steps, updates = s["env_steps"], row(s, "learner")["updates"]
-        stack.wait_for(lambda s: s["env_steps"] >= steps + 300 and row(s, "learner")["updates"] >= updates + 100, 150,
+        stack.wait_for(lambda s: s["env_steps"] >= steps + 100 and row(s, "learner")["updates"] >= updates + 30, 150,
                        "training going on")
         assert stack.cli("stop").returncode == 0
         assert stack.proc.wait(timeout=60) == 0

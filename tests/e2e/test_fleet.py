@@ -51,7 +51,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_dead_node_and_is_taken_o
         stack = stack_factory({"run": {"engine": "ray"}, "workers": {"count": 1},
                                "learner": {"listen": f"tcp://127.0.0.1:{free_port_pair()}", "checkpoint_every": 50},
                                "cluster": {"address": cluster.address, "probe_interval_s": 0.5,
-                                           "probe_timeout_s": 2.0, "host_deadline_s": 6.0}}, start=False)
+                                           "probe_timeout_s": 1.5, "host_deadline_s": 4.0}}, start=False)
         runs_dir = stack.run_dir.parent
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0", 50) and stepping(s, "host-1", 50), 150,
