@@ -1,6 +1,7 @@
 """Dependency groups per role: each package imports only what its role's install provides."""
 
 import ast
+import functools
 import importlib.metadata
 import re
 import sys
@@ -36,6 +37,11 @@ ROLES = {
 OPTIONAL = {"worker": {"highway_env", "carla"}}
 
 
+@functools.lru_cache(maxsize=1)
+def distributions():
+    return importlib.metadata.packages_distributions()  # a scan of every installed distribution: once
+
+
 def requirement_names(reqs):
     return {re.split(r"[=<>\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
 
@@ -59,7 +65,7 @@ def test_each_package_imports_only_what_its_role_installs(package):
     allowed = requirement_names(project["dependencies"])
     for extra in extras:
         allowed |= requirement_names(project["optional-dependencies"][extra])
-    dists = importlib.metadata.packages_distributions()
+    dists = distributions()
     for name in sorted(imports_of(package) - OPTIONAL.get(package, set())):
         if name in PACKAGES:
             assert name in own, f"{package} imports {name}: the roles share only protocol (and policy)"
