@@ -146,13 +146,16 @@ class HostAgent:
 
     def learner(self) -> tuple[str, str | None]:
         """The learner's endpoint and public key: from the run's registry (a restarted agent reads the current
-        ones), else from the spec."""
+        ones), else those the agent was started with."""
         if self.spec.get("registry"):
-            import ray
+            try:
+                import ray
 
-            info = ray.get(ray.get_actor(self.spec["registry"], namespace=self.spec["namespace"]).get.remote(),
-                           timeout=30)
-            return info["learner"], info.get("learner_public_key")
+                info = ray.get(ray.get_actor(self.spec["registry"], namespace=self.spec["namespace"]).get.remote(),
+                               timeout=30)
+                return info["learner"], info.get("learner_public_key")
+            except Exception:  # no registry answering (being placed again): the facts the agent started with
+                pass
         return self.spec["learner"], self.spec.get("learner_public_key")
 
     def start(self) -> subprocess.Popen:

@@ -459,10 +459,11 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = 
         from supervisor.drivers.ray import RayHostDriver
         from supervisor.plan import host_agent_spec, registry_info
 
-        run_id, cl = Path(run_dir).name, cfg.cluster
-        drivers["ray_host"] = RayHostDriver(
-            run_dir, run_id, {h: host_agent_spec(cfg, run_id, h, registry_name(run_id)) for h in hosts},
-            address=cl.address, namespace=cl.namespace, resource=cl.host_resource, registry=registry_info(cfg),
+        run_id, cl, public = Path(run_dir).name, cfg.cluster, registry_info(cfg)
+        drivers["ray_host"] = RayHostDriver(  # each agent also starts with the registry's facts, should it not answer
+            run_dir, run_id, {h: {**host_agent_spec(cfg, run_id, h, registry_name(run_id)), **public} for h in hosts},
+            address=cl.address, namespace=cl.namespace, resource=cl.host_resource, registry=public,
             probe_interval_s=cl.probe_interval_s, probe_timeout_s=cl.probe_timeout_s,
-            stop_grace_s=cfg.supervisor.kill_grace_s + cfg.supervisor.learner_stop_grace_s)
+            stop_grace_s=cfg.supervisor.kill_grace_s + cfg.supervisor.learner_stop_grace_s,
+            registry_resource=cl.learner_resource)
     return drivers

@@ -86,7 +86,7 @@ class RayHostDriver:
 
     def __init__(self, run_dir: Path, run_id: str, specs: dict[str, dict], *, address: str | None, namespace: str,
                  resource: str, registry: dict, probe_interval_s: float, probe_timeout_s: float,
-                 stop_grace_s: float):
+                 stop_grace_s: float, registry_resource: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_id = run_id
         self.agent_specs = specs  # child name -> the HostAgent's spec
@@ -98,9 +98,11 @@ class RayHostDriver:
         self.ray = connect(address, namespace)
         from fleet.agent import Registry, registry_name
 
+        # on the learner's node (a sliver of its resource), restartable: a GPU host's node may go, the registry stays
+        pinned = {registry_resource: 0.001} if registry_resource else {}
         self.registry = self.ray.remote(Registry).options(
             name=registry_name(run_id), namespace=namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0).remote(registry)
+            num_cpus=0, resources=pinned, max_restarts=-1).remote(registry)
         self.ray.get(self.registry.put.remote(registry), timeout=60)
         self.running: dict[str, HostRun] = {}
         self.seen: queue.Queue[Observation] = queue.Queue()
