@@ -83,6 +83,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+
+def accept_subscriptions(xpub: zmq.Socket, limit: int = 1000) -> int:
+    """Apply the subscriptions a manual XPUB received that are to the whole stream (a worker's ``b""``) and drop every
+    other one (a prefix, an unsubscription): nothing a peer sends is stored but one subscription each. Returns how
+    many were applied."""
+    applied = 0
+    for _ in range(limit):
+        try:
+            msg = xpub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        if msg == b"\x01":  # subscribe, to everything
+            xpub.setsockopt(zmq.SUBSCRIBE, b"")
+            applied += 1
+    return applied
+
 class Learner:
     def __init__(self, cfg: Config, run_dir: Path, incarnation: int = 0, watch_parent: bool = True,
                  name: str = LEARNER):
@@ -127,6 +143,7 @@ class Learner:
         self.pub = make_socket(self.ctx, zmq.PUB, hwm=4, max_bytes=SUBSCRIPTION_MAX_BYTES)
         self.pub.bind(self.endpoints["weights"])
         self.pubs = [self.pub]
+        self.xpubs: list[zmq.Socket] = []  # the TCP weights publisher, which takes only whole-stream subscriptions
         self.inbox = Receiver(self.pull, self.log.warning)
         if self.lcfg.listen:
             self.bind_tcp(max_bytes)
@@ -148,8 +165,10 @@ class Learner:
         # a CurveZMQ handshake (HELLO 200 bytes, INITIATE with metadata) passes the same size limit as a message;
         # a TCP peer's queue is shorter than an ipc one's: there may be many hosts
         for kind, name, max_b, hwm in ((zmq.PULL, "steps", max_bytes, TCP_STEPS_RCVHWM),
-                                       (zmq.PUB, "weights", max(SUBSCRIPTION_MAX_BYTES, CURVE_HANDSHAKE_BYTES), 4)):
+                                       (zmq.XPUB, "weights", max(SUBSCRIPTION_MAX_BYTES, CURVE_HANDSHAKE_BYTES), 4)):
             sock = make_socket(self.ctx, kind, hwm=hwm, max_bytes=max_b)
+            if kind == zmq.XPUB:  # its handshake's room would let a peer store kilobyte subscriptions: it chooses
+                sock.setsockopt(zmq.XPUB_MANUAL, 1)
             prepare_tcp(sock, eps[name])
             if keys is not None:
                 serve_curve(sock, *keys)
@@ -162,6 +181,7 @@ class Learner:
                 self.inbox.add(sock, authenticated=keys is not None)
             else:
                 self.pubs.append(sock)
+                self.xpubs.append(sock)
         self.log.info("listening on TCP", steps=eps["steps"], weights=eps["weights"], curve=keys is not None,
                       allowed_hosts=len(allowed) if keys is not None else None)
 
@@ -226,6 +246,8 @@ class Learner:
         return self.ratio.updates_due(min(self.replay.transitions_total, self.cfg.run.max_timesteps))
 
     def publish_progress(self) -> None:
+        for xpub in self.xpubs:
+            accept_subscriptions(xpub)
         with self.lock:
             # the newest incarnations' streams only: the table would outgrow a header after thousands of restarts
             recent = list(self.replay.streams.items())[-PROGRESS_STREAMS:] if self.replay else []
