@@ -9,11 +9,16 @@ the machine does not change.
 
 - :mod:`supervisor.drivers.process`: ``python -m`` children, each in its own process group.
 - :mod:`supervisor.drivers.container`: simulator containers through the Docker SDK.
+- :mod:`supervisor.drivers.pod`: a pod's CARLA server, a sibling container's process (the kubelet restarts it).
+- :mod:`supervisor.drivers.ray`: the fleet's hosts, each an agent on a Ray node (taken over by name, never
+  killed as a leftover).
 - :mod:`supervisor.drivers.evidence`: what a stalled process leaves before its kill.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,3 +101,35 @@ class Driver(Protocol):
 
     def kill_all(self) -> None:
         """Kill and reap everything of this driver at once (the supervisor is leaving)."""
+
+
+class Watcher:
+    """What the drivers of children this supervisor watches but does not start as its own processes have in common
+    (a host's agent, a pod's simulator): no standby spares, nothing of theirs to kill at exit or after a crash, a
+    thread per incarnation that watches it, and what those threads saw, handed over at each :meth:`poll`."""
+
+    def __init__(self):
+        self.seen: queue.Queue[Observation] = queue.Queue()
+
+    def watch(self, name: str, loop, run) -> None:
+        threading.Thread(target=loop, args=(run,), name=f"probe-{name}", daemon=True).start()
+
+    def start_standby(self, spec: ChildSpec) -> None:
+        pass
+
+    def drop_standby(self, name: str) -> None:
+        pass
+
+    def poll(self) -> list[Observation]:
+        out = []
+        while True:
+            try:
+                out.append(self.seen.get_nowait())
+            except queue.Empty:
+                return out
+
+    def kill_leftovers(self, saved: dict) -> list[int]:
+        return []
+
+    def pids(self) -> list[int]:
+        return []

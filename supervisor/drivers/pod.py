@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.drivers import CRASH, FREEZE, Beat, Exited, Gone, NotSupported, Observation
+from supervisor.drivers import CRASH, FREEZE, Beat, Exited, Gone, NotSupported, Watcher
 from supervisor.drivers.container import server_version
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
@@ -56,27 +55,21 @@ class PodRun:
     ended: bool = False
 
 
-class PodSimulatorDriver:
+class PodSimulatorDriver(Watcher):
     """The ``pod_simulator`` kind: a slot's CARLA server in a sibling container (see the module's docstring)."""
 
     def __init__(self, probe_interval_s: float, probe_timeout_s: float):
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
+        super().__init__()
         self.running: dict[str, PodRun] = {}
-        self.seen: queue.Queue[Observation] = queue.Queue()
 
     def spawn(self, spec: ChildSpec, incarnation: int, standby: bool) -> tuple[int | None, bool]:
         """Nothing to start (the kubelet does): watch for the server on the slot's port from now on."""
         run = PodRun(spec.name, incarnation, spec.launch["host"], int(spec.launch["rpc_port"]))
         self.running[spec.name] = run
-        threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
+        self.watch(spec.name, self._probe_loop, run)
         return None, False
-
-    def start_standby(self, spec: ChildSpec) -> None:
-        pass
-
-    def drop_standby(self, name: str) -> None:
-        pass
 
     def _probe_loop(self, run: PodRun) -> None:
         while not run.stop.is_set():
@@ -141,14 +134,6 @@ class PodSimulatorDriver:
         except ProcessLookupError:
             raise Gone(f"{name}'s server process is gone") from None
 
-    def poll(self) -> list[Observation]:
-        out = []
-        while True:
-            try:
-                out.append(self.seen.get_nowait())
-            except queue.Empty:
-                return out
-
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         out = incident_dir(run_dir, action.name)
         run = self.running.get(action.name)
@@ -168,12 +153,6 @@ class PodSimulatorDriver:
         (out / "stack.txt").write_text("the CARLA server is native code in another container: no Python stack; its "
                                        "process state is in incident.json\n")
         return out
-
-    def kill_leftovers(self, saved: dict) -> list[int]:
-        return []  # the pod's CARLA container is the kubelet's, not ours
-
-    def pids(self) -> list[int]:
-        return []
 
     def kill_all(self) -> None:
         for run in self.running.values():

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from supervisor.drivers import Beat, Exited, NotSupported, Observation
+from supervisor.drivers import Beat, Exited, NotSupported, Watcher
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec
@@ -81,7 +80,7 @@ def host_children(status: dict | None) -> list[dict]:
     return rows
 
 
-class RayHostDriver:
+class RayHostDriver(Watcher):
     """The ``ray_host`` kind: each child is a host's agent (``fleet.agent.HostAgent``) on a Ray node."""
 
     def __init__(self, run_dir: Path, run_id: str, specs: dict[str, dict], *, address: str | None, namespace: str,
@@ -104,8 +103,8 @@ class RayHostDriver:
             name=registry_name(run_id), namespace=namespace, lifetime="detached", get_if_exists=True,
             num_cpus=0, resources=pinned, max_restarts=-1).remote(registry)
         self.ray.get(self.registry.put.remote(registry), timeout=60)
+        super().__init__()
         self.running: dict[str, HostRun] = {}
-        self.seen: queue.Queue[Observation] = queue.Queue()
 
     # -- starting and ending -----------------------------------------------------------------
 
@@ -128,14 +127,8 @@ class RayHostDriver:
         # else: an agent a head supervisor before this one started (and which runs on): taken over as it is
         run = HostRun(spec.name, incarnation, actor, actor_name)
         self.running[spec.name] = run
-        threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
+        self.watch(spec.name, self._probe_loop, run)
         return None, False
-
-    def start_standby(self, spec: ChildSpec) -> None:
-        pass
-
-    def drop_standby(self, name: str) -> None:
-        pass
 
     def _end(self, name: str, incarnation: int, graceful: bool) -> None:
         run = self.running.get(name)
@@ -242,14 +235,6 @@ class RayHostDriver:
                 run.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             run.stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - started)))
 
-    def poll(self) -> list[Observation]:
-        out = []
-        while True:
-            try:
-                out.append(self.seen.get_nowait())
-            except queue.Empty:
-                return out
-
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         """The host's evidence through its agent: its supervisor's stack, output and last status; or, when the
         agent itself does not answer, that it did not and what Ray says of its node."""
@@ -273,12 +258,6 @@ class RayHostDriver:
         (out / "status.json").write_text(json.dumps((got or {}).get("last_status") or (run.last or {}).get("status")
                                                     if run else None, indent=2))
         return out
-
-    def kill_leftovers(self, saved: dict) -> list[int]:
-        return []  # agents of an earlier head supervisor are taken over by name, not killed
-
-    def pids(self) -> list[int]:
-        return []
 
     def kill_all(self) -> None:
         for run in list(self.running.values()):

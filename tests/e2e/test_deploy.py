@@ -112,9 +112,11 @@ def test_the_dockerfile_has_both_targets_non_root_with_a_status_healthcheck():
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     stages = [line.split()[-1] for line in text.splitlines() if line.startswith("FROM ")]
     assert stages == ["base", "worker", "learner"]
+    base = text.split("AS base\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "HEALTHCHECK" in base and '"supervisor", "status"' in base, "both images inherit the status health check"
     for stage in ("worker", "learner"):
         body = text.split(f"AS {stage}\n", 1)[1].split("\nFROM ", 1)[0]
-        assert "USER rlstack" in body and 'HEALTHCHECK' in body and '"supervisor", "status"' in body, stage
+        assert "USER rlstack" in body and "CMD [" in body, stage
         assert 'ARG WHEELS=""' in body, f"{stage}: a build argument is seen only in the stages that declare it"
     assert "torch==2.13.0" in text.split("AS learner\n", 1)[1], "the learner's torch pinned"
     assert "torch" not in text.split("AS worker\n", 1)[1].split("\nFROM ", 1)[0], "a worker needs no torch"
