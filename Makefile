@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-fast bench soak clean status
+.PHONY: setup up test test-fast deploy-check bench soak clean status
 
 setup: $(STAMP)
 
@@ -39,13 +39,20 @@ test test-fast: export PYTHONDONTWRITEBYTECODE :=
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
 	bash deploy/test-tools.sh
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone and not images" $(PYTEST_ARGS)
 	$(PY) -m pytest -m alone tests/e2e $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
 # examples of each kind, one thread each for torch and numpy; about 20 s.
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 FUZZ_SCALE=0.1 $(PY) -m pytest -n 2 --dist worksteal tests --ignore=tests/e2e $(PYTEST_ARGS)
+
+# The worker image of deploy/docker/Dockerfile built offline on a locally made base, then checked: it runs as its
+# user, has no torch, and a host of it steps against a learner here (a couple of minutes; CI runs it after the suite)
+deploy-check: $(STAMP)
+	bash deploy/docker-engine.sh start
+	bash deploy/worker-image.sh
+	$(PY) -m pytest -m images tests/e2e $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench $(ARGS)
