@@ -76,10 +76,11 @@ class Stack:
         self.last_status: dict | None = None
         self.samples: list[dict] = []  # each status: time, the run's stored steps, the learner's incarnation
         self.extra_args: list[str] = []  # more arguments for `supervisor up`
+        self.prefix: list[str] = []  # what the supervisor runs under (`ip netns exec NS`: another host's network)
 
     def start(self) -> "Stack":
         self.out = open(self.tmp / "supervisor.out", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor", "up", "--config", str(self.config_path),
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "supervisor", "up", "--config", str(self.config_path),
                                       "--no-live", *self.extra_args], cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         return self
