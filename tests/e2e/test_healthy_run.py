@@ -226,7 +226,9 @@ def test_ctrl_c_stops_everything_cleanly_and_leaves_a_full_record(run):
         assert section in md
     a = analyse(load_run(run.run_dir))
     missing = [r.metric for r in a.rows if r.stats is None]
-    assert not missing, f"rows without an observed value: {missing}"
+    transitions = a.run.scalars.get("buffer/transitions")
+    assert not missing, (f"rows without an observed value: {missing}; tb files {a.run.scalars.files}, problems "
+                         f"{a.run.scalars.problems}, buffer/transitions {transitions}")
     assert set(main_table_metrics()) <= {r.metric for r in a.rows}
     pngs = {p.name for p in out.glob("*.png")}
     assert {"losses.png", "q_values.png", "grad_norms.png", "episodes.png", "eval.png", "workers.png"} <= pngs
