@@ -100,9 +100,13 @@ def host_children(children) -> list[dict]:
     return out
 
 
+def _countable(value) -> bool:
+    """A finite number, not negative (a bool is no count)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _count(value) -> int:
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and value >= 0 else 0
+    return int(value) if _countable(value) else 0
 
 
 def sending_hosts(hosts) -> list[dict]:
@@ -111,8 +115,7 @@ def sending_hosts(hosts) -> list[dict]:
     out = []
     for h in hosts[:64] if isinstance(hosts, list) else ():
         if isinstance(h, dict) and isinstance(h.get("host"), str) and re.fullmatch(HOST_NAME, h["host"]) and all(
-                isinstance(h.get(k), (int, float)) and not isinstance(h.get(k), bool) and math.isfinite(h[k])
-                and h[k] >= 0 for k in ("slots", "steps", "last_seen_s")):
+                _countable(h.get(k)) for k in ("slots", "steps", "last_seen_s")):
             out.append({"host": h["host"], "slots": int(h["slots"]), "steps": int(h["steps"]),
                         "last_seen_s": float(h["last_seen_s"])})
     return out
