@@ -145,19 +145,23 @@ class RayHostDriver(Watcher):
                     code = answer if isinstance(answer, int) else 0
                 except Exception:
                     code = -9
-            try:
-                self.ray.kill(run.actor, no_restart=True)
-            except Exception:
-                pass
-            self._wait_name_free(run.actor_name)
-            self.seen.put(Exited(name, incarnation, code))
+            self._finish(run, code)
 
         threading.Thread(target=end, name=f"end-{name}", daemon=True).start()
 
-    def _wait_name_free(self, actor_name: str) -> None:
+    def _kill_actor(self, run: HostRun) -> None:
+        try:
+            self.ray.kill(run.actor, no_restart=True)
+        except Exception:  # gone already
+            pass
+
+    def _finish(self, run: HostRun, code: int | None) -> None:
+        """The incarnation's agent ended for good, its name free for the next one; then its exit is reported."""
+        self._kill_actor(run)
         deadline = time.monotonic() + FREE_NAME_S
-        while time.monotonic() < deadline and self._existing(actor_name) is not None:
+        while time.monotonic() < deadline and self._existing(run.actor_name) is not None:
             time.sleep(0.2)
+        self.seen.put(Exited(run.name, run.incarnation, code))
 
     def terminate(self, name: str, incarnation: int) -> None:
         self._end(name, incarnation, graceful=True)
@@ -199,12 +203,7 @@ class RayHostDriver(Watcher):
                 if "exited" in answer:  # its supervisor ended: the host's run is over (0) or failed
                     if not run.ended:
                         run.ended = True
-                        try:
-                            self.ray.kill(run.actor, no_restart=True)
-                        except Exception:
-                            pass
-                        self._wait_name_free(run.actor_name)
-                        self.seen.put(Exited(run.name, run.incarnation, int(answer["exited"])))
+                        self._finish(run, int(answer["exited"]))
                     return
                 if answer.get("status") is not None:
                     run.answers += 1
@@ -262,7 +261,4 @@ class RayHostDriver(Watcher):
     def kill_all(self) -> None:
         for run in list(self.running.values()):
             run.stop.set()
-            try:
-                self.ray.kill(run.actor, no_restart=True)
-            except Exception:
-                pass
+            self._kill_actor(run)
