@@ -29,8 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import yaml
+
+from protocol.runstate import runs_naming
 
 PID_FILE = "supervisor.pid"
 OUT_FILE = "supervisor.out"
@@ -58,15 +59,6 @@ class Registry:
 
     def get(self) -> dict:
         return dict(self.info)
-
-
-def _ours(pid: int, marker: str) -> bool:
-    """Whether ``pid`` is a live process whose command line names ``marker`` (a pid file can outlive its pid)."""
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and marker in " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def end_group(pgid: int, grace_s: float, ended=None) -> None:
@@ -129,7 +121,7 @@ class HostAgent:
             pgid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             pgid = None
-        if pgid is not None and _ours(pgid, str(self.state / CONFIG_FILE)):
+        if pgid is not None and runs_naming(pgid, str(self.state / CONFIG_FILE)):
             end_group(pgid, 5.0)
             removed.append(f"process group {pgid}")
         pid_file.unlink(missing_ok=True)

@@ -47,7 +47,8 @@ class MiniCluster:
 
 def kill_host_supervisors(runs_dir: Path) -> list[int]:
     """SIGKILL what the agents' pid files under ``runs_dir`` name, if it still runs (its workers die with it)."""
-    from fleet.agent import CONFIG_FILE, PID_FILE, _ours
+    from fleet.agent import CONFIG_FILE, PID_FILE
+    from protocol.runstate import runs_naming
 
     killed = []
     for pid_file in Path(runs_dir).glob(f".agents/*/{PID_FILE}"):
@@ -55,7 +56,7 @@ def kill_host_supervisors(runs_dir: Path) -> list[int]:
             pid = int(pid_file.read_text())
         except (OSError, ValueError):
             continue
-        if _ours(pid, str(pid_file.parent / CONFIG_FILE)):
+        if runs_naming(pid, str(pid_file.parent / CONFIG_FILE)):
             try:
                 procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
             except psutil.NoSuchProcess:

@@ -21,6 +21,7 @@ import yaml
 
 from harness.paced import ENV_ID as PACED_PENDULUM
 from protocol.roles import LEARNER
+from protocol.runstate import runs_naming
 from protocol.states import RUNNING
 from supervisor.cli import request
 
@@ -264,8 +265,4 @@ def _names(p: psutil.Process, marker: str) -> bool:
 
 
 def _is_ours(pid: int, run_dir: Path) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and str(run_dir) in " ".join(p.cmdline())
-    except psutil.Error:
-        return False
+    return runs_naming(pid, str(run_dir))

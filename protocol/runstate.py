@@ -53,6 +53,18 @@ def live_pid(state: dict) -> int | None:
     return pid if supervisor_alive(pid) else None
 
 
+def runs_naming(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) whose command line names ``marker``: a pid file or a state
+    file can outlive its process, and the pid be another's since."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and marker in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
 def supervisor_alive(pid) -> bool:
     """Whether ``pid`` looks like a live supervisor (for state files that do not record its start time)."""
     import psutil
