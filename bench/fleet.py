@@ -47,12 +47,6 @@ def row(status, name):
     return next(p for p in status["processes"] if p["name"] == name)
 
 
-def stepping(status, host):
-    r = row(status, host)
-    return r["state"] == "running" and r.get("phase") == "serving" and r.get("children") and \
-        all(c["state"] == "running" and c["env_steps"] > 0 for c in r["children"])
-
-
 def steps_rate(stack, seconds: float) -> float:
     """Steps the learner stored per second over ``seconds``."""
     first = stack.status()["env_steps"]
@@ -64,6 +58,7 @@ def steps_rate(stack, seconds: float) -> float:
 def run() -> dict:
     from harness.carla import free_port_pair
     from harness.ray import MiniCluster
+    from harness.ray import host_stepping as stepping
     from harness.stack import Stack
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))

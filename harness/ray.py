@@ -71,3 +71,13 @@ def kill_host_supervisors(runs_dir: Path) -> list[int]:
     while killed and time.monotonic() < deadline and any(psutil.pid_exists(p) for p in killed):
         time.sleep(0.1)
     return killed
+
+
+def host_stepping(status: dict, host: str, more_than: int = 0) -> bool:
+    """Whether a fleet host is answering (``serving``) and each of its own workers runs with more than ``more_than``
+    steps, as the head's ``status`` shows it."""
+    from protocol.states import RUNNING
+
+    r = next(p for p in status["processes"] if p["name"] == host)
+    return r["state"] == RUNNING and r.get("phase") == "serving" and bool(r.get("children")) and \
+        all(c["state"] == RUNNING and c["env_steps"] > more_than for c in r["children"])

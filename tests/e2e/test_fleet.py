@@ -14,6 +14,7 @@ import pytest
 
 from fleet.agent import PID_FILE
 from harness.carla import free_port_pair
+from harness.ray import host_stepping as stepping
 from protocol import events as ev
 from protocol.roles import LEARNER
 from protocol.states import RUNNING
@@ -23,12 +24,6 @@ pytestmark = [pytest.mark.timeout(360), pytest.mark.xdist_group("fleet")]
 
 def row(status, name):
     return next(p for p in status["processes"] if p["name"] == name)
-
-
-def stepping(status, host, more_than=0):
-    r = row(status, host)
-    return r["state"] == RUNNING and r.get("phase") == "serving" and r.get("children") and \
-        all(c["state"] == RUNNING and c["env_steps"] > more_than for c in r["children"])
 
 
 def alive(pid: int) -> bool:
