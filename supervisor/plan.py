@@ -72,6 +72,11 @@ class Plan:
         return missing
 
     @property
+    def local_workers(self) -> int:
+        """How many env-workers this host runs (a fleet's head runs none: its hosts' supervisors run theirs)."""
+        return sum(1 for s in self.specs if s.labels.get("role") == WORKER)
+
+    @property
     def runs_learner(self) -> bool:
         """Whether this host runs the learner (run.role workers: it runs on another host)."""
         return LEARNER in self.names

@@ -60,8 +60,8 @@ def overrides_from(args) -> list[tuple[str, object]]:
 
 # `up`'s flags for runs on several hosts (docs/hosts.md, docs/fleet.md), and the config keys they set
 HOSTS_FLAGS = (("run.role", "role"), ("workers.learner", "learner_endpoint"), ("workers.curve_key", "key"),
-                        ("workers.learner_key", "learner_key"), ("workers.host", "host"),
-                        ("run.engine", "engine"), ("cluster.address", "address"))
+               ("workers.learner_key", "learner_key"), ("workers.host", "host"),
+               ("run.engine", "engine"), ("cluster.address", "address"))
 
 
 def config_from(args):
@@ -291,11 +291,11 @@ LEARNER_MEMORY_BYTES = int(1.5 * 2**30)
 
 
 def host_capacity_problem(cfg, plan) -> str | None:
-    """Why this host cannot run ``cfg``'s workers (cores and memory), or None when it can."""
+    """Why this host cannot run the workers ``plan`` puts on it (cores and memory), or None when it can."""
     import psutil
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = cfg.workers.count
+    workers = plan.local_workers
     most = cfg.supervisor.max_workers_per_core * cores
     if workers > most:
         return (f"{workers} workers on {cores} cores: at most {most} fit "

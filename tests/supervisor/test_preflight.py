@@ -64,6 +64,9 @@ def test_more_workers_than_the_cores_hold_are_refused_with_the_reason():
     problem = capacity([("workers.count", 64 * cores)])
     assert problem is not None and f"{64 * cores} workers on {cores} cores" in problem
     assert capacity([("workers.count", 1)]) is None
+    # a fleet's head runs no workers of its own: workers.count is each host's, checked on that host
+    assert capacity([("workers.count", 64 * cores), ("run.engine", "ray"), ("learner.listen", "tcp://127.0.0.1:5555"),
+                     ("cluster.hosts", 2)]) is None
 
 
 def test_more_workers_than_the_memory_holds_are_refused():
