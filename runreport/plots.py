@@ -32,6 +32,14 @@ def thin(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return x[idx], y[idx]
 
 
+def origin(started, series_times) -> float:
+    """Where a time axis starts: when the run started or, where its state file never said, its first point
+    (never the epoch)."""
+    if isinstance(started, (int, float)):
+        return float(started)
+    return min((float(ts[0]) for ts in series_times if len(ts)), default=0.0)
+
+
 def _line(ax, run, tag, label, color, style, transform=None):
     s = run.run.scalars.get(tag)
     if s is None:
@@ -48,7 +56,8 @@ def _label(run, runs, text):
 
 
 def _save(fig, out: Path, name: str, title: str, made: list) -> None:
-    fig.set_layout_engine("constrained")  # laid out within the one drawing savefig makes
+    # fixed margins that hold every figure's labels: a layout engine would draw each figure once more to measure it
+    fig.subplots_adjust(left=0.065, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
     fig.savefig(out / name, dpi=90)
     plt.close(fig)
     made.append((title, name))
@@ -143,12 +152,12 @@ def make_plots(runs, out: Path) -> list[tuple[str, str]]:
                 per.setdefault(name, ([], []))
                 per[name][0].append(t)
                 per[name][1].append(rate if isinstance(rate, (int, float)) else 0.0)
-        t0 = start if isinstance(start, (int, float)) else min((v[0][0] for v in per.values()), default=0.0)
+        sps = None if per else steps_per_s(r.run)  # older runs: the run's steps/s from the learner's transitions
+        t0 = origin(start, [v[0] for v in per.values()] + ([sps[0]] if sps is not None else []))
         for name, (ts, rates) in sorted(per.items()):
             ax.plot(np.asarray(ts) - t0, rates, st, linewidth=1, label=_label(r, runs, name))
             drew = True
-        if not per:  # older runs: the run's steps/s from the learner's transitions count
-            sps = steps_per_s(r.run)
+        if not per:
             if sps is not None:
                 ax.plot(sps[0] - t0, sps[1], st, linewidth=1, label=_label(r, runs, "run steps/s (all workers)"))
                 drew = True

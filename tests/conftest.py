@@ -22,8 +22,18 @@ class StartsAProcess(AssertionError):
     """A unit test started a process: it belongs in tests/e2e/."""
 
 
+@pytest.fixture(scope="session")
+def font_cache():
+    """matplotlib builds its font cache once per machine, by running ``fc-list``: build it before any test runs,
+    so that a fresh machine's first plot is not taken for a test starting a process."""
+    import matplotlib
+
+    if not any(Path(matplotlib.get_cachedir()).glob("fontlist-*.json")):
+        import matplotlib.font_manager  # noqa: F401  (its import builds and writes the cache)
+
+
 @pytest.fixture(autouse=True)
-def no_process_outside_e2e(request, monkeypatch):
+def no_process_outside_e2e(request, monkeypatch, font_cache):
     """A test outside tests/e2e/ that starts a process fails, naming what it started."""
     if Path(str(request.node.fspath)).is_relative_to(E2E):
         yield

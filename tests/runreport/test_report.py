@@ -340,3 +340,13 @@ def test_report_config_section_is_validated(tmp_path):
     # Q ~ 25 is above a Qmax of 10, but not rising: a warning
     assert a.q_max == 10.0 and a.verdict.verdict == WARNING
     assert "q_above_qmax" in {f.rule for f in a.verdict.findings}
+
+
+def test_a_time_axis_starts_with_the_run_or_its_first_point_never_the_epoch():
+    from runreport.plots import origin
+
+    assert origin(1700000000.0, [np.array([1700000005.0])]) == 1700000000.0
+    # no start in the state file (torn or missing): the earliest first point of any series
+    assert origin(None, [np.array([1700000009.0, 1700000010.0]), np.array([1700000004.0]), np.array([])]) \
+        == 1700000004.0
+    assert origin("12", []) == 0.0
