@@ -37,6 +37,9 @@ PID_FILE = "supervisor.pid"
 OUT_FILE = "supervisor.out"
 CONFIG_FILE = "config.yaml"
 LEARNER_KEY_FILE = "learner.key"
+# a node's own secret key file, set in its environment (deploy/ray/start-worker.sh, the unit's ray.env) where its
+# machine's key is not at cluster.host_key; the host's workers connect with it and are named after it
+HOST_KEY_ENV = "RLSTACK_HOST_KEY"
 
 
 def agent_name(run_id: str, host: str) -> str:
@@ -87,6 +90,17 @@ def end_group(pgid: int, grace_s: float, ended=None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def host_identity(configured_key: str | None, host: str, environ=os.environ) -> tuple[str | None, str]:
+    """The secret key this node's workers connect with (its environment's ``RLSTACK_HOST_KEY``, else the run's
+    ``cluster.host_key``) and the name they go by at the learner, which lets a key named KEY in only as KEY or
+    KEY.SUB: ``KEY.host-N`` (one key may serve several machines, a Kubernetes Secret every pod mounts, and host-N
+    keeps them apart); without keys, host-N."""
+    from protocol.curve import key_name
+
+    key = environ.get(HOST_KEY_ENV) or configured_key
+    return key, (f"{key_name(Path(key))}.{host}" if key else host)
 
 
 class HostAgent:
@@ -153,7 +167,9 @@ class HostAgent:
     def start(self) -> subprocess.Popen:
         endpoint, public = self.learner()
         cfg = dict(self.spec["config"])
-        workers = dict(cfg.get("workers") or {}, learner=endpoint, host=self.host)
+        workers = dict(cfg.get("workers") or {}, learner=endpoint)
+        key, self.identity = host_identity(workers.get("curve_key"), self.host)
+        workers.update(curve_key=key, host=self.identity)
         if public is not None:
             key = self.state / LEARNER_KEY_FILE
             key.write_text(f"metadata\ncurve\n    public-key = \"{public}\"\n")
@@ -187,7 +203,8 @@ class HostAgent:
         """Whether the host's supervisor answers a real ``status`` request, and what it says; or its exit."""
         from supervisor.cli import request
 
-        out = {"host": self.host, "node": self.node(), "pid": self.proc.pid, "agent_pid": os.getpid(),
+        out = {"host": self.host, "as": self.identity, "node": self.node(), "pid": self.proc.pid,
+               "agent_pid": os.getpid(),
                "cleaned": self.cleaned}
         code = self.proc.poll()
         if code is not None:

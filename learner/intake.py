@@ -29,6 +29,12 @@ LOCAL_HOST = "local"
 MAX_HOSTS = 64  # hosts (and workers per host) the table keeps
 
 
+def key_admits(key: str, host: str) -> bool:
+    """Whether workers of ``host`` may come in with the key named ``key``: its own host (``key``), or one of the
+    hosts that share it (``key.SUB``: a fleet's hosts are ``KEY.host-N``, wherever Ray placed host-N)."""
+    return host == key or (host.startswith(key + ".") and len(host) > len(key) + 1)
+
+
 class Intake:
     def __init__(self, inbox: Receiver, lock: threading.Lock, progress: Progress, log,
                  on_spec: Callable[[dict], None], on_episode: Callable[[Message], None]):
@@ -47,8 +53,9 @@ class Intake:
         self.hosts: dict[str, dict] = {}
 
     def handle(self, msg: Message) -> None:
-        if msg.peer and msg.get("worker", "").rpartition(":")[0] != msg.peer:
-            # a host is who its key says: host-b's key sends as host-b:worker-N, never as another host's worker
+        if msg.peer and not key_admits(msg.peer, msg.get("worker", "").rpartition(":")[0]):
+            # a host is who its key says: host-b's key sends as host-b:worker-N (or, a key several hosts share,
+            # as host-b.SUB:worker-N), never as another key's host's worker
             self.inbox.drop("host_mismatch", f"{msg.get('worker')} came in with the key of host {msg.peer}")
             return
         if msg.type == HELLO:

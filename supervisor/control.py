@@ -84,6 +84,8 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
         })
         if "children" in hb:  # a host of the fleet on Ray: its node and its own supervisor's children
             row["node"] = hb.get("node") if isinstance(hb.get("node"), str) else None
+            identity = hb.get("identity")
+            row["identity"] = identity if isinstance(identity, str) and re.fullmatch(HOST_NAME, identity) else None
             row["children"] = host_children(hb.get("children")) if alive else []
         rows.append(row)
     return rows

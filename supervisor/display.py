@@ -74,7 +74,9 @@ def status_notes(status: dict) -> list[str]:
             lines.append(f"{p['name']} hears from host {h['host']}: {h['slots']} slot(s), {h['steps']:,} steps, "
                          f"last {h['last_seen_s']:.1f}s ago")
         if p.get("children"):  # a host of the fleet: its own supervisor's children
-            node = f" (node {p['node']})" if p.get("node") else ""
+            node = ", ".join(([f"node {p['node']}"] if p.get("node") else [])
+                             + ([f"as {p['identity']}"] if p.get("identity") not in (None, p["name"]) else []))
+            node = f" ({node})" if node else ""
             lines.append(f"{p['name']}{node}: " + ", ".join(
                 f"{c['name']} {c['state']} {c['env_steps']:,} steps" + (f" {c['restarts']} restarts" if c['restarts']
                                                                         else "") for c in p["children"]))

@@ -1,23 +1,30 @@
-"""The fleet on a real Ray cluster (a head and two nodes offering carla_host, on this machine): one agent per node,
-each running its host's own supervisor against the head's learner over TCP; a host supervisor SIGSTOPped while Ray
-calls everything alive is caught, with evidence, and its agent replaced; a node removed is waited for and its agent
-placed again when a node comes back; a head supervisor killed and started again takes the running agents over."""
+"""The fleet on a real Ray cluster started by deploy/ray's scripts (token authentication on): a head, one node
+offering carla_host on this machine and one on another host, a network namespace joined by a veth pair, each node
+under a stand-in for its systemd unit. One agent per node, each running its host's own supervisor against the head's
+learner over TCP with CurveZMQ. A host supervisor SIGSTOPped while Ray calls everything alive is caught, with
+evidence, and its agent replaced; the other host's link cut until Ray declares its node dead is waited for, never
+killed, and when the link is back its node rejoins and the agent is placed again, ending what the old one left; a
+head supervisor killed and started again takes the running agents over."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import psutil
 import pytest
 
-from fleet.agent import PID_FILE
+from fleet.agent import HOST_KEY_ENV, PID_FILE
 from harness.carla import free_port_pair
+from harness.netns import OtherHost
 from harness.ray import host_stepping as stepping
 from protocol import events as ev
 from protocol.roles import LEARNER
+from protocol.curve import write_keypair
 from protocol.states import RUNNING
+from tests.e2e.test_wire import ironhouse
 
 # alone: a Ray cluster opens dozens of sockets on ports the OS picks, which collide with the free ports other tests
 # pick for their servers at the same time
@@ -39,52 +46,83 @@ def host_supervisor(runs_dir, host) -> int:
     return int((runs_dir / ".agents" / f"test-{host}" / PID_FILE).read_text())
 
 
-def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_dead_node_and_is_taken_over_by_a_new_head(stack_factory):
-    from harness.ray import MiniCluster
+def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_taken_over_by_a_new_head(
+        stack_factory, tmp_path, monkeypatch):
+    from harness.ray import DeployedCluster
 
-    cluster = MiniCluster(hosts=2)
-    runs_dir = stack = None
+    other = OtherHost()
+    cluster = runs_dir = stack = None
     try:
+        cluster = DeployedCluster(tmp_path, other.here)
+        # each machine its own key: the near one's at cluster.host_key, the far one's named in its node's
+        # environment; each public key in the learner's allowed directory
+        learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "near")
+        far_public, far_secret = write_keypair(tmp_path / "keys", "far")
+        shutil.copy(far_public, clients / "far.key")
+        cluster.add_host("near", other.here)
+        cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(far_secret)})
+        for key, value in cluster.env.items():  # the head's supervisor joins with the cluster's token
+            monkeypatch.setenv(key, value)
+        cluster.wait_for_hosts(2)
         stack = stack_factory({"run": {"engine": "ray"}, "workers": {"count": 1},
-                               "learner": {"listen": f"tcp://127.0.0.1:{free_port_pair()}", "checkpoint_every": 50},
-                               "cluster": {"address": cluster.address, "probe_interval_s": 0.5,
-                                           "probe_timeout_s": 1.5, "host_deadline_s": 4.0}}, start=False)
+                               "learner": {"listen": f"tcp://{other.here}:{free_port_pair()}", "checkpoint_every": 50,
+                                           "curve_key": str(learner_secret), "curve_clients": str(clients)},
+                               "cluster": {"address": cluster.address, "host_key": str(host_secret),
+                                           "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
+                                           "host_deadline_s": 8.0}}, start=False)
         runs_dir = stack.run_dir.parent
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0", 50) and stepping(s, "host-1", 50), 150,
                            "both hosts' workers stepping")
         assert [p["name"] for p in s["processes"]] == [LEARNER, "host-0", "host-1"]
         assert row(s, "host-0")["node"] != row(s, "host-1")["node"], "one agent per node offering carla_host"
-        learner = stack.wait_for(lambda s: {h["host"] for h in row(s, LEARNER)["hosts"]} == {"host-0", "host-1"}
+        far = [h for h in ("host-0", "host-1") if host_supervisor(runs_dir, h) in other.pids()]
+        assert len(far) == 1, "one host's supervisor runs on the other host's network"
+        far, near = far[0], next(h for h in ("host-0", "host-1") if h != far[0])
+        names = {f"near.{near}", f"far.{far}"}  # each host under its key's name and the head's name for it
+        learner = stack.wait_for(lambda s: {h["host"] for h in row(s, LEARNER)["hosts"]} == names
                                  and row(s, LEARNER)["updates"] > 0, 60, "the learner training on both hosts' steps")
-        assert row(learner, LEARNER)["updates"] > 0
+        assert row(learner, LEARNER)["refused"] == 0 and row(learner, LEARNER)["dropped"] == 0, \
+            "each host's workers let in under its key's name"
         table = stack.cli("status").stdout
-        assert "host-0 (node " in table and "worker-0 running" in table
+        assert f"{near} (node {row(s, near)['node']}, as near.{near}): worker-0 running" in table, table
+        assert f"{far} (node {row(s, far)['node']}, as far.{far}): worker-0 running" in table, table
 
-        # host-0's supervisor SIGSTOPped: its agent and Ray are fine, it answers nothing: caught, evidence, replaced
-        hung = host_supervisor(runs_dir, "host-0")
+        # the near host's supervisor SIGSTOPped: its agent and Ray are fine, it answers nothing: caught, evidence,
+        # replaced
+        hung = host_supervisor(runs_dir, near)
         os.kill(hung, signal.SIGSTOP)
-        s = stack.wait_for(lambda s: row(s, "host-0")["incarnation"] >= 1 and stepping(s, "host-0"), 120,
-                           "host-0 replaced and stepping")
-        assert host_supervisor(runs_dir, "host-0") != hung and not alive(hung), "the hung supervisor was ended"
-        stalled = next(e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == "host-0")
+        s = stack.wait_for(lambda s: row(s, near)["incarnation"] >= 1 and stepping(s, near), 120,
+                           f"{near} replaced and stepping")
+        assert host_supervisor(runs_dir, near) != hung and not alive(hung), "the hung supervisor was ended"
+        stalled = next(e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == near)
         assert "heartbeat" in stalled["reason"] or "progress" in stalled["reason"], stalled
-        incident = stack.run_dir / row(s, "host-0")["last_incident"]
+        incident = stack.run_dir / row(s, near)["last_incident"]
         facts = json.loads((incident / "incident.json").read_text())
         assert facts["node_alive"] is True and facts["pid"] == hung, facts  # Ray called it alive all along
         assert "Thread" in (incident / "stack.txt").read_text(), "the hung supervisor's stack, through its agent"
         assert json.loads((incident / "status.json").read_text())["processes"], "its last answered status"
-        assert row(s, "host-1")["incarnation"] == 0 and row(s, "host-1")["restarts"] == 0
+        assert row(s, far)["incarnation"] == 0 and row(s, far)["restarts"] == 0
 
-        # host-1's node removed: waited for (no stall, no kill); a node with carla_host back: the agent is too
-        node = next(n for n in cluster.nodes if n.node_id[:16] == row(s, "host-1")["node"])
-        cluster.remove(node)
-        stack.wait_for(lambda s: row(s, "host-1").get("phase") == "waiting_node", 60, "host-1 waiting for a node")
-        cluster.add_host()
-        s = stack.wait_for(lambda s: stepping(s, "host-1") and row(s, "host-1")["node"] != node.node_id[:16], 120,
-                           "host-1's agent placed again and its workers stepping")
-        assert row(s, "host-1")["incarnation"] == 0, "a dead node is waited for, not killed"
-        assert not [e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == "host-1"]
+        # the far host's link cut: Ray declares its node dead (its health checks fail), and the host is waited for,
+        # neither stalled nor killed; the link mended, its raylet learns it was declared dead and exits, its unit
+        # starts a new node, Ray places the agent there, and the new agent ends the supervisor the old one left
+        old_node, old_supervisor = row(s, far)["node"], host_supervisor(runs_dir, far)
+        other.cut()
+        try:
+            stack.wait_for(lambda s: row(s, far).get("phase") == "waiting_node", 60, f"{far} waiting for a node")
+            assert alive(old_supervisor), "a host cut off runs on, out of reach"
+        finally:
+            other.mend()
+        s = stack.wait_for(lambda s: stepping(s, far) and row(s, far)["node"] != old_node, 120,
+                           f"{far}'s agent placed on the rejoined node and its workers stepping")
+        assert row(s, far)["incarnation"] == 0, "a dead node is waited for, not killed"
+        assert not [e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far]
+        assert not alive(old_supervisor), "the old agent's supervisor, left running in the cut, was ended"
+        assert host_supervisor(runs_dir, far) in other.pids(), "placed again on the far host"
+        stack.wait_for(lambda s: next(h for h in row(s, LEARNER)["hosts"]
+                                      if h["host"] == f"far.{far}")["last_seen_s"] < 1.0,
+                       60, "the learner hearing from the far host again")
 
         # the head supervisor SIGKILLed and started again: it takes the running agents over by name
         supervisors = {h: host_supervisor(runs_dir, h) for h in ("host-0", "host-1")}
@@ -102,5 +140,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_dead_node_and_is_taken_o
     finally:
         if stack is not None:
             stack.stop_supervisor()
-        left = cluster.shutdown(runs_dir)
+        left = cluster.shutdown(runs_dir) if cluster is not None else []
+        stray = other.remove()
         assert not left, f"host supervisors left running: {left}"
+        assert not stray, f"processes left on the other host: {stray}"

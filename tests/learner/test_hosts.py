@@ -110,9 +110,14 @@ def test_a_host_is_who_its_key_says():
         i.handle(Message("episode", {"worker": "host-c:worker-0", "incarnation": 0}, peer="host-b"))
         i.handle(Message("episode", {"worker": "worker-0", "incarnation": 0}, peer="host-b"))
         assert inbox.dropped["host_mismatch"] == 2
+        i.handle(Message("episode", {"worker": "host-bx:worker-0", "incarnation": 0}, peer="host-b"))
+        i.handle(Message("episode", {"worker": "host-b.:worker-0", "incarnation": 0}, peer="host-b"))
+        i.handle(Message("episode", {"worker": "host.host-1:worker-0", "incarnation": 0}, peer="host-b"))
+        assert inbox.dropped["host_mismatch"] == 5, "a longer name, an empty share, another key's share"
         i.handle(Message("episode", {"worker": "host-b:worker-0", "incarnation": 0}, peer="host-b"))
+        i.handle(Message("episode", {"worker": "host-b.host-3:worker-0", "incarnation": 0}, peer="host-b"))
         i.handle(Message("episode", {"worker": "worker-0", "incarnation": 0}))  # ipc: no key, this run's own
-        assert inbox.dropped_total == 2
+        assert inbox.dropped_total == 5
     finally:
         ctx.destroy(linger=0)
 
