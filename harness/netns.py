@@ -30,13 +30,28 @@ class OtherHost:
             _ip("link", "set", self.there_dev, "netns", self.name)
             _ip("addr", "add", f"{self.here}/30", "dev", self.here_dev)
             _ip("link", "set", self.here_dev, "up")
-            for args in (("addr", "add", f"{self.there}/30", "dev", self.there_dev), ("link", "set", self.there_dev, "up"),
-                         ("link", "set", "lo", "up")):
+            for args in (("addr", "add", f"{self.there}/30", "dev", self.there_dev),
+                         ("link", "set", self.there_dev, "up"), ("link", "set", "lo", "up")):
                 _ip("netns", "exec", self.name, "ip", *args)
         except (RuntimeError, OSError) as exc:
             self.remove()
             raise RuntimeError(f"a network namespace for a second host could not be made (root and iproute2 are "
                                f"needed): {exc}") from None
+
+    def alias(self) -> str:
+        """A second address of this host (10.213.N.5), reached from the other host over the same link: a service
+        bound to it can be cut off from the other host alone (:meth:`block`) while the link stays up."""
+        address = self.here.rsplit(".", 1)[0] + ".5"
+        _ip("addr", "add", f"{address}/32", "dev", self.here_dev)
+        _ip("netns", "exec", self.name, "ip", "route", "add", f"{address}/32", "dev", self.there_dev)
+        return address
+
+    def block(self, address: str) -> None:
+        """Nothing the other host sends to ``address`` leaves it (a blackhole route there); the rest flows."""
+        _ip("netns", "exec", self.name, "ip", "route", "replace", "blackhole", f"{address}/32")
+
+    def unblock(self, address: str) -> None:
+        _ip("netns", "exec", self.name, "ip", "route", "replace", f"{address}/32", "dev", self.there_dev)
 
     @property
     def prefix(self) -> list[str]:
@@ -84,6 +99,6 @@ class OtherHost:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-        _ip("link", "del", self.here_dev, check=False)
+        _ip("link", "del", self.here_dev, check=False)  # its addresses go with it
         _ip("netns", "del", self.name, check=False)
         return left

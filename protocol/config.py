@@ -403,6 +403,10 @@ class ClusterConfig(_Section):
     probe_timeout_s: float = Field(5.0, gt=0.0)
     host_deadline_s: float = Field(20.0, gt=0.0)  # no status answered by a host's supervisor for this long: hung
     host_startup_s: float = Field(180.0, gt=0.0)  # from placing an agent to its supervisor's first answer
+    # a host whose children all run but whose steps the learner has not had for this long, while it has had other
+    # hosts', stops counting as progressing (host_deadline_s later it is hung); None: supervisor.heartbeat_deadline_s
+    # + progress_deadline_s (the host's own supervisor catches a hung worker first); 0: off
+    learner_silence_s: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="after")
     def _probe_fits(self):

@@ -65,6 +65,7 @@ DISK_CHECK_EVERY_S = 5.0
 # progress.jsonl: every child's counters, phase and steps/s, this often (what `supervisor report` plots per worker
 # and judges a frozen run by); about 100 bytes per child per line.
 PROGRESS_SAMPLE_S = 2.0
+SHOW_DRIVERS_S = 0.5
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 # A clean close waits this long for the container watchdog's last look.
 WATCHDOG_WAIT_S = 5.0
@@ -92,6 +93,7 @@ class Supervisor:
         self.files = RunFiles(self.run_dir, out, live)
         self.os_errors: set = set()
         self.disk_checked_at = -1e9
+        self.drivers_shown_at = -1e9
         self.disk: dict = {}
         self.watchdog: subprocess.Popen | None = None
         self.progress_sampled_at = -1e9
@@ -229,6 +231,18 @@ class Supervisor:
                 elif isinstance(seen, StandbyLost):
                     self.execute(self.machine.standby_lost(seen.name))
 
+    def show_drivers(self) -> None:
+        """The run's status rows, to the drivers that judge a child by others' heartbeats too (a fleet's host by
+        the learner's "last seen" of it), every SHOW_DRIVERS_S."""
+        now = time.monotonic()
+        watching = [d for d in set(self.drivers.values()) if hasattr(d, "see")]
+        if not watching or now - self.drivers_shown_at < SHOW_DRIVERS_S:
+            return
+        self.drivers_shown_at = now
+        rows = status_rows(self.machine.snapshot())
+        for driver in watching:
+            driver.see(rows)
+
     def check_disk(self) -> None:
         """Free space on the run's volume, for ``status``; a warning (and an event) when it runs low."""
         now = time.monotonic()
@@ -306,6 +320,7 @@ class Supervisor:
             name, path = self.evidence_done.get()
             self.execute(self.machine.evidence_done(name, path))
         self.observe()
+        self.show_drivers()
         while not self.signals.empty():
             self.execute(self.machine.signal_received(signal.Signals(self.signals.get()).name))
         # the beats that came while this loop did its own work (a slow disk, a status answer) count before the
@@ -457,7 +472,7 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = 
     if hosts:
         from fleet.agent import registry_name
         from supervisor.drivers.ray import RayHostDriver
-        from supervisor.plan import host_agent_spec, registry_info
+        from supervisor.plan import host_agent_spec, learner_silence_s, registry_info
 
         run_id, cl, public = Path(run_dir).name, cfg.cluster, registry_info(cfg)
         drivers["ray_host"] = RayHostDriver(  # each agent also starts with the registry's facts, should it not answer
@@ -465,5 +480,5 @@ def default_drivers(cfg: Config, run_dir: Path, plan: Plan, owner: str | None = 
             address=cl.address, namespace=cl.namespace, resource=cl.host_resource, registry=public,
             probe_interval_s=cl.probe_interval_s, probe_timeout_s=cl.probe_timeout_s,
             stop_grace_s=cfg.supervisor.kill_grace_s + cfg.supervisor.learner_stop_grace_s,
-            registry_resource=cl.learner_resource)
+            registry_resource=cl.learner_resource, learner_silence_s=learner_silence_s(cfg))
     return drivers

@@ -193,6 +193,15 @@ def host_agent_spec(cfg: Config, run_id: str, host: str, registry: str | None) -
             "registry": registry, "namespace": cfg.cluster.namespace}
 
 
+def learner_silence_s(cfg: Config) -> float:
+    """How long the learner may have no steps from a settled host (while it has others') before the host stops
+    counting as progressing: ``cluster.learner_silence_s``, by default long enough for the host's own supervisor
+    to catch a hung worker first (its heartbeat and progress deadlines); 0 is off."""
+    if cfg.cluster.learner_silence_s is not None:
+        return cfg.cluster.learner_silence_s
+    return cfg.supervisor.heartbeat_deadline_s + cfg.supervisor.progress_deadline_s
+
+
 def learner_address(cfg) -> str:
     """Where the hosts reach the learner: ``cluster.learner_address``, else ``learner.listen`` with a wildcard
     address replaced by this node's."""

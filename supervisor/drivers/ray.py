@@ -21,6 +21,7 @@ takes them over (:meth:`RayHostDriver.spawn` adopts a live one).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.states import RUNNING
 from supervisor.drivers import Beat, Exited, NotSupported, Watcher
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
@@ -62,6 +64,9 @@ class HostRun:
     last: dict | None = None  # the agent's last answer
     last_error: str | None = None
     ended: bool = False
+    identity: str | None = None  # what its workers go by at the learner (its key's name, KEY.host-N)
+    settled_since: float | None = None  # since when every child of its supervisor has been running
+    silent: str | None = None  # why the learner's side says it delivers nothing, while it does not
 
 
 def _reason(exc: BaseException) -> str:
@@ -80,12 +85,69 @@ def host_children(status: dict | None) -> list[dict]:
     return rows
 
 
+def learner_silence(identity: str | None, heard: dict[str, float], settled_s: float, limit_s: float) -> str | None:
+    """Why a host that answers is not delivering, by the learner's "last seen" of each host (``heard``: seconds
+    since it last had steps from each, by name), or None. It is judged only when the learner hears at least one
+    other host within ``limit_s`` (a learner that hears nobody, or holds everyone back, is its own problem, never a
+    host's) and the host's children have all been running for longer than ``limit_s`` (``settled_s``: a host
+    repairing or starting a slot is its own supervisor's business)."""
+    if not limit_s or identity is None or settled_s <= limit_s:
+        return None
+    others = sorted(h for h, seen in heard.items() if h != identity and seen <= limit_s)
+    if not others:
+        return None
+    silent = min(heard.get(identity, math.inf), settled_s)
+    if silent <= limit_s:
+        return None
+    also = f" and {len(others) - 3} more" if len(others) > 3 else ""
+    return (f"the learner has had no steps from {identity} for {silent:.0f}s (limit {limit_s:g}s) while it has "
+            f"them from {', '.join(others[:3])}{also}")
+
+
+class LearnerView:
+    """The learner's "last seen" of each host, as the head's loop last showed it (its hosts table in the run's
+    status rows), and the judgement of a host by it (:func:`learner_silence`)."""
+
+    def __init__(self, limit_s: float, fresh_s: float, clock=time.monotonic):
+        self.limit_s = limit_s
+        self.fresh_s = fresh_s  # a view older than this judges nothing
+        self.clock = clock
+        # (when, seconds since the learner had each host, the learner's uptime: a host it has not had yet counts
+        # from its start, a new incarnation's table being empty)
+        self.heard: tuple[float, dict[str, float], float] | None = None
+
+    def see(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r.get("hosts") and r.get("state") == RUNNING and r.get("heartbeat_age_s") is not None:
+                age = float(r["heartbeat_age_s"])
+                self.heard = (self.clock(), {h["host"]: h["last_seen_s"] + age for h in r["hosts"]},
+                              float(r.get("uptime_s") or 0.0))
+                return
+        self.heard = None  # no learner running and hearing hosts: nothing to judge by
+
+    def judge(self, run: HostRun, status) -> str | None:
+        """Why ``run``'s host (its supervisor's ``status`` just answered) delivers nothing, or None."""
+        now = self.clock()
+        children = host_children(status)
+        if not children or any(c.get("state") != RUNNING for c in children):
+            run.settled_since = None
+            return None
+        if run.settled_since is None:
+            run.settled_since = now
+        if self.heard is None or now - self.heard[0] > self.fresh_s:
+            return None
+        when, seen, uptime = self.heard
+        heard = {h: s + (now - when) for h, s in seen.items()}
+        heard.setdefault(run.identity, uptime + (now - when))
+        return learner_silence(run.identity, heard, now - run.settled_since, self.limit_s)
+
+
 class RayHostDriver(Watcher):
     """The ``ray_host`` kind: each child is a host's agent (``fleet.agent.HostAgent``) on a Ray node."""
 
     def __init__(self, run_dir: Path, run_id: str, specs: dict[str, dict], *, address: str | None, namespace: str,
                  resource: str, registry: dict, probe_interval_s: float, probe_timeout_s: float,
-                 stop_grace_s: float, registry_resource: str | None = None):
+                 stop_grace_s: float, registry_resource: str | None = None, learner_silence_s: float = 0.0):
         self.run_dir = Path(run_dir)
         self.run_id = run_id
         self.agent_specs = specs  # child name -> the HostAgent's spec
@@ -94,6 +156,7 @@ class RayHostDriver(Watcher):
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.stop_grace_s = stop_grace_s
+        self.view = LearnerView(learner_silence_s, fresh_s=max(5.0, 5 * probe_interval_s))
         self.ray = connect(address, namespace)
         from fleet.agent import Registry, registry_name
 
@@ -182,6 +245,10 @@ class RayHostDriver(Watcher):
         except Exception:
             return False
 
+    def see(self, rows: list[dict]) -> None:
+        """The run's status rows, from the loop (the learner's hosts table in them)."""
+        self.view.see(rows)
+
     def _beat(self, run: HostRun, phase: str, detail: str | None = None) -> None:
         status = (run.last or {}).get("status")
         children = host_children(status)
@@ -209,9 +276,12 @@ class RayHostDriver(Watcher):
                         self._finish(run, int(answer["exited"]))
                     return
                 if answer.get("status") is not None:
-                    run.answers += 1
+                    run.identity = answer.get("as") if isinstance(answer.get("as"), str) else run.identity
+                    run.silent = self.view.judge(run, answer["status"])
+                    if run.silent is None:  # an answer is progress while the learner has its steps too
+                        run.answers += 1
                     run.last_error = None
-                    self._beat(run, SERVING)
+                    self._beat(run, SERVING, run.silent)
                 else:
                     run.last_error = "its supervisor did not answer a status request"
             except ActorUnavailableError:  # Ray is placing it again (its node died)
@@ -252,7 +322,8 @@ class RayHostDriver(Watcher):
                     "last_heartbeat": action.heartbeat, "agent": run.actor_name if run else None,
                     "node": (got or {}).get("node") or (run.node if run else None),
                     "node_alive": (not self._node_dead(run.node)) if run else None,
-                    "last_probe_error": run.last_error if run else None, "evidence_error": error}
+                    "last_probe_error": run.last_error if run else None,
+                    "learner_silence": run.silent if run else None, "evidence_error": error}
         (out / "incident.json").write_text(json.dumps(incident, indent=2))
         (out / "stack.txt").write_text((got or {}).get("stack") or f"{error or 'no agent'}: no stack of its "
                                                                    "host's supervisor\n")

@@ -54,6 +54,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
     cluster = runs_dir = stack = None
     try:
         cluster = DeployedCluster(tmp_path, other.here)
+        learner_ip = other.alias()  # the learner on an address of its own: the far host can lose it alone
         # each machine its own key: the near one's at cluster.host_key, the far one's named in its node's
         # environment; each public key in the learner's allowed directory
         learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "near")
@@ -65,7 +66,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
             monkeypatch.setenv(key, value)
         cluster.wait_for_hosts(2)
         stack = stack_factory({"run": {"engine": "ray"}, "workers": {"count": 1},
-                               "learner": {"listen": f"tcp://{other.here}:{free_port_pair()}", "checkpoint_every": 50,
+                               "learner": {"listen": f"tcp://{learner_ip}:{free_port_pair()}", "checkpoint_every": 50,
                                            "curve_key": str(learner_secret), "curve_clients": str(clients)},
                                "cluster": {"address": cluster.address, "host_key": str(host_secret),
                                            "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
@@ -88,12 +89,19 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         assert f"{near} (node {row(s, near)['node']}, as near.{near}): worker-0 running" in table, table
         assert f"{far} (node {row(s, far)['node']}, as far.{far}): worker-0 running" in table, table
 
-        # the near host's supervisor SIGSTOPped: its agent and Ray are fine, it answers nothing: caught, evidence,
-        # replaced
+        # at once: the near host's supervisor SIGSTOPped (its agent and Ray are fine, it answers nothing), and the
+        # far host cut off from the learner alone (its supervisor answers, Ray's link is up, its workers' steps go
+        # nowhere): each caught, with evidence, and its agent replaced
         hung = host_supervisor(runs_dir, near)
+        cut_off = host_supervisor(runs_dir, far)
         os.kill(hung, signal.SIGSTOP)
-        s = stack.wait_for(lambda s: row(s, near)["incarnation"] >= 1 and stepping(s, near), 120,
-                           f"{near} replaced and stepping")
+        other.block(learner_ip)
+        try:
+            s = stack.wait_for(lambda s: row(s, near)["incarnation"] >= 1 and stepping(s, near)
+                               and [e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far], 120,
+                               f"{near} replaced and stepping, and {far} caught delivering nothing")
+        finally:
+            other.unblock(learner_ip)
         assert host_supervisor(runs_dir, near) != hung and not alive(hung), "the hung supervisor was ended"
         stalled = next(e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == near)
         assert "heartbeat" in stalled["reason"] or "progress" in stalled["reason"], stalled
@@ -102,12 +110,23 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         assert facts["node_alive"] is True and facts["pid"] == hung, facts  # Ray called it alive all along
         assert "Thread" in (incident / "stack.txt").read_text(), "the hung supervisor's stack, through its agent"
         assert json.loads((incident / "status.json").read_text())["processes"], "its last answered status"
-        assert row(s, far)["incarnation"] == 0 and row(s, far)["restarts"] == 0
+
+        silent = next(e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far)
+        assert f"the learner has had no steps from far.{far}" in silent["reason"], silent
+        assert f"from near.{near}" in silent["reason"], "judged against the host the learner does hear"
+        s = stack.wait_for(lambda s: row(s, far)["incarnation"] >= 1 and stepping(s, far) and next(
+            h for h in row(s, LEARNER)["hosts"] if h["host"] == f"far.{far}")["last_seen_s"] < 1.0, 120,
+            f"{far} replaced, stepping, and heard by the learner again")
+        incident = stack.run_dir / row(s, far)["last_incident"]
+        facts = json.loads((incident / "incident.json").read_text())
+        assert facts["pid"] == cut_off and "no steps from" in facts["learner_silence"], facts
+        assert not alive(cut_off), "the cut-off host's supervisor was ended"
 
         # the far host's link cut: Ray declares its node dead (its health checks fail), and the host is waited for,
         # neither stalled nor killed; the link mended, its raylet learns it was declared dead and exits, its unit
         # starts a new node, Ray places the agent there, and the new agent ends the supervisor the old one left
         old_node, old_supervisor = row(s, far)["node"], host_supervisor(runs_dir, far)
+        stalls = len([e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far])
         other.cut()
         try:
             stack.wait_for(lambda s: row(s, far).get("phase") == "waiting_node", 60, f"{far} waiting for a node")
@@ -116,8 +135,8 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
             other.mend()
         s = stack.wait_for(lambda s: stepping(s, far) and row(s, far)["node"] != old_node, 120,
                            f"{far}'s agent placed on the rejoined node and its workers stepping")
-        assert row(s, far)["incarnation"] == 0, "a dead node is waited for, not killed"
-        assert not [e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far]
+        assert row(s, far)["incarnation"] == 1, "a dead node is waited for, not killed"
+        assert len([e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far]) == stalls
         assert not alive(old_supervisor), "the old agent's supervisor, left running in the cut, was ended"
         assert host_supervisor(runs_dir, far) in other.pids(), "placed again on the far host"
         stack.wait_for(lambda s: next(h for h in row(s, LEARNER)["hosts"]

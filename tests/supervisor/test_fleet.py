@@ -140,3 +140,61 @@ def test_each_hosts_agent_is_given_paths_and_the_learners_address_never_a_key(tm
     fleet = load_config("configs/fleet.yaml")  # the shipped fleet setting: keys on the wire, each host's by path
     spec = host_agent_spec(fleet, "r", "host-3", None)
     assert spec["config"]["workers"]["curve_key"] == fleet.cluster.host_key and "secret-key" not in str(spec)
+
+
+def test_the_learner_s_last_seen_judges_a_settled_host_only_against_the_others():
+    from supervisor.drivers.ray import learner_silence
+
+    heard = {"a.host-0": 30.0, "b.host-1": 0.5}
+    why = learner_silence("a.host-0", heard, settled_s=40.0, limit_s=15.0)
+    assert why and "a.host-0 for 30s" in why and "b.host-1" in why
+    # negative twins: heard lately; settled too briefly (a slot being repaired or started); nobody else heard (the
+    # learner's own trouble, or its rate limit holding everyone); the rule off; a host never heard counts from when
+    # it settled
+    assert learner_silence("a.host-0", {"a.host-0": 3.0, "b.host-1": 0.5}, 40.0, 15.0) is None
+    assert learner_silence("a.host-0", heard, settled_s=10.0, limit_s=15.0) is None
+    assert learner_silence("a.host-0", {"a.host-0": 30.0, "b.host-1": 20.0}, 40.0, 15.0) is None
+    assert learner_silence("a.host-0", {"a.host-0": 30.0}, 40.0, 15.0) is None
+    assert learner_silence("a.host-0", heard, 40.0, 0.0) is None
+    assert "for 20s" in learner_silence("c.host-2", heard, settled_s=20.0, limit_s=15.0)
+
+
+def test_a_host_delivering_nothing_stops_counting_as_progress_by_the_learner_s_view():
+    from supervisor.drivers.ray import HostRun, LearnerView
+
+    clock = FakeClock()
+    view = LearnerView(limit_s=15.0, fresh_s=5.0, clock=clock)
+    run = HostRun("host-0", 0, actor=None, actor_name="x", identity="a.host-0")
+    running = {"processes": [{"name": "worker-0", "state": RUNNING}]}
+
+    def learner(a_seen, b_seen=0.2, state=RUNNING):
+        return [{"name": "learner", "state": state, "heartbeat_age_s": 0.3,
+                 "hosts": [{"host": "a.host-0", "last_seen_s": a_seen}, {"host": "b.host-1", "last_seen_s": b_seen}]},
+                {"name": "host-0", "state": RUNNING, "heartbeat_age_s": 0.1, "hosts": []}]
+
+    assert view.judge(run, running) is None  # settles now
+    for t in range(0, 30):
+        clock.advance(1.0)
+        view.see(learner(a_seen=float(t + 1)))
+        why = view.judge(run, running)
+        assert (why is not None) == (t + 1 > 15.0), (t, why)  # settled for t + 1 s, unheard for longer
+    # a slot of the host restarting: not judged, and settling starts again afterwards
+    assert view.judge(run, {"processes": [{"name": "worker-0", "state": "backoff"}]}) is None
+    view.see(learner(a_seen=60.0))
+    assert view.judge(run, running) is None
+    # a learner just restarted has not had the host yet: it counts from the learner's start, not from ever
+    clock.advance(20.0)
+    view.see([{"name": "learner", "state": RUNNING, "heartbeat_age_s": 0.0, "uptime_s": 4.0,
+               "hosts": [{"host": "b.host-1", "last_seen_s": 0.2}]}])
+    assert view.judge(run, running) is None
+    clock.advance(12.0)
+    view.see([{"name": "learner", "state": RUNNING, "heartbeat_age_s": 0.0, "uptime_s": 16.0,
+               "hosts": [{"host": "b.host-1", "last_seen_s": 0.2}]}])
+    assert "for 16s" in view.judge(run, running)
+    # no learner running, or a view gone stale: nothing judged
+    clock.advance(20.0)
+    view.see(learner(a_seen=80.0, state="backoff"))
+    assert view.judge(run, running) is None
+    view.see(learner(a_seen=80.0))
+    clock.advance(6.0)
+    assert view.judge(run, running) is None
