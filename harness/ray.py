@@ -43,13 +43,14 @@ def kill_host_supervisors(runs_dir: Path) -> list[int]:
 
 
 def host_stepping(status: dict, host: str, more_than: int = 0) -> bool:
-    """Whether a fleet host is answering (``serving``) and each of its own workers runs with more than ``more_than``
-    steps, as the head's ``status`` shows it."""
+    """Whether a fleet host is answering (``serving``), all its own children run (its simulators too) and each of
+    its workers has more than ``more_than`` steps, as the head's ``status`` shows it."""
     from protocol.states import RUNNING
 
     r = next(p for p in status["processes"] if p["name"] == host)
-    return r["state"] == RUNNING and r.get("phase") == "serving" and bool(r.get("children")) and \
-        all(c["state"] == RUNNING and c["env_steps"] > more_than for c in r["children"])
+    workers = [c for c in r.get("children") or [] if c["name"].startswith("worker-")]
+    return r["state"] == RUNNING and r.get("phase") == "serving" and bool(workers) and \
+        all(c["state"] == RUNNING for c in r["children"]) and all(c["env_steps"] > more_than for c in workers)
 
 
 class DeployedCluster:

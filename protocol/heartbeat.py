@@ -38,6 +38,7 @@ class Progress:
         self.resumed_from: int | None = None  # the learner: the update count of the checkpoint it resumed from
         self.refused = 0  # the learner: connections turned away because the host's key is not allowed (CurveZMQ)
         self.hosts: list[dict] = []  # the learner on TCP: each sending host, its slots, steps and when last seen
+        self.weights: int | None = None  # a worker: the version of the learner's weights it acts with (None: its own)
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
@@ -109,6 +110,8 @@ class HeartbeatSender(threading.Thread):
             fields["refused"] = int(p.refused)
         if p.hosts:
             fields["hosts"] = list(p.hosts)
+        if p.weights is not None:
+            fields["weights"] = int(p.weights)
         try:
             send(sock, HEARTBEAT, fields, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -211,6 +211,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "resumed_from": _f(*_INT, nonnegative=True, required=False),  # the count its saved state held
             "refused": _f(*_INT, nonnegative=True, required=False),  # connections refused for a key not allowed
             "hosts": _f(list, required=False),  # the learner: [{host, slots, steps, last_seen_s}] of its senders
+            "weights": _f(*_INT, nonnegative=True, required=False),  # a worker: the learner's weights it acts with
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {
             "cmd": _f(*_STR, choices=CONTROL_COMMANDS), "name": _f(*_STR, required=False),

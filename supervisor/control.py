@@ -80,6 +80,7 @@ def status_rows(snapshot: list[dict]) -> list[dict]:
             "alerts": [a for a in hb.get("alerts") or [] if isinstance(a, str)],
             "detail": hb.get("detail") if alive else None,
             "refused": int(hb.get("refused") or 0),
+            "weights": int(hb["weights"]) if alive and _countable(hb.get("weights")) else None,
             "hosts": sending_hosts(hb.get("hosts")) if alive else [],
         })
         if "children" in hb:  # a host of the fleet on Ray: its node and its own supervisor's children
@@ -98,7 +99,8 @@ def host_children(children) -> list[dict]:
         if isinstance(c, dict) and isinstance(c.get("name"), str) and re.fullmatch(WORKER_NAME, c["name"]) \
                 and isinstance(c.get("state"), str) and re.fullmatch(r"[a-z_]{1,32}", c["state"]):
             out.append({"name": c["name"], "state": c["state"], "env_steps": _count(c.get("env_steps")),
-                        "restarts": _count(c.get("restarts"))})
+                        "restarts": _count(c.get("restarts")),
+                        "weights": _count(c["weights"]) if _countable(c.get("weights")) else None})
     return out
 
 

@@ -79,7 +79,8 @@ def status_notes(status: dict) -> list[str]:
             node = f" ({node})" if node else ""
             lines.append(f"{p['name']}{node}: " + ", ".join(
                 f"{c['name']} {c['state']} {c['env_steps']:,} steps" + (f" {c['restarts']} restarts" if c['restarts']
-                                                                        else "") for c in p["children"]))
+                                                                        else "")
+                + (f" weights v{c['weights']}" if c.get("weights") is not None else "") for c in p["children"]))
         if p.get("refused"):
             lines.append(f"{p['name']} refused {p['refused']} connection(s) from hosts whose key it does not allow")
     own = status.get("supervisor_dropped")

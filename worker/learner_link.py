@@ -56,7 +56,8 @@ class LearnerLink:
         self.seq = 0
         self.done = False  # the learner said the run is complete
         self.weights_version = -1
-        self.on_weights: Callable[[dict[str, np.ndarray]], None] | None = None  # raises ValueError on a misfit
+        # (arrays, version); raises ValueError on a misfit
+        self.on_weights: Callable[[dict[str, np.ndarray], int], None] | None = None
         self.endpoint = endpoints["weights"]
         self.absent_s = absent_s
         self.heard_at = time.monotonic()  # when the learner last published anything
@@ -112,7 +113,7 @@ class LearnerLink:
         if latest_weights is not None and latest_weights["version"] != self.weights_version \
                 and self.on_weights is not None:
             try:
-                self.on_weights(latest_weights.arrays)
+                self.on_weights(latest_weights.arrays, latest_weights["version"])
                 self.weights_version = latest_weights["version"]
             except ValueError as exc:
                 self.inbox.drop("bad_weights", str(exc))

@@ -108,9 +108,15 @@ class EnvWorker:
         # the learner's network in numpy (no torch in a worker); its first weights, before the learner's arrive,
         # from the worker's seed
         self.policy = ActingPolicy(obs_shape, self.scaler.dim, self.cfg.learner, seed=self.seed)
-        self.link.on_weights = self.policy.load
+        self.link.on_weights = self.load_weights
         self._first_obs = obs
         self.link.hello(self.slot, frame, self.scaler.dim)
+
+    def load_weights(self, arrays: dict, version: int) -> None:
+        """The learner's newest weights into the acting network; the version goes into the heartbeat (``status``
+        shows which weights each worker acts with: weights that stop coming are a stale policy)."""
+        self.policy.load(arrays)
+        self.progress.weights = version
 
     @contextlib.contextmanager
     def env_call(self):

@@ -81,7 +81,7 @@ def host_children(status: dict | None) -> list[dict]:
     rows = []
     for p in (status or {}).get("processes") or []:
         if isinstance(p, dict):
-            rows.append({k: p.get(k) for k in ("name", "state", "env_steps", "restarts", "pid")})
+            rows.append({k: p.get(k) for k in ("name", "state", "env_steps", "restarts", "pid", "weights")})
     return rows
 
 

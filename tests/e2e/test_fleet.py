@@ -1,10 +1,13 @@
 """The fleet on a real Ray cluster started by deploy/ray's scripts (token authentication on): a head, one node
 offering carla_host on this machine and one on another host, a network namespace joined by a veth pair, each node
-under a stand-in for its systemd unit. One agent per node, each running its host's own supervisor against the head's
-learner over TCP with CurveZMQ. A host supervisor SIGSTOPped while Ray calls everything alive is caught, with
-evidence, and its agent replaced; the other host's link cut until Ray declares its node dead is waited for, never
-killed, and when the link is back its node rejoins and the agent is placed again, ending what the old one left; a
-head supervisor killed and started again takes the running agents over."""
+under a stand-in for its systemd unit, each host's CARLA server the fake one under a stand-in for its pod's kubelet
+(simulators.mode pod). One agent per node, each running its host's own supervisor against the head's learner over
+TCP with CurveZMQ and a key of its own; the learner's weights come back across the link. A host supervisor
+SIGSTOPped while Ray calls everything alive is caught, with evidence, and its agent replaced; at the same time the
+other host, cut off from the learner's address alone, is caught by the learner's "last seen" and replaced; a frozen
+worker is replaced by its host's own supervisor, the head leaving the host alone; the far host's link cut until Ray
+declares its node dead is waited for, never killed, and when the link is back its node rejoins and the agent is placed
+again, ending what the old one left; a head supervisor killed and started again takes the running agents over."""
 
 from __future__ import annotations
 
@@ -12,12 +15,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
 
 from fleet.agent import HOST_KEY_ENV, PID_FILE
-from harness.carla import free_port_pair
+from harness.carla import carla_overrides, free_port_block, free_port_pair
 from harness.netns import OtherHost
 from harness.ray import host_stepping as stepping
 from protocol import events as ev
@@ -29,6 +35,7 @@ from tests.e2e.test_wire import ironhouse
 # alone: a Ray cluster opens dozens of sockets on ports the OS picks, which collide with the free ports other tests
 # pick for their servers at the same time
 pytestmark = [pytest.mark.timeout(360), pytest.mark.alone]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def row(status, name):
@@ -52,6 +59,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
 
     other = OtherHost()
     cluster = runs_dir = stack = None
+    kubelets: list[subprocess.Popen] = []
     try:
         cluster = DeployedCluster(tmp_path, other.here)
         learner_ip = other.alias()  # the learner on an address of its own: the far host can lose it alone
@@ -64,13 +72,24 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(far_secret)})
         for key, value in cluster.env.items():  # the head's supervisor joins with the cluster's token
             monkeypatch.setenv(key, value)
+        # each host's CARLA server as a pod's sibling container would run it (simulators.mode pod): the fake server
+        # under a stand-in for its kubelet, on the same port on each host's own network
+        port = free_port_block(20)
+        for name, prefix in (("near", []), ("far", other.prefix)):
+            kubelets.append(subprocess.Popen(
+                [*prefix, sys.executable, "-m", "harness.restarter", "--delay-s", "0.5", "--", sys.executable, "-m",
+                 "harness.fakecarla", f"-carla-rpc-port={port}"], cwd=ROOT,
+                stdout=open(tmp_path / f"{name}-carla.out", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         cluster.wait_for_hosts(2)
-        stack = stack_factory({"run": {"engine": "ray"}, "workers": {"count": 1},
+        overrides = carla_overrides("unused")
+        overrides["workers"]["count"] = 1
+        overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5)
+        stack = stack_factory({**overrides, "run": {"engine": "ray"}, "workers": {**overrides["workers"]},
                                "learner": {"listen": f"tcp://{learner_ip}:{free_port_pair()}", "checkpoint_every": 50,
                                            "curve_key": str(learner_secret), "curve_clients": str(clients)},
                                "cluster": {"address": cluster.address, "host_key": str(host_secret),
                                            "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
-                                           "host_deadline_s": 8.0}}, start=False)
+                                           "host_deadline_s": 8.0}}, base="configs/carla.yaml", start=False)
         runs_dir = stack.run_dir.parent
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0", 50) and stepping(s, "host-1", 50), 150,
@@ -85,9 +104,14 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
                                  and row(s, LEARNER)["updates"] > 0, 60, "the learner training on both hosts' steps")
         assert row(learner, LEARNER)["refused"] == 0 and row(learner, LEARNER)["dropped"] == 0, \
             "each host's workers let in under its key's name"
+        stack.wait_for(lambda s: all(c["weights"] is not None for h in (near, far) for c in row(s, h)["children"]
+                                     if c["name"].startswith("worker-")),
+                       60, "the learner's weights back on both hosts' workers (the far one's across the link)")
         table = stack.cli("status").stdout
-        assert f"{near} (node {row(s, near)['node']}, as near.{near}): worker-0 running" in table, table
-        assert f"{far} (node {row(s, far)['node']}, as far.{far}): worker-0 running" in table, table
+        for host, key in ((near, "near"), (far, "far")):
+            line = next(x for x in table.splitlines() if x.startswith(f"{host} (node "))
+            assert line.startswith(f"{host} (node {row(s, host)['node']}, as {key}.{host}): carla-0 running") \
+                and "worker-0 running" in line, table
 
         # at once: the near host's supervisor SIGSTOPped (its agent and Ray are fine, it answers nothing), and the
         # far host cut off from the learner alone (its supervisor answers, Ray's link is up, its workers' steps go
@@ -128,11 +152,19 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         old_node, old_supervisor = row(s, far)["node"], host_supervisor(runs_dir, far)
         stalls = len([e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far])
         other.cut()
+        # meanwhile a slot of the near host frozen: its own supervisor replaces the worker, the head leaves the host
+        near_incarnation = row(s, near)["incarnation"]
+        frozen = next(p for p in psutil.Process(host_supervisor(runs_dir, near)).children()
+                      if "worker" in " ".join(p.cmdline()))
+        frozen.suspend()
         try:
             stack.wait_for(lambda s: row(s, far).get("phase") == "waiting_node", 60, f"{far} waiting for a node")
             assert alive(old_supervisor), "a host cut off runs on, out of reach"
         finally:
             other.mend()
+        s = stack.wait_for(lambda s: row(s, near)["children"][-1]["restarts"] >= 1 and stepping(s, near), 60,
+                           f"{near}'s frozen worker replaced by its own supervisor")
+        assert row(s, near)["incarnation"] == near_incarnation and not alive(frozen.pid)
         s = stack.wait_for(lambda s: stepping(s, far) and row(s, far)["node"] != old_node, 120,
                            f"{far}'s agent placed on the rejoined node and its workers stepping")
         assert row(s, far)["incarnation"] == 1, "a dead node is waited for, not killed"
@@ -159,6 +191,9 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
     finally:
         if stack is not None:
             stack.stop_supervisor()
+        for kubelet in kubelets:
+            kubelet.terminate()
+            kubelet.wait(timeout=10)
         left = cluster.shutdown(runs_dir) if cluster is not None else []
         stray = other.remove()
         assert not left, f"host supervisors left running: {left}"

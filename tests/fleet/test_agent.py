@@ -15,6 +15,6 @@ def test_a_node_s_own_key_wins_and_names_its_workers_with_the_heads_name_for_the
 
 def test_status_shows_the_name_a_host_goes_by_where_it_differs():
     row = {"name": "host-0", "role": "host", "state": "running", "node": "abcd", "identity": "gpu-b.host-0",
-           "children": [{"name": "worker-0", "state": "running", "env_steps": 5, "restarts": 0}]}
+           "children": [{"name": "worker-0", "state": "running", "env_steps": 5, "restarts": 0, "weights": 7}]}
     text = "\n".join(status_notes({"processes": [row]}))
-    assert "host-0 (node abcd, as gpu-b.host-0): worker-0 running 5 steps" in text
+    assert "host-0 (node abcd, as gpu-b.host-0): worker-0 running 5 steps weights v7" in text

@@ -69,3 +69,27 @@ def test_a_learner_that_publishes_is_waited_for_however_long_the_allowance_holds
     finally:
         stop.set()
         thread.join()
+
+
+def test_the_newest_weights_reach_the_policy_with_their_version(ctx):
+    import numpy as np
+
+    from protocol.messages import WEIGHTS
+
+    pub = make_socket(ctx, zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1") - 1
+    lk = link(ctx, port, absent_s=0.0)
+    got = []
+    lk.on_weights = lambda arrays, version: got.append((version, float(arrays["w"][0])))
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:  # a SUB joins a moment after it connects: publish until heard
+        pub.send_multipart(encode(WEIGHTS, {"version": 3, "updates": 30}, {"w": np.full(2, 0.5, np.float32)}))
+        lk.poll(timeout_ms=50)
+    assert got and got[0] == (3, 0.5) and lk.weights_version == 3
+    for version in (4, 5):
+        pub.send_multipart(encode(WEIGHTS, {"version": version, "updates": 10 * version},
+                                  {"w": np.full(2, version, np.float32)}))
+    deadline = time.monotonic() + 10
+    while lk.weights_version != 5 and time.monotonic() < deadline:
+        lk.poll(timeout_ms=50)
+    assert got[-1] == (5, 5.0), "the newest of what came, with its version"
