@@ -51,7 +51,7 @@ test-fast: $(STAMP)
 # user, has no torch, and a host of it steps against a learner here (a couple of minutes; CI runs it after the suite)
 deploy-check: $(STAMP)
 	bash deploy/docker-engine.sh start
-	bash deploy/worker-image.sh
+	bash deploy/images.sh
 	$(PY) -m pytest -m images tests/e2e $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)

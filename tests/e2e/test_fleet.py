@@ -86,10 +86,12 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5)
         stack = stack_factory({**overrides, "run": {"engine": "ray"}, "workers": {**overrides["workers"]},
                                "learner": {"listen": f"tcp://{learner_ip}:{free_port_pair()}", "checkpoint_every": 50,
+                                           "rate_limit_slack": 10**6,  # the hosts never held back by the learner
                                            "curve_key": str(learner_secret), "curve_clients": str(clients)},
                                "cluster": {"address": cluster.address, "host_key": str(host_secret),
                                            "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
-                                           "host_deadline_s": 8.0}}, base="configs/carla.yaml", start=False)
+                                           "host_deadline_s": 8.0, "learner_silence_s": 3.0}},
+                              base="configs/carla.yaml", start=False)
         runs_dir = stack.run_dir.parent
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0", 50) and stepping(s, "host-1", 50), 150,
