@@ -169,7 +169,15 @@ def allowed_keys(directory: Path, what: str) -> dict[bytes, str]:
     directory = Path(directory)
     if not directory.is_dir():
         raise KeyFileError(f"{what} {directory} is not a directory of public keys")
-    return {load_public(p, what): key_name(p) for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
+    keys = {load_public(p, what): key_name(p) for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
+    names = sorted(keys.values())
+    for name in names:  # a key named KEY lets in KEY.SUB too (hosts sharing it): no other key may be named so
+        under = next((other for other in names if other != name and name.startswith(other + ".")), None)
+        if under is not None:
+            raise KeyFileError(f"{what} {directory}: {name}{PUBLIC_SUFFIX}'s name falls under {under}{PUBLIC_SUFFIX}'s "
+                               f"(a key named {under} lets in {under}.*, so {under}'s holder could send as {name}): "
+                               "rename one of them")
+    return keys
 
 
 # -- sockets ---------------------------------------------------------------------------------------------------

@@ -113,11 +113,14 @@ def _count(value) -> int:
     return int(value) if _countable(value) else 0
 
 
+HOSTS_SHOWN = 64  # rows of the learner's hosts table status shows (the learner keeps as many: learner.intake)
+
+
 def sending_hosts(hosts) -> list[dict]:
     """The learner's hosts table as status shows it: well-formed rows only (a heartbeat is input like any other:
     a host is a name a terminal shows as it is, the counts finite numbers)."""
     out = []
-    for h in hosts[:64] if isinstance(hosts, list) else ():
+    for h in hosts[:HOSTS_SHOWN] if isinstance(hosts, list) else ():
         if isinstance(h, dict) and isinstance(h.get("host"), str) and re.fullmatch(HOST_NAME, h["host"]) and all(
                 _countable(h.get(k)) for k in ("slots", "steps", "last_seen_s")):
             out.append({"host": h["host"], "slots": int(h["slots"]), "steps": int(h["steps"]),

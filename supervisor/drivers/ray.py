@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.states import RUNNING
+from supervisor.control import HOSTS_SHOWN
 from supervisor.drivers import Beat, Exited, NotSupported, Watcher
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
@@ -120,8 +121,9 @@ class LearnerView:
         for r in rows:
             if r.get("hosts") and r.get("state") == RUNNING and r.get("heartbeat_age_s") is not None:
                 age = float(r["heartbeat_age_s"])
-                self.heard = (self.clock(), {h["host"]: h["last_seen_s"] + age for h in r["hosts"]},
-                              float(r.get("uptime_s") or 0.0))
+                # a full table may lack a host it has: only hosts it shows can be judged then
+                uptime = None if len(r["hosts"]) >= HOSTS_SHOWN else float(r.get("uptime_s") or 0.0)
+                self.heard = (self.clock(), {h["host"]: h["last_seen_s"] + age for h in r["hosts"]}, uptime)
                 return
         self.heard = None  # no learner running and hearing hosts: nothing to judge by
 
@@ -138,7 +140,10 @@ class LearnerView:
             return None
         when, seen, uptime = self.heard
         heard = {h: s + (now - when) for h, s in seen.items()}
-        heard.setdefault(run.identity, uptime + (now - when))
+        if run.identity not in heard:
+            if uptime is None:
+                return None
+            heard[run.identity] = uptime + (now - when)
         return learner_silence(run.identity, heard, now - run.settled_since, self.limit_s)
 
 

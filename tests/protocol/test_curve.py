@@ -219,3 +219,14 @@ def test_a_receiver_names_the_key_of_what_an_authenticated_socket_took_and_nothi
         assert got == {"status": "host-a", "stop": None}
     finally:
         gate.stop()
+
+
+def test_no_allowed_key_may_be_named_under_another_ones_name(tmp_path):
+    clients = tmp_path / "clients"
+    for name in ("gpu", "gpu-b", "gpu.lab"):
+        write_keypair(clients, name)
+    with pytest.raises(KeyFileError, match=r"gpu\.lab\.key's name falls under gpu\.key's .*rename one"):
+        allowed_keys(clients, "learner.curve_clients")
+    (clients / "gpu.lab.key").unlink()
+    assert sorted(allowed_keys(clients, "learner.curve_clients").values()) == ["gpu", "gpu-b"], \
+        "gpu-b is not under gpu (a name, not a prefix)"
