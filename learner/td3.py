@@ -85,10 +85,11 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().flatten() for p in params if p.grad is not None]
+    """The L2 norm of the parameters' gradients together (one foreach norm, then the norm of those)."""
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else "cpu")
-    return torch.linalg.vector_norm(torch.cat(grads))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 class TD3Agent:
@@ -124,12 +125,14 @@ class TD3Agent:
                       self.actor_target):
                 m.compile()
         # optimizers
+        # fused: one kernel for all of a step's parameters, instead of a handful per parameter (and no host read
+        # of each parameter's step count, as the CPU's per-parameter Adam makes)
         self.critic_opt = torch.optim.Adam(
-            list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr)
+            list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr, fused=True)
         groups = [{"params": list(actor.parameters()), "lr": cfg.actor_lr}]
         if self.separate:
             groups.append({"params": list(actor_encoder.parameters()), "lr": cfg.actor_cnn_lr})
-        self.actor_opt = torch.optim.Adam(groups)
+        self.actor_opt = torch.optim.Adam(groups, fused=True)
         self.updates = 0
 
     def _targets(self):
@@ -241,10 +244,15 @@ class TD3Agent:
         return metrics
 
     def _clip(self, groups: dict[str, list], max_norm: float, prefix: str) -> dict[str, torch.Tensor]:
-        """Clip the groups' gradients together; report each group's norm before and after, and whether it clipped."""
+        """Clip the groups' gradients together; report each group's norm before and after, and whether it clipped.
+        Each norm is computed once: the total is the norm of the groups' (as clip_grad_norm_ computes it), and one
+        foreach multiply scales every gradient by the clipping coefficient."""
         norms = {k: grad_norm(ps) for k, ps in groups.items() if ps}
-        total = torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], max_norm)
+        total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        grads = [p.grad for ps in groups.values() for p in ps if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef)
         metrics = {}
         for k, n in norms.items():
             metrics[f"gradients/{k}_norm"] = n  # before clipping: what clip_grad_norm_ returns, per group
@@ -318,7 +326,7 @@ class TD3Agent:
             pairs.append((self.critic_encoder, self.critic_encoder_target))
         if self.separate:
             pairs.append((self.policy.encoder, self.actor_encoder_target))
-        for online, target in pairs:
-            for p, tp in zip(online.parameters(), target.parameters()):
-                tp.lerp_(p, tau)
+        targets = [tp for _, target in pairs for tp in target.parameters()]
+        onlines = [p for online, _ in pairs for p in online.parameters()]
+        torch._foreach_lerp_(targets, onlines, tau)  # one launch for every target parameter
 
