@@ -129,7 +129,8 @@ def train(replay_dir: Path, variant: str, updates: int, batch: int, run_dir: Pat
             b.shift_on_host(lc.augment_pad, rng)  # the sampler thread's job in the learner
         t = time.perf_counter()
         m = agent.update(b, detailed=u % lc.log_every == 0)
-        metrics.observe(m, time.perf_counter() - t, float(b.age.mean()))
+        metrics.spent(time.perf_counter() - t, 1)
+        metrics.observe(m, float(b.age.mean()))
         for alert in monitor.observe(u, m):
             event(ev.ALERT, "learner", alert=f"{alert['level']}:{alert['rule']}@{u}")
             first_alert.setdefault(alert["rule"], {"updates": u, "level": alert["level"],

@@ -4,7 +4,11 @@ Both sample a batch of 256 from their own replay (84x84 frames, 4 stacked) and
 run one TD3 update; ours uses the ``nature`` encoder in ``shared`` mode (and, for
 reference, ``separate``), SB3 its ``CnnPolicy`` (the same Nature CNN, one for the
 actor and one for the critic, as SB3's TD3 does by default). Target: at least 2x
-SB3's rate on CPU.
+SB3's rate on CPU. Ours runs as the learner does: updates whose metrics stay on the
+device, read every ``learner.metrics_read_every`` updates.
+
+Then the same at batch 2, where the compute is nil and what is left is each
+update's host overhead (launches, Python, reads): ours against SB3 at batch 2.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class ImageEnv(gym.Env):
         return self.observation_space.sample(), 0.0, False, False, {}
 
 
-def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> float:
+def ours(mode: str, device: torch.device, steps: int, entries: int = 5000, batch: int = BATCH) -> float:
+    from learner.metrics import MetricsPipe
     from learner.replay import ReplayBuffer
     from learner.td3 import TD3Agent
     from protocol.config import LearnerConfig
@@ -49,8 +54,14 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> fl
             rb.add_batch("w/0", seq, first, rng.integers(0, 255, (100,) + FRAME, dtype=np.uint8),
                          rng.uniform(-1, 1, (100, 2)).astype(np.float32), rng.normal(size=100).astype(np.float32),
                          np.zeros(100, np.uint8), np.zeros(100, np.uint8))
-        agent = TD3Agent((STACK,) + FRAME[1:], 2, LearnerConfig(encoder="nature", encoder_mode=mode,
-                                                                batch_size=BATCH), device)
+        lcfg = LearnerConfig(encoder="nature", encoder_mode=mode, batch_size=batch)
+        agent = TD3Agent((STACK,) + FRAME[1:], 2, lcfg, device)
+        pipe = MetricsPipe(agent.host_reads, lcfg.metrics_read_every, lambda *_: None)
+
+        def update(b):  # the learner's loop: the update, its metrics read with their neighbours'
+            keys, values = agent.update_deferred(b)
+            pipe.add(agent.updates, keys, values, 0.0)
+
         # the learner's pipeline: a sampler thread (gather, stack, shift on the host) feeds the update loop
         batches: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -58,7 +69,7 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> fl
         def sample_loop():
             srng = np.random.default_rng(1)
             while not stop.is_set():
-                b = rb.sample(BATCH, STACK, 3, 0.99, srng)
+                b = rb.sample(batch, STACK, 3, 0.99, srng)
                 if agent.augment_on_host:
                     b.shift_on_host(4, srng)
                 while not stop.is_set():
@@ -72,12 +83,14 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> fl
         sampler.start()
         try:
             for _ in range(3):  # warm-up
-                agent.update(batches.get())
+                update(batches.get())
+            pipe.flush()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                agent.update(batches.get())
+                update(batches.get())
+            pipe.flush()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return steps / (time.perf_counter() - t0)
@@ -86,10 +99,10 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000) -> fl
             sampler.join()
 
 
-def sb3(device: torch.device, steps: int) -> float:
+def sb3(device: torch.device, steps: int, batch: int = BATCH) -> float:
     from stable_baselines3 import TD3
 
-    model = TD3("CnnPolicy", ImageEnv(), buffer_size=2000, batch_size=BATCH, learning_starts=0, device=device,
+    model = TD3("CnnPolicy", ImageEnv(), buffer_size=2000, batch_size=batch, learning_starts=0, device=device,
                 verbose=0, seed=0)
     buf = model.replay_buffer
     rng = np.random.default_rng(0)
@@ -100,11 +113,11 @@ def sb3(device: torch.device, steps: int) -> float:
     buf.rewards[:n] = rng.normal(size=buf.rewards[:n].shape)
     buf.full = True
     model._setup_learn(total_timesteps=1)
-    model.train(gradient_steps=3, batch_size=BATCH)  # warm-up
+    model.train(gradient_steps=3, batch_size=batch)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.train(gradient_steps=steps, batch_size=BATCH)
+    model.train(gradient_steps=steps, batch_size=batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps / (time.perf_counter() - t0)
@@ -124,5 +137,13 @@ def run(steps: int = 30) -> dict:
     print(f"  ours, shared encoder:         {shared:7.2f}   ratio {shared / base:.2f}x   target >= 2x: "
           f"{'met' if shared / base >= 2 else 'MISSED'}")
     print(f"  ours, separate encoders:      {separate:7.2f}   ratio {separate / base:.2f}x")
+    small = 2  # compute is nil: each update's host overhead
+    small_steps = 300 if device.type == "cpu" else 1000
+    base_small = sb3(device, small_steps, small)
+    shared_small = ours("shared", device, small_steps, batch=small)
+    print(f"host overhead, batch {small} (updates/s; more is less overhead):")
+    print(f"  SB3 TD3 CnnPolicy (baseline): {base_small:7.2f}")
+    print(f"  ours, shared encoder:         {shared_small:7.2f}   ratio {shared_small / base_small:.2f}x")
     return {"device": device.type, "sb3": base, "shared": shared, "separate": separate,
-            "ratio_shared": shared / base, "ratio_separate": separate / base}
+            "ratio_shared": shared / base, "ratio_separate": separate / base, "sb3_batch2": base_small,
+            "shared_batch2": shared_small, "ratio_shared_batch2": shared_small / base_small}

@@ -28,7 +28,7 @@ import zmq
 from learner.alerts import AlertMonitor
 from learner.checkpoints import LATEST, Checkpoints
 from learner.intake import Intake
-from learner.metrics import Metrics
+from learner.metrics import Metrics, MetricsPipe
 from learner.replay import ReplayBuffer
 from learner.sampler import Sampler
 from learner.td3 import TD3Agent, q_max
@@ -227,6 +227,8 @@ class Learner:
         self.sampler = Sampler(self.replay, self.lock, self.lcfg, self.cfg.env.frame_stack, self.rng,
                                self.agent.augment_on_host, self.log)
         self.metrics = Metrics(self.run_dir)
+        self.pipe = MetricsPipe(self.agent.host_reads, self.lcfg.metrics_read_every, self.take_metrics,
+                                self.metrics.spent)
         self.log.info("learner ready", device=str(self.device), obs_shape=obs_shape, action_dim=spec["action_dim"],
                       encoder=self.lcfg.encoder, encoder_mode=self.lcfg.encoder_mode, updates=self.agent.updates,
                       transitions=self.replay.transitions_total, lost_steps=sum(s.lost for s in
@@ -288,17 +290,23 @@ class Learner:
             return False
         t0 = time.perf_counter()
         detailed = (self.agent.updates + 1) % self.lcfg.log_every == 0
-        metrics = self.agent.update(batch, detailed=detailed)
-        self.metrics.observe(metrics, time.perf_counter() - t0, float(batch.age.mean()))
+        keys, values = self.agent.update_deferred(batch, detailed=detailed)  # nothing here waits for the device
+        self.metrics.spent(time.perf_counter() - t0, 1)
         self.progress.updates = self.agent.updates
-        for alert in self.alerts.observe(self.agent.updates, metrics):
+        self.pipe.add(self.agent.updates, keys, values, float(batch.age.mean()))
+        if self.agent.updates % self.lcfg.log_every == 0:
+            self.pipe.flush()
+            self.write_metrics()
+        return True
+
+    def take_metrics(self, updates: int, metrics: dict[str, float], sample_age: float) -> None:
+        """One update's metrics, read from the device with its neighbours': TensorBoard's window and the alerts."""
+        self.metrics.observe(metrics, sample_age)
+        for alert in self.alerts.observe(updates, metrics):
             self.log.warning("alert", **alert)
             self.progress.alerts = self.alerts.recent()
             if alert["level"] == "critical":
-                self.checkpoint(f"alert-{self.agent.updates}-{alert['rule']}")
-        if self.agent.updates % self.lcfg.log_every == 0:
-            self.write_metrics()
-        return True
+                self.checkpoint(f"alert-{updates}-{alert['rule']}")
 
     def write_metrics(self) -> None:
         step = self.agent.updates
@@ -383,6 +391,8 @@ class Learner:
             t.join(timeout=5)
         if self.failure is not None:
             raise self.failure  # a thread's error (a full disk, say) ends the learner; no checkpoint over it
+        if self.metrics is not None:
+            self.pipe.flush()  # the last updates' metrics and alerts, before the last checkpoint
         self.checkpoint()
         if self.done and not stopping_by_signal:
             # tell the workers, a few times: PUB drops messages to late subscribers

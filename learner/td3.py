@@ -84,6 +84,18 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.grid_sample(padded, base_grid + shift, padding_mode="zeros", align_corners=False)
 
 
+class HostReads:
+    """The one gate through which the learner reads device values on the host (each read waits for the device):
+    counted, so a test can hold the update loop to its budget of reads."""
+
+    def __init__(self):
+        self.count = 0
+
+    def read(self, values: torch.Tensor) -> list:
+        self.count += 1
+        return values.tolist()
+
+
 def grad_norm(params) -> torch.Tensor:
     """The L2 norm of the parameters' gradients together (one foreach norm, then the norm of those)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -134,6 +146,7 @@ class TD3Agent:
             groups.append({"params": list(actor_encoder.parameters()), "lr": cfg.actor_cnn_lr})
         self.actor_opt = torch.optim.Adam(groups, fused=True)
         self.updates = 0
+        self.host_reads = HostReads()
 
     def _targets(self):
         return [m for m in (self.critic_encoder_target, self.critic_target, self.actor_target,
@@ -207,10 +220,16 @@ class TD3Agent:
         return {k: v for k, v in groups.items() if v}
 
     def update(self, batch, detailed: bool = False) -> dict[str, float]:
+        """One TD3 step, its metrics read at once (one host read per update: the reference form; the learner
+        reads them every ``learner.metrics_read_every`` updates through :class:`learner.metrics.MetricsPipe`)."""
+        keys, values = self.update_deferred(batch, detailed)
+        return dict(zip(keys, self.host_reads.read(values)))
+
+    def update_deferred(self, batch, detailed: bool = False) -> tuple[tuple[str, ...], torch.Tensor]:
         """One TD3 step: the critic always, the actor and targets every ``policy_delay`` updates.
 
-        Metrics stay on the device until one transfer at the end (one sync per update);
-        ``detailed`` adds parameter norms and update ratios (they cost a parameter copy).
+        Returns the metrics' names and their values as one tensor on the device, not read: nothing in the step
+        waits for the device. ``detailed`` adds parameter norms and update ratios (they cost a parameter copy).
         """
         cfg = self.cfg
         b = self.to_device(batch)
@@ -229,9 +248,8 @@ class TD3Agent:
             self.soft_update()
         if detailed:
             metrics.update(self.parameter_metrics(before))
-        keys = list(metrics)
-        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
-        return dict(zip(keys, values))
+        keys = tuple(metrics)
+        return keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
 
     def parameter_metrics(self, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each group's parameter norm, and the norm of this update's change relative to the norm before it."""

@@ -236,6 +236,9 @@ class LearnerConfig(_Section):
     # about this much work (a checkpoint costs ~0.2% of the time of 50 CPU updates: bench/checkpoint.py); 0: off
     checkpoint_every_s: float = Field(30.0, ge=0.0)
     log_every: int = Field(100, ge=1)  # updates between metric writes
+    # updates whose metrics are read from the device together (one wait for the device per this many updates;
+    # alerts fire at the same update numbers, up to this many updates later)
+    metrics_read_every: int = Field(10, ge=1)
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False
     compile: bool = False

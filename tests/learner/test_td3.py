@@ -434,9 +434,12 @@ class OpCount:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 counter.ops += 1
+                if func.overloadpacket is torch.ops.aten._local_scalar_dense:  # .item(): a wait for the device
+                    counter.local_reads += 1
                 return func(*args, **(kwargs or {}))
 
         self.ops = 0
+        self.local_reads = 0
         self.mode = Mode()
         self.mode.__enter__()
         return self
@@ -483,3 +486,43 @@ def test_clipping_and_target_updates_match_torch_s_own_per_parameter_forms():
     agent.soft_update()
     for t0, tp, p in zip(targets, agent.critic_target.parameters(), agent.critic.parameters()):
         assert torch.equal(tp, t0.lerp(p.detach(), agent.cfg.tau))
+
+
+@pytest.mark.parametrize("read_every", [1, 7, 64])
+def test_metrics_read_every_n_updates_fire_the_same_alerts_at_the_same_updates_with_few_host_reads(read_every):
+    """The diverging and the healthy learner of the alert test, their metrics read through the pipe every
+    ``read_every`` updates: the same alerts at the same update numbers as reading each update at once, the same
+    metrics, and at most ceil(N / read_every) host reads over N updates (none inside an update)."""
+    import math
+
+    from learner.metrics import MetricsPipe
+
+    for lr in (3e-4, 3.0):
+        b = batch((3,), n=32, dtype=np.float32)
+        b.reward[:] = 1.0
+        torch.manual_seed(0)
+        reference, mon = diverging_agent(lr), AlertMonitor(1.0 / (1 - 0.99), cfg())
+        expected, rows = [], []
+        for _ in range(150):
+            m = reference.update(b)
+            rows.append(m)
+            expected += [(reference.updates, a["rule"], a["level"]) for a in mon.observe(reference.updates, m)]
+
+        torch.manual_seed(0)
+        agent, mon = diverging_agent(lr), AlertMonitor(1.0 / (1 - 0.99), cfg())
+        fired, seen = [], []
+
+        def take(updates, m, age):
+            seen.append(m)
+            fired.extend((updates, a["rule"], a["level"]) for a in mon.observe(updates, m))
+
+        pipe = MetricsPipe(agent.host_reads, read_every, take)
+        with OpCount() as count:
+            for _ in range(150):
+                keys, values = agent.update_deferred(b)
+                pipe.add(agent.updates, keys, values, 1.0)
+        pipe.flush()
+        assert fired == expected and (lr == 3.0) == bool(fired), (lr, fired[:3], expected[:3])
+        assert seen == rows, "the same metrics, update by update"
+        assert agent.host_reads.count <= math.ceil(150 / read_every), agent.host_reads.count
+        assert count.local_reads == 0, "no host read of a device value inside an update"
