@@ -29,6 +29,7 @@ reward).
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
@@ -75,13 +76,18 @@ def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     if h != w:  # the grid below is built for square frames; the sampler's host shift takes any shape
         raise ValueError(f"random_shift on the device needs square frames, got {h}x{w}; "
                          f"use a square camera, or learner.augment_pad: 0")
-    eps = 1.0 / (h + 2 * pad)
-    arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=x.device, dtype=x.dtype)[:h]
-    arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
-    base_grid = torch.cat([arange, arange.transpose(1, 0)], dim=2).unsqueeze(0).repeat(n, 1, 1, 1)
     shift = torch.randint(0, 2 * pad + 1, size=(n, 1, 1, 2), device=x.device, dtype=x.dtype)
-    shift *= 2.0 / (h + 2 * pad)
-    return F.grid_sample(padded, base_grid + shift, padding_mode="zeros", align_corners=False)
+    return F.grid_sample(padded, torch.add(shift_grid(n, h, pad, x.device, x.dtype), shift,
+                                           alpha=2.0 / (h + 2 * pad)), padding_mode="zeros", align_corners=False)
+
+
+@functools.lru_cache(maxsize=8)
+def shift_grid(n: int, h: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The unshifted sampling grid of :func:`random_shift` (DrQ's), built once per batch shape, not per update."""
+    eps = 1.0 / (h + 2 * pad)
+    arange = torch.linspace(-1.0 + eps, 1.0 - eps, h + 2 * pad, device=device, dtype=dtype)[:h]
+    arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
+    return torch.cat([arange, arange.transpose(1, 0)], dim=2).unsqueeze(0).repeat(n, 1, 1, 1)
 
 
 class HostReads:

@@ -526,3 +526,20 @@ def test_metrics_read_every_n_updates_fire_the_same_alerts_at_the_same_updates_w
         assert seen == rows, "the same metrics, update by update"
         assert agent.host_reads.count <= math.ceil(150 / read_every), agent.host_reads.count
         assert count.local_reads == 0, "no host read of a device value inside an update"
+
+
+def test_the_device_shift_grid_is_built_once_and_shifts_by_whole_pixels():
+    import torch.nn.functional as F
+
+    from learner.td3 import shift_grid
+
+    n, h, pad = 5, 12, 3
+    grid = shift_grid(n, h, pad, torch.device("cpu"), torch.float32)
+    assert shift_grid(n, h, pad, torch.device("cpu"), torch.float32) is grid, "one grid per batch shape"
+    x = torch.rand(n, 2, h, h)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.tensor([[0, 0], [1, 2], [6, 6], [3, 0], [0, 5]], dtype=torch.float32)  # (x, y) in pixels
+    out = F.grid_sample(padded, torch.add(grid, offsets.view(n, 1, 1, 2), alpha=2.0 / (h + 2 * pad)),
+                        padding_mode="zeros", align_corners=False)
+    for i, (ox, oy) in enumerate(offsets.int().tolist()):
+        assert torch.allclose(out[i], padded[i, :, oy:oy + h, ox:ox + h], atol=1e-5), i
