@@ -113,10 +113,13 @@ class Intake:
             msgs = ([first] if first is not None else []) + self.inbox.drain(limit=64)
             if not msgs:
                 continue
+            index = None
             with self.lock:
                 for msg in msgs:
                     self.handle(msg)
                 if any(m.type == STEPS for m in msgs):
-                    self.replay.save_index()  # atomic, no fsync: guards against a killed learner
-                    self.progress.env_steps = self.replay.transitions_total  # reported only once it is durable
+                    index = self.replay.index()
+            if index is not None:  # written outside the lock: the sampler never waits for a file
+                self.replay.save_index(index=index)  # atomic, no fsync: guards against a killed learner
+                self.progress.env_steps = index["transitions_total"]  # reported only once it is durable
             self.data_arrived.set()

@@ -272,9 +272,7 @@ class Learner:
     def checkpoint(self, label: str = LATEST) -> Path | None:
         if self.agent is None:
             return None
-        with self.lock:
-            self.replay.flush()
-            replay_index = self.replay.index()
+        replay_index = self.replay.flush(self.lock)  # the lock only to take the index: sampling goes on
         path = self.checkpoints.save(label, self.agent.state_dict(), self.weights_version, replay_index,
                                      rng_state(self.rng))
         if label == LATEST:

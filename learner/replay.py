@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ class ReplayBuffer:
         away as corrupt): entries written after it are dropped, nothing else."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._index_lock = threading.Lock()  # index.json's writers (intake, checkpoints); the sampler never takes it
+        self._index_written = -1  # the total of the newest index written
         self.capacity = int(capacity)
         self.frame_shape = tuple(frame_shape)
         self.frame_dtype = np.dtype(frame_dtype)
@@ -169,15 +172,36 @@ class ReplayBuffer:
         return {"total": self.total, "transitions_total": self.transitions_total,
                 "streams": {k: [s.last, s.seq, s.transitions, s.lost] for k, s in self.streams.items()}}
 
-    def save_index(self, fsync: bool = False) -> None:
-        """Atomic; without fsync after each batch (that guards against a killed learner, not a dead host)."""
-        atomic_write(self.dir / "index.json", json.dumps(self.index()), fsync=fsync)
+    def save_index(self, fsync: bool = False, index: dict | None = None) -> None:
+        """``index.json``, atomic; without fsync after each batch (that guards against a killed learner, not a dead
+        host). ``index``: a snapshot the caller took under the replay's lock, so that the write holds no lock the
+        sampler waits for. The intake's writes and a checkpoint's race: an older index never replaces a newer one
+        (the newer, already there, is fsynced instead where ``fsync`` asks for it)."""
+        index = self.index() if index is None else index
+        path = self.dir / "index.json"
+        with self._index_lock:
+            if index["total"] < self._index_written:
+                if fsync:
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
+                return
+            atomic_write(path, json.dumps(index), fsync=fsync)
+            self._index_written = index["total"]
 
-    def flush(self) -> None:
-        """The maps and the index to disk, fsynced: what a checkpoint promises survives a host crash too."""
+    def flush(self, lock=None) -> dict:
+        """The maps and the index to disk, fsynced: what a checkpoint promises survives a host crash too; returns
+        the index flushed. ``lock``: the replay's lock, held only to take the index: the msyncs and the fsync go
+        without it, so sampling and intake go on meanwhile (entries written during the flush are past the index:
+        the serials keep any that did not reach the disk from ever being served)."""
+        if lock is None:
+            index = self.index()
+        else:
+            with lock:
+                index = self.index()
         for arr in (self.frames, self.actions, self.rewards, self.flags, self.prev, self.next, self.serials):
             arr.flush()
-        self.save_index(fsync=True)
+        self.save_index(fsync=True, index=index)
+        return index
 
     def _read_json(self, path: Path, choices: str) -> dict:
         try:

@@ -245,3 +245,56 @@ def test_the_index_is_fsynced_with_checkpoints_not_after_every_batch(tmp_path, m
     assert calls == [], "after a batch: atomic, no fsync"
     rb.flush()
     assert len(calls) == 1, "with a checkpoint: fsynced"
+
+
+def filled(tmp_path, n_batches: int = 6) -> ReplayBuffer:
+    rb = ReplayBuffer(tmp_path, 64, FRAME, np.uint8, 2)
+    w = FakeWorker(1, [20, 20, 20])
+    for seq, (first, frames, actions, rewards, term, trunc) in list(w.batches(8))[:n_batches]:
+        rb.add_batch("w1/0", seq, first, frames, actions, rewards, term, trunc)
+    return rb
+
+
+def test_a_checkpoint_s_flush_holds_the_lock_only_to_take_the_index(tmp_path, monkeypatch):
+    """The msyncs and the index's fsync of a checkpoint go without the replay's lock: sampling goes on during a
+    slow flush (a busy disk), and the flush returns the index it took."""
+    import threading
+    import time
+
+    rb = filled(tmp_path)
+    lock = threading.Lock()
+    in_flush, release = threading.Event(), threading.Event()
+    real = np.memmap.flush
+
+    def slow_flush(self):
+        in_flush.set()
+        release.wait(10)  # the disk takes its time
+        real(self)
+
+    monkeypatch.setattr(np.memmap, "flush", slow_flush)
+    result = {}
+    flusher = threading.Thread(target=lambda: result.setdefault("index", rb.flush(lock)))
+    flusher.start()
+    try:
+        assert in_flush.wait(10)
+        t0 = time.monotonic()
+        with lock:  # the sampler's turn, while the flush waits on the disk
+            batch = rb.sample(4, K, 1, 0.99, np.random.default_rng(0))
+        assert time.monotonic() - t0 < 1.0 and len(batch.action) == 4 and flusher.is_alive()
+    finally:
+        release.set()
+        flusher.join(10)
+    assert result["index"]["total"] == rb.total
+
+
+def test_an_older_index_never_replaces_a_newer_one(tmp_path):
+    import json
+
+    rb = filled(tmp_path, 2)
+    old = rb.index()
+    w = FakeWorker(2, [10])
+    for seq, (first, frames, actions, rewards, term, trunc) in w.batches(8):
+        rb.add_batch("w2/0", seq, first, frames, actions, rewards, term, trunc)
+    rb.save_index()  # the intake's write of the newer index
+    rb.save_index(fsync=True, index=old)  # a checkpoint's older snapshot, written late: the newer stays
+    assert json.loads((tmp_path / "index.json").read_text())["total"] == rb.total > old["total"]
