@@ -117,7 +117,7 @@ class DeployedCluster:
         with ``env`` added to its environment (what its unit's ray.env would set)."""
         import sys
 
-        return self._start(name, list(prefix), [sys.executable, "-m", "harness.restarter", "--delay-s", "1", "--",
+        return self._start(name, list(prefix), [sys.executable, "-m", "harness.restarter", "--delay-s", "0.3", "--",
                                                 "bash", str(DEPLOY / "start-worker.sh"), self.address,
                                                 "--node-ip-address", ip, *self._node_args(name)], env)
 

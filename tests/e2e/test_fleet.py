@@ -90,7 +90,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
                                            "curve_key": str(learner_secret), "curve_clients": str(clients)},
                                "cluster": {"address": cluster.address, "host_key": str(host_secret),
                                            "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
-                                           "host_deadline_s": 8.0, "learner_silence_s": 3.0}},
+                                           "host_deadline_s": 8.0, "learner_silence_s": 2.0}},
                               base="configs/carla.yaml", start=False)
         runs_dir = stack.run_dir.parent
         stack.start()
