@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from protocol.codec import Message
+from protocol.curve import key_admits
 from protocol.heartbeat import Progress
 from protocol.messages import EPISODE, HELLO, STEPS
 from protocol.sockets import Receiver
@@ -27,12 +28,6 @@ def stream_key(msg: Message) -> str:
 
 LOCAL_HOST = "local"
 MAX_HOSTS = 64  # hosts (and workers per host) the table keeps
-
-
-def key_admits(key: str, host: str) -> bool:
-    """Whether workers of ``host`` may come in with the key named ``key``: its own host (``key``), or one of the
-    hosts that share it (``key.SUB``: a fleet's hosts are ``KEY.host-N``, wherever Ray placed host-N)."""
-    return host == key or (host.startswith(key + ".") and len(host) > len(key) + 1)
 
 
 class Intake:

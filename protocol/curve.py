@@ -163,6 +163,12 @@ def key_name(path: Path) -> str:
     return name
 
 
+def key_admits(key: str, host: str) -> bool:
+    """Whether workers of ``host`` may come in with the key named ``key``: its own host (``key``), or one of the
+    hosts that share it (``key.SUB``: a fleet's hosts are ``KEY.host-N``, wherever Ray placed host-N)."""
+    return host == key or (host.startswith(key + ".") and len(host) > len(key) + 1)
+
+
 def allowed_keys(directory: Path, what: str) -> dict[bytes, str]:
     """The public keys (``*.key``) of a directory of allowed clients, each with its host's name (the file's, as
     ``supervisor keys NAME`` wrote it): a host's workers must call themselves ``NAME:worker-N``."""
@@ -172,7 +178,7 @@ def allowed_keys(directory: Path, what: str) -> dict[bytes, str]:
     keys = {load_public(p, what): key_name(p) for p in sorted(directory.glob("*" + PUBLIC_SUFFIX))}
     names = sorted(keys.values())
     for name in names:  # a key named KEY lets in KEY.SUB too (hosts sharing it): no other key may be named so
-        under = next((other for other in names if other != name and name.startswith(other + ".")), None)
+        under = next((other for other in names if other != name and key_admits(other, name)), None)
         if under is not None:
             raise KeyFileError(f"{what} {directory}: {name}{PUBLIC_SUFFIX}'s name falls under {under}{PUBLIC_SUFFIX}'s "
                                f"(a key named {under} lets in {under}.*, so {under}'s holder could send as {name}): "
