@@ -15,7 +15,7 @@ from typing import Callable
 from protocol.codec import Message
 from protocol.curve import key_admits
 from protocol.heartbeat import Progress
-from protocol.messages import EPISODE, HELLO, STEPS
+from protocol.messages import EPISODE, HELLO, MAX_HOSTS, STEPS
 from protocol.sockets import Receiver
 
 
@@ -27,7 +27,6 @@ def stream_key(msg: Message) -> str:
 
 
 LOCAL_HOST = "local"
-MAX_HOSTS = 64  # hosts (and workers per host) the table keeps
 
 
 class Intake:

@@ -115,6 +115,7 @@ _NUM = (int, float)
 _STR = (str,)
 # A worker as the learner knows it: worker-N of this run, or HOST:worker-N of a host whose learner runs elsewhere
 # (names are shown by status and keyed in the replay index: short, and nothing a terminal would act on).
+MAX_HOSTS = 64  # rows of the learner's hosts table (and workers per host) it keeps and `status` shows
 HOST_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 WORKER_NAME = rf"(?:{HOST_NAME}:)?[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
 # A worker process's own stream id: a restarted host's worker-0 incarnation 0 is another stream than the last one's.
@@ -210,7 +211,7 @@ SCHEMAS: dict[str, MessageSchema] = {
             "dropped": _f(*_INT, nonnegative=True, required=False),  # messages it dropped as malformed/unwanted
             "resumed_from": _f(*_INT, nonnegative=True, required=False),  # the count its saved state held
             "refused": _f(*_INT, nonnegative=True, required=False),  # connections refused for a key not allowed
-            "hosts": _f(list, required=False),  # the learner: [{host, slots, steps, last_seen_s}] of its senders
+            "hosts": _f(list, required=False),  # the learner: [{host, slots, steps, last_seen_s}], MAX_HOSTS rows
             "weights": _f(*_INT, nonnegative=True, required=False),  # a worker: the learner's weights it acts with
         }, check=_check_heartbeat),
         MessageSchema(CONTROL_REQUEST, {

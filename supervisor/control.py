@@ -17,7 +17,7 @@ from typing import Callable
 
 import zmq
 
-from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HOST_NAME, WORKER_NAME
+from protocol.messages import CONTROL_REPLY, CONTROL_REQUEST, HOST_NAME, MAX_HOSTS, WORKER_NAME
 from protocol.sockets import Receiver, send
 
 # Requests served per turn of the loop, at most (the rest wait for the next turn).
@@ -113,14 +113,11 @@ def _count(value) -> int:
     return int(value) if _countable(value) else 0
 
 
-HOSTS_SHOWN = 64  # rows of the learner's hosts table status shows (the learner keeps as many: learner.intake)
-
-
 def sending_hosts(hosts) -> list[dict]:
     """The learner's hosts table as status shows it: well-formed rows only (a heartbeat is input like any other:
     a host is a name a terminal shows as it is, the counts finite numbers)."""
     out = []
-    for h in hosts[:HOSTS_SHOWN] if isinstance(hosts, list) else ():
+    for h in hosts[:MAX_HOSTS] if isinstance(hosts, list) else ():
         if isinstance(h, dict) and isinstance(h.get("host"), str) and re.fullmatch(HOST_NAME, h["host"]) and all(
                 _countable(h.get(k)) for k in ("slots", "steps", "last_seen_s")):
             out.append({"host": h["host"], "slots": int(h["slots"]), "steps": int(h["steps"]),

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.messages import MAX_HOSTS
 from protocol.states import RUNNING
-from supervisor.control import HOSTS_SHOWN
 from supervisor.drivers import Beat, Exited, NotSupported, Watcher
 from supervisor.drivers.evidence import incident_dir
 from supervisor.machine import CaptureEvidence
@@ -122,7 +122,7 @@ class LearnerView:
             if r.get("hosts") and r.get("state") == RUNNING and r.get("heartbeat_age_s") is not None:
                 age = float(r["heartbeat_age_s"])
                 # a full table may lack a host it has: only hosts it shows can be judged then
-                uptime = None if len(r["hosts"]) >= HOSTS_SHOWN else float(r.get("uptime_s") or 0.0)
+                uptime = None if len(r["hosts"]) >= MAX_HOSTS else float(r.get("uptime_s") or 0.0)
                 self.heard = (self.clock(), {h["host"]: h["last_seen_s"] + age for h in r["hosts"]}, uptime)
                 return
         self.heard = None  # no learner running and hearing hosts: nothing to judge by

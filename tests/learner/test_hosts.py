@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from learner.intake import MAX_HOSTS, Intake
+from learner.intake import Intake
+from protocol.messages import MAX_HOSTS
 from supervisor.control import sending_hosts
 from supervisor.display import status_notes
 

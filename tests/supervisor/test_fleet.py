@@ -201,14 +201,14 @@ def test_a_host_delivering_nothing_stops_counting_as_progress_by_the_learner_s_v
 
 
 def test_a_full_hosts_table_judges_only_the_hosts_it_shows():
-    from supervisor.control import HOSTS_SHOWN
+    from protocol.messages import MAX_HOSTS
     from supervisor.drivers.ray import HostRun, LearnerView
 
     clock = FakeClock()
     view = LearnerView(limit_s=15.0, fresh_s=5.0, clock=clock)
     run = HostRun("host-99", 0, actor=None, actor_name="x", identity="k.host-99")
     running = {"processes": [{"name": "worker-0", "state": RUNNING}]}
-    table = [{"host": f"k.host-{i}", "last_seen_s": 0.5} for i in range(HOSTS_SHOWN)]
+    table = [{"host": f"k.host-{i}", "last_seen_s": 0.5} for i in range(MAX_HOSTS)]
     view.judge(run, running)
     clock.advance(100.0)
     view.see([{"name": "learner", "state": RUNNING, "heartbeat_age_s": 0.0, "uptime_s": 100.0, "hosts": table}])
