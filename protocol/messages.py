@@ -113,9 +113,9 @@ def _f(*types, **kw) -> FieldSpec:
 _INT = (int,)
 _NUM = (int, float)
 _STR = (str,)
+MAX_HOSTS = 64  # rows of the learner's hosts table (and workers per host) it keeps and `status` shows
 # A worker as the learner knows it: worker-N of this run, or HOST:worker-N of a host whose learner runs elsewhere
 # (names are shown by status and keyed in the replay index: short, and nothing a terminal would act on).
-MAX_HOSTS = 64  # rows of the learner's hosts table (and workers per host) it keeps and `status` shows
 HOST_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
 WORKER_NAME = rf"(?:{HOST_NAME}:)?[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}"
 # A worker process's own stream id: a restarted host's worker-0 incarnation 0 is another stream than the last one's.
