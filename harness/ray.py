@@ -14,32 +14,40 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "ray"
 
 
+def kill_trees(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """SIGKILL each of ``pids`` and everything under it, and wait for them to go; returns the pids that were
+    still there to kill."""
+    procs, killed = [], []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        killed.append(pid)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+    return killed
+
+
 def kill_host_supervisors(runs_dir: Path) -> list[int]:
     """SIGKILL what the agents' pid files under ``runs_dir`` name, if it still runs (its workers die with it)."""
     from fleet.agent import CONFIG_FILE, PID_FILE
     from protocol.runstate import runs_naming
 
-    killed = []
+    named = []
     for pid_file in Path(runs_dir).glob(f".agents/*/{PID_FILE}"):
         try:
             pid = int(pid_file.read_text())
         except (OSError, ValueError):
             continue
         if runs_naming(pid, str(pid_file.parent / CONFIG_FILE)):
-            try:
-                procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-            for proc in procs:
-                try:
-                    proc.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            killed.append(pid)
-    deadline = time.monotonic() + 10
-    while killed and time.monotonic() < deadline and any(psutil.pid_exists(p) for p in killed):
-        time.sleep(0.1)
-    return killed
+            named.append(pid)
+    return kill_trees(named, timeout=10.0)
 
 
 def host_stepping(status: dict, host: str, more_than: int = 0) -> bool:
@@ -83,7 +91,6 @@ class DeployedCluster:
                     "RAY_health_check_period_ms": str(period_ms), "RAY_health_check_timeout_ms": str(period_ms),
                     "RAY_health_check_failure_threshold": str(threshold), "RAY_health_check_initial_delay_ms": "0",
                     "RAY_USAGE_STATS_ENABLED": "0"}
-        self.procs: list[subprocess.Popen] = []
         self.started: dict[str, subprocess.Popen] = {}  # by name: "head", then each host's (its restarter)
         self.head = self._start("head", [], ["bash", str(DEPLOY / "start-head.sh"), "--node-ip-address", ip,
                                              "--include-dashboard=false", *self._node_args("head")],
@@ -105,10 +112,8 @@ class DeployedCluster:
         out = open(self.logs / f"ray-{name}.out", "ab")
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # this environment's `ray`
         proc = subprocess.Popen([*prefix, *command], env={**os.environ, **self.env, **(extra or {}), "PATH": path},
-                                stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         out.close()
-        self.procs.append(proc)
         self.started[name] = proc
         return proc
 
@@ -124,20 +129,8 @@ class DeployedCluster:
     def shutdown(self, runs_dir: Path | None = None) -> list[int]:
         """Every process the cluster started ended (whole trees: a node's raylet and its workers), then what the
         agents under ``runs_dir`` started; returns the host supervisors that had to be killed."""
-        procs = []
-        for proc in self.procs:
-            try:
-                root = psutil.Process(proc.pid)
-                procs += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=15)
-        for proc in self.procs:
+        kill_trees([proc.pid for proc in self.started.values()])
+        for proc in self.started.values():
             proc.wait(timeout=15)
         try:
             return kill_host_supervisors(runs_dir) if runs_dir is not None else []
