@@ -260,9 +260,8 @@ class RayHostDriver(Watcher):
         beat = {"name": run.name, "incarnation": run.incarnation, "pid": None, "phase": phase, "phase_age_s": 0.0,
                 "probes": run.answers, "env_steps": sum(int(c.get("env_steps") or 0) for c in children),
                 "node": (run.node or "")[:16], "children": children}
-        identity = (run.last or {}).get("as")
-        if isinstance(identity, str):
-            beat["identity"] = identity  # the name its workers go by at the learner (its key's)
+        if run.identity is not None:
+            beat["identity"] = run.identity  # the name its workers go by at the learner (its key's)
         if detail:
             beat["detail"] = detail
         self.seen.put(Beat(beat))
