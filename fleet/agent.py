@@ -168,8 +168,8 @@ class HostAgent:
         endpoint, public = self.learner()
         cfg = dict(self.spec["config"])
         workers = dict(cfg.get("workers") or {}, learner=endpoint)
-        key, self.identity = host_identity(workers.get("curve_key"), self.host)
-        workers.update(curve_key=key, host=self.identity)
+        secret, self.identity = host_identity(workers.get("curve_key"), self.host)
+        workers.update(curve_key=secret, host=self.identity)
         if public is not None:
             key = self.state / LEARNER_KEY_FILE
             key.write_text(f"metadata\ncurve\n    public-key = \"{public}\"\n")
@@ -204,8 +204,7 @@ class HostAgent:
         from supervisor.cli import request
 
         out = {"host": self.host, "as": self.identity, "node": self.node(), "pid": self.proc.pid,
-               "agent_pid": os.getpid(),
-               "cleaned": self.cleaned}
+               "agent_pid": os.getpid(), "cleaned": self.cleaned}
         code = self.proc.poll()
         if code is not None:
             out["exited"] = code
