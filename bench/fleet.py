@@ -74,26 +74,18 @@ def steps_rate(stack, seconds: float, hosts: dict | None = None) -> float:
 
 
 def run() -> dict:
-    import shutil
-
     from fleet.agent import HOST_KEY_ENV
     from harness.carla import free_port_pair
+    from harness.keys import ironhouse
     from harness.netns import OtherHost
     from harness.ray import DeployedCluster
     from harness.ray import host_stepping as stepping
     from harness.stack import Stack
-    from protocol.curve import write_keypair
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     result: dict = {}
-    keys = tmp / "keys"  # the learner's pair, each host's own, both hosts' public keys allowed
-    learner_public, learner_secret = write_keypair(keys, "learner")
-    near_public, near_secret = write_keypair(keys, "near")
-    far_public, far_secret = write_keypair(keys, "far")
-    clients = keys / "clients"
-    clients.mkdir()
-    for public in (near_public, far_public):
-        shutil.copy(public, clients / public.name)
+    # the learner's pair, each host's own, both hosts' public keys allowed
+    _, learner_secret, secrets, clients = ironhouse(tmp / "keys", "near", "far")
 
     # the same two slots on one host, over ipc: the baseline
     local = Stack(tmp / "local", {"workers": {"count": 2}})
@@ -110,7 +102,7 @@ def run() -> dict:
     try:
         cluster = DeployedCluster(tmp, other.here)
         cluster.add_host("near", other.here)
-        cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(far_secret)})
+        cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(secrets["far"])})
         os.environ.update(cluster.env)  # this process joins as a driver with the cluster's token
         cluster.wait_for_hosts(2)
         time.sleep(3.0)  # settled: then idle, as a cluster waiting for its run
@@ -123,7 +115,7 @@ def run() -> dict:
         stack = Stack(tmp / "fleet", {"run": {"engine": "ray"}, "workers": {"count": 1},
                                       "learner": {"listen": f"tcp://{other.here}:{free_port_pair()}",
                                                   "curve_key": str(learner_secret), "curve_clients": str(clients)},
-                                      "cluster": {"address": cluster.address, "host_key": str(near_secret),
+                                      "cluster": {"address": cluster.address, "host_key": str(secrets["near"]),
                                                   "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
                                                   "host_deadline_s": DEADLINE_S}})
         runs_dir = stack.run_dir.parent

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +23,12 @@ import pytest
 
 from fleet.agent import HOST_KEY_ENV, PID_FILE
 from harness.carla import carla_overrides, free_port_block, free_port_pair
+from harness.keys import ironhouse
 from harness.netns import OtherHost
 from harness.ray import host_stepping as stepping
 from protocol import events as ev
 from protocol.roles import LEARNER
-from protocol.curve import write_keypair
 from protocol.states import RUNNING
-from tests.e2e.test_wire import ironhouse
 
 # alone: a Ray cluster opens dozens of sockets on ports the OS picks, which collide with the free ports other tests
 # pick for their servers at the same time
@@ -65,11 +63,9 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         learner_ip = other.alias()  # the learner on an address of its own: the far host can lose it alone
         # each machine its own key: the near one's at cluster.host_key, the far one's named in its node's
         # environment; each public key in the learner's allowed directory
-        learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "near")
-        far_public, far_secret = write_keypair(tmp_path / "keys", "far")
-        shutil.copy(far_public, clients / "far.key")
+        _, learner_secret, secrets, clients = ironhouse(tmp_path / "keys", "near", "far")
         cluster.add_host("near", other.here)
-        cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(far_secret)})
+        cluster.add_host("far", other.there, other.prefix, env={HOST_KEY_ENV: str(secrets["far"])})
         for key, value in cluster.env.items():  # the head's supervisor joins with the cluster's token
             monkeypatch.setenv(key, value)
         # each host's CARLA server as a pod's sibling container would run it (simulators.mode pod): the fake server
@@ -88,7 +84,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
                                "learner": {"listen": f"tcp://{learner_ip}:{free_port_pair()}", "checkpoint_every": 50,
                                            "rate_limit_slack": 10**6,  # the hosts never held back by the learner
                                            "curve_key": str(learner_secret), "curve_clients": str(clients)},
-                               "cluster": {"address": cluster.address, "host_key": str(host_secret),
+                               "cluster": {"address": cluster.address, "host_key": str(secrets["near"]),
                                            "probe_interval_s": 0.5, "probe_timeout_s": 1.5,
                                            "host_deadline_s": 8.0, "learner_silence_s": 2.0}},
                               base="configs/carla.yaml", start=False)

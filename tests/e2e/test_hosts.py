@@ -20,7 +20,8 @@ from protocol.curve import connect_curve, load_public, load_secret
 from protocol.roles import LEARNER
 from protocol.sockets import make_socket
 from protocol.states import RUNNING
-from tests.e2e.test_wire import free_port_pair, ironhouse
+from harness.keys import ironhouse
+from tests.e2e.test_wire import free_port_pair
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -38,7 +39,8 @@ def other_host():
 
 def test_a_workers_only_host_steps_against_a_learner_elsewhere_and_outlives_its_restart(other_host, stack_factory,
                                                                                        tmp_path):
-    learner_public, learner_secret, host_secret, clients = ironhouse(tmp_path / "keys", "host-b")
+    learner_public, learner_secret, secrets, clients = ironhouse(tmp_path / "keys", "host-b")
+    host_secret = secrets["host-b"]
     endpoint = f"tcp://{other_host.here}:{free_port_pair()}"
     head = stack_factory({"workers": {"count": 0}, "run": {"max_timesteps": 3000},
                           "learner": {"listen": endpoint, "curve_key": str(learner_secret),

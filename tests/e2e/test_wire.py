@@ -3,15 +3,12 @@ the tests that run it (test_hosts.py: workers in over CurveZMQ, a stranger refus
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from protocol.curve import write_keypair
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,16 +29,6 @@ def free_port_pair() -> int:
                     continue
         return port
     raise AssertionError("no two free ports in a row on 127.0.0.1")
-
-
-def ironhouse(keys: Path, host: str) -> tuple[Path, Path, Path, Path]:
-    """The learner's key pair and one host's, the host's public key in the learner's allowed directory, as a user
-    sets them up (docs/hosts.md): (learner public, learner secret, host secret, allowed directory)."""
-    learner_public, learner_secret = write_keypair(keys, "learner")
-    host_public, host_secret = write_keypair(keys, host)
-    (keys / "clients").mkdir()
-    shutil.copy(host_public, keys / "clients" / f"{host}.key")
-    return learner_public, learner_secret, host_secret, keys / "clients"
 
 
 def test_up_refuses_a_learner_off_loopback_without_keys_before_writing_anything(tmp_path):
