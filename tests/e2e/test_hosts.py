@@ -20,8 +20,8 @@ from protocol.curve import connect_curve, load_public, load_secret
 from protocol.roles import LEARNER
 from protocol.sockets import make_socket
 from protocol.states import RUNNING
+from harness.carla import free_port_pair
 from harness.keys import ironhouse
-from tests.e2e.test_wire import free_port_pair
 
 pytestmark = pytest.mark.timeout(240)
 
