@@ -80,6 +80,7 @@ def run() -> dict:
     from harness.netns import OtherHost
     from harness.ray import DeployedCluster
     from harness.ray import host_stepping as stepping
+    from harness.ray import host_supervisor
     from harness.stack import Stack
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
@@ -123,8 +124,7 @@ def run() -> dict:
         stack.start()
         stack.wait_for(lambda s: stepping(s, "host-0") and stepping(s, "host-1"), 150, "both hosts stepping")
         result["slots_start_s"] = round(time.monotonic() - t0, 2)
-        far = next(h for h in ("host-0", "host-1")
-                   if int((runs_dir / ".agents" / f"test-{h}" / "supervisor.pid").read_text()) in other.pids())
+        far = next(h for h in ("host-0", "host-1") if host_supervisor(runs_dir, stack.run_id, h) in other.pids())
         per_host: dict = {}
         result["tcp_steps_per_s"] = round(steps_rate(stack, WINDOW_S, per_host), 1)
         # each host's own rate: the far one's slot crosses the veth link, the near one's stays on this host
@@ -132,7 +132,7 @@ def run() -> dict:
         result["tcp_near_host_steps_per_s"] = next((v for k, v in per_host.items() if k.startswith("near.")), None)
         result["tcp_vs_ipc"] = round(result["tcp_steps_per_s"] / max(1e-9, result["ipc_steps_per_s"]), 3)
 
-        hung = int((runs_dir / ".agents" / "test-host-0" / "supervisor.pid").read_text())
+        hung = host_supervisor(runs_dir, stack.run_id, "host-0")
         t0 = time.monotonic()
         os.kill(hung, signal.SIGSTOP)
         stack.wait_for(lambda s: row(s, "host-0")["incarnation"] >= 1 and stepping(s, "host-0"), 150,

@@ -50,6 +50,14 @@ def kill_host_supervisors(runs_dir: Path) -> list[int]:
     return kill_trees(named, timeout=10.0)
 
 
+def host_supervisor(runs_dir: Path, run_id: str, host: str) -> int:
+    """The pid of the supervisor that ``host``'s agent started, from the agent's pid file (its state directory is
+    named by the host's run, RUN-host-N)."""
+    from fleet.agent import PID_FILE
+
+    return int((Path(runs_dir) / ".agents" / f"{run_id}-{host}" / PID_FILE).read_text())
+
+
 def host_stepping(status: dict, host: str, more_than: int = 0) -> bool:
     """Whether a fleet host is answering (``serving``), all its own children run (its simulators too) and each of
     its workers has more than ``more_than`` steps, as the head's ``status`` shows it."""

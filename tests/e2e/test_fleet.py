@@ -21,11 +21,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fleet.agent import HOST_KEY_ENV, PID_FILE
+from fleet.agent import HOST_KEY_ENV
 from harness.carla import carla_overrides, free_port_block, free_port_pair
 from harness.keys import ironhouse
 from harness.netns import OtherHost
 from harness.ray import host_stepping as stepping
+from harness.ray import host_supervisor
 from protocol import events as ev
 from protocol.roles import LEARNER
 from protocol.states import RUNNING
@@ -45,10 +46,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def host_supervisor(runs_dir, host) -> int:
-    return int((runs_dir / ".agents" / f"test-{host}" / PID_FILE).read_text())
 
 
 def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_taken_over_by_a_new_head(
@@ -89,12 +86,16 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
                                            "host_deadline_s": 8.0, "learner_silence_s": 2.0}},
                               base="configs/carla.yaml", start=False)
         runs_dir = stack.run_dir.parent
+
+        def supervisor_of(host: str) -> int:  # the pid of the supervisor host's agent runs
+            return host_supervisor(runs_dir, stack.run_id, host)
+
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0", 50) and stepping(s, "host-1", 50), 150,
                            "both hosts' workers stepping")
         assert [p["name"] for p in s["processes"]] == [LEARNER, "host-0", "host-1"]
         assert row(s, "host-0")["node"] != row(s, "host-1")["node"], "one agent per node offering carla_host"
-        far = [h for h in ("host-0", "host-1") if host_supervisor(runs_dir, h) in other.pids()]
+        far = [h for h in ("host-0", "host-1") if supervisor_of(h) in other.pids()]
         assert len(far) == 1, "one host's supervisor runs on the other host's network"
         far, near = far[0], next(h for h in ("host-0", "host-1") if h != far[0])
         names = {f"near.{near}", f"far.{far}"}  # each host under its key's name and the head's name for it
@@ -114,8 +115,8 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         # at once: the near host's supervisor SIGSTOPped (its agent and Ray are fine, it answers nothing), and the
         # far host cut off from the learner alone (its supervisor answers, Ray's link is up, its workers' steps go
         # nowhere): each caught, with evidence, and its agent replaced
-        hung = host_supervisor(runs_dir, near)
-        cut_off = host_supervisor(runs_dir, far)
+        hung = supervisor_of(near)
+        cut_off = supervisor_of(far)
         os.kill(hung, signal.SIGSTOP)
         other.block(learner_ip)
         try:
@@ -124,7 +125,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
                                f"{near} replaced and stepping, and {far} caught delivering nothing")
         finally:
             other.unblock(learner_ip)
-        assert host_supervisor(runs_dir, near) != hung and not alive(hung), "the hung supervisor was ended"
+        assert supervisor_of(near) != hung and not alive(hung), "the hung supervisor was ended"
         stalled = next(e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == near)
         assert "heartbeat" in stalled["reason"] or "progress" in stalled["reason"], stalled
         incident = stack.run_dir / row(s, near)["last_incident"]
@@ -147,12 +148,12 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         # the far host's link cut: Ray declares its node dead (its health checks fail), and the host is waited for,
         # neither stalled nor killed; the link mended, its raylet learns it was declared dead and exits, its unit
         # starts a new node, Ray places the agent there, and the new agent ends the supervisor the old one left
-        old_node, old_supervisor = row(s, far)["node"], host_supervisor(runs_dir, far)
+        old_node, old_supervisor = row(s, far)["node"], supervisor_of(far)
         stalls = len([e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far])
         other.cut()
         # meanwhile a slot of the near host frozen: its own supervisor replaces the worker, the head leaves the host
         near_incarnation = row(s, near)["incarnation"]
-        frozen = next(p for p in psutil.Process(host_supervisor(runs_dir, near)).children()
+        frozen = next(p for p in psutil.Process(supervisor_of(near)).children()
                       if "worker" in " ".join(p.cmdline()))
         frozen.suspend()
         try:
@@ -168,19 +169,19 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         assert row(s, far)["incarnation"] == 1, "a dead node is waited for, not killed"
         assert len([e for e in stack.events() if e["event"] == ev.STALLED and e["name"] == far]) == stalls
         assert not alive(old_supervisor), "the old agent's supervisor, left running in the cut, was ended"
-        assert host_supervisor(runs_dir, far) in other.pids(), "placed again on the far host"
+        assert supervisor_of(far) in other.pids(), "placed again on the far host"
         stack.wait_for(lambda s: next(h for h in row(s, LEARNER)["hosts"]
                                       if h["host"] == f"far.{far}")["last_seen_s"] < 1.0,
                        60, "the learner hearing from the far host again")
 
         # the head supervisor SIGKILLed and started again: it takes the running agents over by name
-        supervisors = {h: host_supervisor(runs_dir, h) for h in ("host-0", "host-1")}
+        supervisors = {h: supervisor_of(h) for h in ("host-0", "host-1")}
         os.killpg(stack.proc.pid, signal.SIGKILL)
         stack.proc.wait(timeout=30)
         stack.start()
         s = stack.wait_for(lambda s: stepping(s, "host-0") and stepping(s, "host-1")
                            and row(s, LEARNER)["state"] == RUNNING, 120, "the new head with both hosts")
-        assert {h: host_supervisor(runs_dir, h) for h in supervisors} == supervisors, "the hosts ran on, untouched"
+        assert {h: supervisor_of(h) for h in supervisors} == supervisors, "the hosts ran on, untouched"
 
         # stop: the agents end their hosts' supervisors (they are detached: nothing else would)
         assert stack.cli("stop").returncode == 0
