@@ -40,6 +40,7 @@ class Intake:
         self.on_episode = on_episode
         self.spec: dict | None = None
         self.replay = None  # set once the spec is known
+        self.frames = None  # the replay's frames on the device (learner.frames.DeviceFrames), where there is a copy
         self.lost_steps = 0
         self.data_arrived = threading.Event()
         # who sends: per host (HOST of a worker called HOST:worker-N; "local" for this run's own workers), its
@@ -78,6 +79,8 @@ class Intake:
                                      a["terminated"], a["truncated"], msg["env_steps"])
         if self.replay.total > entries:  # stored, not a duplicate
             self.seen(msg["worker"], self.replay.total - entries)
+            if self.frames is not None:
+                self.frames.stage(entries, a["frames"])
         if lost:
             self.lost_steps += lost
             self.log.warning("steps lost in transit", worker=msg["worker"], incarnation=msg["incarnation"], lost=lost)

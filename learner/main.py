@@ -27,6 +27,7 @@ import zmq
 
 from learner.alerts import AlertMonitor
 from learner.checkpoints import LATEST, Checkpoints
+from learner.frames import DeviceFrames
 from learner.intake import Intake
 from learner.metrics import Metrics, MetricsPipe
 from learner.replay import ReplayBuffer
@@ -224,12 +225,16 @@ class Learner:
                           transitions=self.replay.transitions_total)
         self.progress.updates = self.agent.updates
         self.progress.env_steps = self.replay.transitions_total
+        on_device = self.lcfg.frames == "device" or (self.lcfg.frames == "auto" and self.device.type != "cpu")
+        if on_device:  # the frames copied to the device once; each update's draw gathered there
+            self.agent.frames = self.intake.frames = DeviceFrames(self.replay, self.device, self.agent.copies)
         self.sampler = Sampler(self.replay, self.lock, self.lcfg, self.cfg.env.frame_stack, self.rng,
-                               self.agent.augment_on_host, self.log)
+                               self.agent.augment_on_host, self.log, draws=on_device)
         self.metrics = Metrics(self.run_dir)
         self.pipe = MetricsPipe(self.agent.host_reads, self.lcfg.metrics_read_every, self.take_metrics,
                                 self.metrics.spent)
-        self.log.info("learner ready", device=str(self.device), obs_shape=obs_shape, action_dim=spec["action_dim"],
+        self.log.info("learner ready", device=str(self.device), frames_on="device" if on_device else "host",
+                      obs_shape=obs_shape, action_dim=spec["action_dim"],
                       encoder=self.lcfg.encoder, encoder_mode=self.lcfg.encoder_mode, updates=self.agent.updates,
                       transitions=self.replay.transitions_total, lost_steps=sum(s.lost for s in
                                                                                 self.replay.streams.values()))
@@ -380,6 +385,10 @@ class Learner:
                 self.progress.set_phase("waiting_data")
                 if self.weights_version == 0:
                     self.publish_weights()  # workers act with the learner's initial policy, not their own
+                if self.agent.frames is not None:  # the frames stored meanwhile, to the device (pinned RAM freed)
+                    with self.lock:
+                        upto = self.sampler.safe_total()
+                    self.agent.frames.apply(upto)
                 self.intake.data_arrived.wait(0.02)
                 self.intake.data_arrived.clear()
         self.progress.set_phase("closing")

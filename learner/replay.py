@@ -55,6 +55,19 @@ class Batch:
         return self
 
 
+@dataclass
+class Draw:
+    """A sample named by slots: what :meth:`ReplayBuffer.draw` hands over instead of frames (kilobytes)."""
+    obs_slots: np.ndarray  # (N, k) int64: the frames of each observation's stack, oldest first
+    next_slots: np.ndarray  # (N, k): the n-step next observation's
+    action: np.ndarray
+    reward: np.ndarray
+    discount: np.ndarray
+    age: np.ndarray
+    total: int  # the replay's total when drawn: its frames are those of the writes before it
+    augmented: bool = False
+
+
 def host_random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
     """DrQ's random shift on uint8 (N, C, H, W) arrays: replicate-pad, then crop at a random offset per image."""
     n, _, h, w = frames.shape
@@ -281,23 +294,36 @@ class ReplayBuffer:
 
     # -- reading -------------------------------------------------------------
 
-    def stack(self, slots: np.ndarray, k: int) -> np.ndarray:
-        """Frame stacks ending at ``slots``: earlier frames of the same episode, the first one repeated."""
-        parts = [self.frames[slots]]
+    def stack_slots(self, slots: np.ndarray, k: int) -> np.ndarray:
+        """The slots of the frame stacks ending at ``slots``, oldest first, as (N, k): earlier frames of the same
+        episode, the episode's first one repeated where the stack reaches before it."""
+        cols = [slots]
         cur = slots
         for _ in range(k - 1):
             p = self.prev[cur]
-            ok = self.alive(p)
-            cur = np.where(ok, p % self.capacity, cur)
-            parts.append(self.frames[cur])
-        parts.reverse()
-        return np.concatenate(parts, axis=1)
+            cur = np.where(self.alive(p), p % self.capacity, cur)
+            cols.append(cur)
+        cols.reverse()
+        return np.stack(cols, axis=1)
+
+    def stack(self, slots: np.ndarray, k: int) -> np.ndarray:
+        """Frame stacks ending at ``slots``, (N, k * C, H, W): the frames of :meth:`stack_slots`."""
+        return gather_stacks(self.frames, self.stack_slots(slots, k))
 
     def sampleable(self) -> int:
         return self.transitions_total
 
     def sample(self, batch_size: int, k: int, n_step: int, gamma: float, rng: np.random.Generator) -> Batch:
-        """Uniform over stored transitions; n-step targets stop at terminals and stream ends."""
+        """Uniform over stored transitions, their frames gathered on the host (see :meth:`draw`)."""
+        d = self.draw(batch_size, k, n_step, gamma, rng)
+        return Batch(obs=gather_stacks(self.frames, d.obs_slots), action=d.action, reward=d.reward,
+                     discount=d.discount, next_obs=gather_stacks(self.frames, d.next_slots), age=d.age)
+
+    def draw(self, batch_size: int, k: int, n_step: int, gamma: float, rng: np.random.Generator) -> "Draw":
+        """Uniform over stored transitions; n-step targets stop at terminals and stream ends. The frames are named
+        by their slots, not copied: whoever gathers them must do so before those slots are written again (before
+        the replay's total passes ``Draw.total + capacity - age``: :class:`learner.frames.DeviceFrames` applies
+        writes only up to the total of the draw it gathers for)."""
         if self.total < 2:
             raise RuntimeError("replay holds no transition yet")
         lo = max(0, self.total - self.capacity)
@@ -329,6 +355,12 @@ class ReplayBuffer:
                 nxt = self.next[step]
                 running &= self.alive(nxt)
                 step = np.where(running, nxt % self.capacity, step)
-        return Batch(obs=self.stack(start, k), action=action, reward=reward,
-                     discount=discount.astype(np.float32), next_obs=self.stack(last, k),
-                     age=(self.total - chosen).astype(np.int64))
+        return Draw(obs_slots=self.stack_slots(start, k), next_slots=self.stack_slots(last, k),
+                    action=np.asarray(action), reward=reward, discount=discount.astype(np.float32),
+                    age=(self.total - chosen).astype(np.int64), total=self.total)
+
+
+def gather_stacks(frames, slots: np.ndarray) -> np.ndarray:
+    """Frames at (N, k) ``slots`` as (N, k * C, H, W) stacks: one gather on the host."""
+    n, k = slots.shape
+    return frames[slots.reshape(-1)].reshape((n, k * frames.shape[1]) + frames.shape[2:])

@@ -8,6 +8,7 @@ for it shows the reason in ``supervisor status``.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -23,7 +24,9 @@ LOG_EVERY_S = 10.0
 
 class Sampler:
     def __init__(self, replay, lock: threading.Lock, lcfg, frame_stack: int, rng: np.random.Generator,
-                 shift_on_host: bool, log=None):
+                 shift_on_host: bool, log=None, draws: bool = False):
+        """``draws``: hand over :class:`learner.replay.Draw` (slots, gathered on the device by the update) instead
+        of batches of frames gathered here; the totals of the draws not yet taken are kept (:meth:`safe_total`)."""
         self.replay = replay
         self.lock = lock
         self.lcfg = lcfg
@@ -31,6 +34,8 @@ class Sampler:
         self.rng = rng
         self.shift_on_host = shift_on_host  # on a CPU, DrQ's random shift happens here, off the update's path
         self.batches: queue.Queue = queue.Queue(maxsize=2)
+        self.draws = draws
+        self.outstanding: collections.deque = collections.deque()  # the totals of draws made and not yet taken
         self.log = log
         self.failing: str | None = None  # the last error while sampling fails; None while it works
         self.failing_since: float | None = None
@@ -46,8 +51,12 @@ class Sampler:
         while not stopping():
             try:
                 with self.lock:
-                    batch = self.replay.sample(lcfg.batch_size, self.frame_stack, lcfg.n_step, lcfg.gamma,
-                                               self.rng) if self.ready() else None
+                    batch = None
+                    if self.ready():
+                        sample = self.replay.draw if self.draws else self.replay.sample
+                        batch = sample(lcfg.batch_size, self.frame_stack, lcfg.n_step, lcfg.gamma, self.rng)
+                        if self.draws:
+                            self.outstanding.append(batch.total)
             except Exception as exc:  # never die silently: say why, wait, try again
                 self.note_failure(exc)
                 time.sleep(pause)
@@ -58,7 +67,7 @@ class Sampler:
             if batch is None:
                 time.sleep(0.01)
                 continue
-            if self.shift_on_host:
+            if self.shift_on_host and not self.draws:
                 batch.shift_on_host(lcfg.augment_pad, self.rng)
             while not stopping():
                 try:
@@ -79,6 +88,14 @@ class Sampler:
     def next(self, timeout_s: float = 0.1):
         """A ready batch, or None when none came in time."""
         try:
-            return self.batches.get(timeout=timeout_s)
+            batch = self.batches.get(timeout=timeout_s)
         except queue.Empty:
             return None
+        if self.draws:
+            self.outstanding.popleft()
+        return batch
+
+    def safe_total(self) -> int:
+        """Writes before this serial may reach the device's copy of the frames without overwriting a slot that a
+        draw not yet taken names (call under the replay's lock, so no draw is being made meanwhile)."""
+        return self.outstanding[0] if self.outstanding else self.replay.total

@@ -31,11 +31,12 @@ from __future__ import annotations
 import copy
 import functools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from learner.frames import DeviceFrames, HostToDevice
+from learner.replay import Batch, Draw
 from policy.network import Actor, Policy, is_image, make_encoder, make_trunk, orthogonal_init, scale_frames
 from protocol.config import q_max  # noqa: F401  (the learner's callers import it from here)
 
@@ -153,6 +154,8 @@ class TD3Agent:
         self.actor_opt = torch.optim.Adam(groups, fused=True)
         self.updates = 0
         self.host_reads = HostReads()
+        self.copies = HostToDevice(device)
+        self.frames: DeviceFrames | None = None  # the replay's frames on the device, where draws are gathered
 
     def _targets(self):
         return [m for m in (self.critic_encoder_target, self.critic_target, self.actor_target,
@@ -184,19 +187,16 @@ class TD3Agent:
 
     # -- data ----------------------------------------------------------------
 
-    def to_device(self, batch) -> dict[str, torch.Tensor]:
-        """Host arrays to the device; frames stay uint8 until there (a quarter of the bytes)."""
-        pin = self.device.type == "cuda"
-
-        def move(a, dtype=None):
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            if pin:
-                t = t.pin_memory()
-            t = t.to(self.device, non_blocking=pin)
-            return t if dtype is None else t.to(dtype)
-
-        return {"obs": move(batch.obs), "next_obs": move(batch.next_obs), "action": move(batch.action),
-                "reward": move(batch.reward), "discount": move(batch.discount)}
+    def to_device(self, batch: Batch | Draw) -> dict[str, torch.Tensor]:
+        """A batch's arrays on the device, through one counting gate (``self.copies``). A :class:`Batch` brings its
+        frames (uint8 until there: a quarter of the bytes); a :class:`Draw` names them by slot, gathered from the
+        replay's copy on the device (``self.frames``): then only kilobytes cross."""
+        if isinstance(batch, Draw):
+            obs, next_obs = self.frames.stacks(batch)
+        else:
+            obs, next_obs = self.copies.copy(batch.obs), self.copies.copy(batch.next_obs)
+        return {"obs": obs, "next_obs": next_obs, "action": self.copies.copy(batch.action),
+                "reward": self.copies.copy(batch.reward), "discount": self.copies.copy(batch.discount)}
 
     def _prep(self, obs: torch.Tensor, augmented: bool = False) -> torch.Tensor:
         """Scaled float frames in channels-last layout, randomly shifted unless the sampler already did."""
@@ -242,7 +242,7 @@ class TD3Agent:
         metrics: dict[str, torch.Tensor] = {}
         before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
                   for k, ps in self.modules().items()} if detailed else None
-        aug = getattr(batch, "augmented", False)
+        aug = batch.augmented
         obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
         target_q = self.td_target(b["reward"], b["discount"], next_obs)
         h = self.encode(self.critic_encoder, obs)  # trained through the critic loss

@@ -239,6 +239,10 @@ class LearnerConfig(_Section):
     # updates whose metrics are read from the device together (one wait for the device per this many updates;
     # alerts fire at the same update numbers, up to this many updates later)
     metrics_read_every: int = Field(10, ge=1)
+    # where an update's frame stacks are gathered: "device", from a copy of the replay's frames in device memory
+    # (only the slots cross to it: learner/frames.py); "host", by the sampler thread from the memory map (the
+    # frames cross each update); "auto": device on a GPU, host on a CPU (where a copy would only double the RAM)
+    frames: Literal["auto", "device", "host"] = "auto"
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False
     compile: bool = False

@@ -91,12 +91,14 @@ def test_crash_looping_worker_ends_failed_while_the_other_keeps_stepping(stack_f
 
 
 def test_default_image_config_runs_to_completion(stack_factory):
-    """The embedded default (racetrack camera frames, stacked by the workers) end to end, tiny."""
+    """The embedded default (racetrack camera frames, stacked by the workers) end to end, tiny; its frames gathered
+    from a copy as a GPU's learner keeps one (staged by the intake, applied in order by the update loop)."""
     stack = stack_factory({"run": {"max_timesteps": 300},
                            "workers": {"start_steps": 100},
                            "learner": {"batch_size": 16, "learning_starts": 100, "replay_capacity": 2000,
                                        "updates_per_step": 0.1, "hidden_dim": 32, "feature_dim": 16,
-                                       "checkpoint_every": 10, "publish_every": 5, "log_every": 5}},
+                                       "checkpoint_every": 10, "publish_every": 5, "log_every": 5,
+                                       "frames": "device"}},
                           base="configs/default.yaml")
     assert stack.proc.wait(timeout=200) == 0, stack.diagnostics()
     events = stack.events()
@@ -107,6 +109,8 @@ def test_default_image_config_runs_to_completion(stack_factory):
     assert index["transitions_total"] >= 300
     frames = np.load(stack.run_dir / "replay" / "frames.npy", mmap_mode="r")
     assert frames[: index["total"]].max() > 0, "camera frames are rendered, not blank"
+    ready = [json.loads(line) for line in stack.log("learner").splitlines() if '"learner ready"' in line]
+    assert ready and ready[0]["frames_on"] == "device"
 
 
 def test_children_die_with_a_killed_supervisor_and_the_run_resumes(stack_factory):
