@@ -9,11 +9,16 @@ device, read every ``learner.metrics_read_every`` updates.
 
 Then the same at batch 2, where the compute is nil and what is left is each
 update's host overhead (launches, Python, reads): ours against SB3 at batch 2.
+
+On a GPU (``run_gpu``): shared and separate, fp32 and bf16, with the frames on the
+device and the update graphed, against SB3 in the same run, and the earlier path
+(frames from the host, eager updates) beside them, each with a profile: ms per
+update, launches and kernels per update, the host's time blocked, bytes copied to
+the device per update.
 """
 
 from __future__ import annotations
 
-import queue
 import tempfile
 import threading
 import time
@@ -39,9 +44,16 @@ class ImageEnv(gym.Env):
         return self.observation_space.sample(), 0.0, False, False, {}
 
 
-def ours(mode: str, device: torch.device, steps: int, entries: int = 5000, batch: int = BATCH) -> float:
+def ours(mode: str, device: torch.device, steps: int, entries: int = 5000, batch: int = BATCH,
+         frames: str = "host", amp: bool = False, cuda_graph: bool = True, profile: bool = False) -> dict:
+    """Our updates/s through the learner's own pieces: its sampler thread, its updater (graphed on a GPU whose
+    frames are on the device), its metrics pipe. ``frames``: where stacks are gathered (learner.frames).
+    ``profile`` (a GPU): launches, kernels and host time blocked per update, from torch's profiler."""
+    from learner.frames import DeviceFrames
+    from learner.graphs import GraphedUpdates
     from learner.metrics import MetricsPipe
     from learner.replay import ReplayBuffer
+    from learner.sampler import Sampler
     from learner.td3 import TD3Agent
     from protocol.config import LearnerConfig
 
@@ -54,49 +66,64 @@ def ours(mode: str, device: torch.device, steps: int, entries: int = 5000, batch
             rb.add_batch("w/0", seq, first, rng.integers(0, 255, (100,) + FRAME, dtype=np.uint8),
                          rng.uniform(-1, 1, (100, 2)).astype(np.float32), rng.normal(size=100).astype(np.float32),
                          np.zeros(100, np.uint8), np.zeros(100, np.uint8))
-        lcfg = LearnerConfig(encoder="nature", encoder_mode=mode, batch_size=batch)
+        lcfg = LearnerConfig(encoder="nature", encoder_mode=mode, batch_size=batch, amp=amp, cuda_graph=cuda_graph,
+                             learning_starts=0)
         agent = TD3Agent((STACK,) + FRAME[1:], 2, lcfg, device)
+        draws = frames == "device"
+        if draws:
+            agent.frames = DeviceFrames(rb, device, agent.copies)
+        updater = GraphedUpdates(agent) if draws and agent.graphed else agent
         pipe = MetricsPipe(agent.host_reads, lcfg.metrics_read_every, lambda *_: None)
-
-        def update(b):  # the learner's loop: the update, its metrics read with their neighbours'
-            keys, values = agent.update_deferred(b)
-            pipe.add(agent.updates, keys, values, 0.0)
-
-        # the learner's pipeline: a sampler thread (gather, stack, shift on the host) feeds the update loop
-        batches: queue.Queue = queue.Queue(maxsize=2)
+        sampler = Sampler(rb, threading.Lock(), lcfg, STACK, np.random.default_rng(1), agent.augment_on_host,
+                          draws=draws)
         stop = threading.Event()
+        thread = threading.Thread(target=sampler.run, args=(stop.is_set,), daemon=True)
+        thread.start()
 
-        def sample_loop():
-            srng = np.random.default_rng(1)
-            while not stop.is_set():
-                b = rb.sample(batch, STACK, 3, 0.99, srng)
-                if agent.augment_on_host:
-                    b.shift_on_host(4, srng)
-                while not stop.is_set():
-                    try:
-                        batches.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+        def updates(n):  # the learner's loop: the update, its metrics read with their neighbours'
+            for _ in range(n):
+                b = None
+                while b is None:
+                    b = sampler.next()
+                keys, values = updater.update_deferred(b)
+                pipe.add(agent.updates, keys, values, 0.0)
+            pipe.flush()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
-        sampler = threading.Thread(target=sample_loop, daemon=True)
-        sampler.start()
         try:
-            for _ in range(3):  # warm-up
-                update(batches.get())
-            pipe.flush()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            updates(10)  # warm-up (on a GPU: the eager updates, then both graphs captured)
+            copied = agent.copies.bytes
             t0 = time.perf_counter()
-            for _ in range(steps):
-                update(batches.get())
-            pipe.flush()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return steps / (time.perf_counter() - t0)
+            updates(steps)
+            out = {"updates_per_s": steps / (time.perf_counter() - t0),
+                   "h2d_bytes_per_update": (agent.copies.bytes - copied) / steps}
+            if profile and device.type == "cuda":
+                out.update(profiled(lambda: updates(20), 20))
+            return out
         finally:
             stop.set()
-            sampler.join()
+            thread.join()
+
+
+def profiled(work, n: int) -> dict:
+    """Per update, from torch's profiler: kernel and graph launches from the host, kernels run on the device, and
+    the host's time blocked on the device (synchronisations and reads)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        work()
+    launches = kernels = 0
+    blocked_us = 0.0
+    for e in prof.events():
+        if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaGraphLaunch"):
+            launches += 1
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+        if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            blocked_us += e.cpu_time_total
+    return {"launches_per_update": launches / n, "kernels_per_update": kernels / n,
+            "blocked_ms_per_update": blocked_us / 1000 / n}
 
 
 def sb3(device: torch.device, steps: int, batch: int = BATCH) -> float:
@@ -125,25 +152,57 @@ def sb3(device: torch.device, steps: int, batch: int = BATCH) -> float:
 
 def run(steps: int = 30) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return run_gpu(device) if device.type == "cuda" else run_cpu(device, min(steps, 30))
+
+
+def run_cpu(device: torch.device, steps: int) -> dict:
     torch.manual_seed(0)
-    if device.type == "cpu":
-        steps = min(steps, 30)
     base = sb3(device, steps)
     shared = ours("shared", device, steps)
     separate = ours("separate", device, steps)
+    drawn = ours("shared", device, steps, frames="device")
     print(f"TD3 updates/s on {device.type} ({torch.get_num_threads()} threads), batch {BATCH}, 84x84x{STACK}, "
           f"nature encoder:")
     print(f"  SB3 TD3 CnnPolicy (baseline): {base:7.2f}")
-    print(f"  ours, shared encoder:         {shared:7.2f}   ratio {shared / base:.2f}x   target >= 2x: "
-          f"{'met' if shared / base >= 2 else 'MISSED'}")
-    print(f"  ours, separate encoders:      {separate:7.2f}   ratio {separate / base:.2f}x")
+    print(f"  ours, shared encoder:         {shared['updates_per_s']:7.2f}   ratio {shared['updates_per_s'] / base:.2f}x"
+          f"   target >= 2x: {'met' if shared['updates_per_s'] / base >= 2 else 'MISSED'}")
+    print(f"  ours, separate encoders:      {separate['updates_per_s']:7.2f}   ratio "
+          f"{separate['updates_per_s'] / base:.2f}x")
+    print(f"  ours, shared, frames gathered from a copy (learner.frames: device): {drawn['updates_per_s']:7.2f}   "
+          f"ratio {drawn['updates_per_s'] / base:.2f}x; host-to-device bytes per update "
+          f"{drawn['h2d_bytes_per_update']:,.0f} (frames from the host: {shared['h2d_bytes_per_update']:,.0f})")
     small = 2  # compute is nil: each update's host overhead
-    small_steps = 300 if device.type == "cpu" else 1000
+    small_steps = 300
     base_small = sb3(device, small_steps, small)
-    shared_small = ours("shared", device, small_steps, batch=small)
+    shared_small = ours("shared", device, small_steps, batch=small)["updates_per_s"]
     print(f"host overhead, batch {small} (updates/s; more is less overhead):")
     print(f"  SB3 TD3 CnnPolicy (baseline): {base_small:7.2f}")
     print(f"  ours, shared encoder:         {shared_small:7.2f}   ratio {shared_small / base_small:.2f}x")
-    return {"device": device.type, "sb3": base, "shared": shared, "separate": separate,
-            "ratio_shared": shared / base, "ratio_separate": separate / base, "sb3_batch2": base_small,
-            "shared_batch2": shared_small, "ratio_shared_batch2": shared_small / base_small}
+    return {"device": device.type, "sb3": base, "shared": shared, "separate": separate, "shared_frames_device": drawn,
+            "ratio_shared": shared["updates_per_s"] / base, "ratio_separate": separate["updates_per_s"] / base,
+            "sb3_batch2": base_small, "shared_batch2": shared_small, "ratio_shared_batch2": shared_small / base_small}
+
+
+def run_gpu(device: torch.device, steps: int = 300) -> dict:
+    """The GPU mode: shared and separate, fp32 and bf16, graphed with the frames on the device, against SB3 in the
+    same run; the learner's earlier path (frames from the host, eager) profiled beside it. Target: >= 1,000
+    updates/s shared fp32 on an H200."""
+    torch.manual_seed(0)
+    base = sb3(device, steps)
+    print(f"TD3 updates/s on {torch.cuda.get_device_name(device)}, batch {BATCH}, 84x84x{STACK}, nature encoder:")
+    print(f"  SB3 TD3 CnnPolicy (baseline): {base:8.1f}")
+    out: dict = {"device": torch.cuda.get_device_name(device), "sb3": base}
+    cases = [("eager_host_frames", dict(mode="shared", frames="host", cuda_graph=False)),
+             ("eager_device_frames", dict(mode="shared", frames="device", cuda_graph=False))]
+    cases += [(f"{mode}_{'bf16' if amp else 'fp32'}", dict(mode=mode, frames="device", amp=amp))
+              for mode in ("shared", "separate") for amp in (False, True)]
+    for name, kw in cases:
+        r = ours(device=device, steps=steps, profile=True, **kw)
+        out[name] = r
+        print(f"  ours, {name:22s} {r['updates_per_s']:8.1f}   ratio {r['updates_per_s'] / base:6.2f}x   "
+              f"{1000 / r['updates_per_s']:.2f} ms/update, {r['launches_per_update']:.0f} launches, "
+              f"{r['kernels_per_update']:.0f} kernels, {r['blocked_ms_per_update']:.3f} ms blocked, "
+              f"{r['h2d_bytes_per_update']:,.0f} B to the device per update")
+    rate = out["shared_fp32"]["updates_per_s"]
+    print(f"  target >= 1,000 updates/s shared fp32: {'met' if rate >= 1000 else 'MISSED'} ({rate:.0f})")
+    return out

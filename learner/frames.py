@@ -39,13 +39,16 @@ class HostToDevice:
         self.bytes = 0
         self.copies = 0
 
-    def copy(self, array: np.ndarray) -> torch.Tensor:
+    def copy(self, array: np.ndarray, into: torch.Tensor | None = None) -> torch.Tensor:
+        """``array`` on the device; ``into``: written into that tensor (a CUDA graph's input) instead of a new one."""
         array = np.ascontiguousarray(array)
         self.bytes += array.nbytes
         self.copies += 1
         t = torch.from_numpy(array)
         if self.pin:
             t = t.pin_memory()
+        if into is not None:
+            return into.copy_(t.view_as(into), non_blocking=self.pin)
         return t.to(self.device, non_blocking=self.pin)
 
 
@@ -101,14 +104,24 @@ class DeviceFrames:
     def stacks(self, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
         """The draw's observations and next observations, (N, k * C, H, W) on the device: the copy brought up to
         the draw's total, then one gather (the slots are the only bytes that cross)."""
+        self.ready_for(draw)
+        return self.gather(self.copies.copy(self.slots(draw)), *draw.obs_slots.shape)
+
+    def ready_for(self, draw: Draw) -> None:
+        """Apply the writes before the draw's total; refuse a draw older than writes already applied."""
         if draw.total < self.applied:  # the copy already holds writes the draw's slots may not survive
             raise RuntimeError(f"a draw at total {draw.total} gathered after writes up to {self.applied} were "
                                "applied: its frames may be overwritten")
         self.apply(draw.total)
-        n, k = draw.obs_slots.shape
-        slots = np.concatenate([draw.obs_slots, draw.next_slots]).astype(np.int32 if self.replay.capacity < 2**31
-                                                                          else np.int64)
-        idx = self.copies.copy(slots.reshape(-1))
+
+    def slots(self, draw: Draw) -> np.ndarray:
+        """The slots of the draw's observations then its next observations, flat, as the gather takes them."""
+        dtype = np.int32 if self.replay.capacity < 2**31 else np.int64
+        return np.concatenate([draw.obs_slots, draw.next_slots]).astype(dtype).reshape(-1)
+
+    def gather(self, idx: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacks of ``k`` frames at ``idx`` (from :meth:`slots`, on the device) for ``n`` observations and ``n``
+        next observations: one ``index_select``, nothing read on the host."""
         both = self.frames.index_select(0, idx)
         both = both.reshape((2 * n, k * self.frames.shape[1]) + tuple(self.frames.shape[2:]))
         return both[:n], both[n:]

@@ -28,6 +28,7 @@ import zmq
 from learner.alerts import AlertMonitor
 from learner.checkpoints import LATEST, Checkpoints
 from learner.frames import DeviceFrames
+from learner.graphs import GraphedUpdates
 from learner.intake import Intake
 from learner.metrics import Metrics, MetricsPipe
 from learner.replay import ReplayBuffer
@@ -76,6 +77,12 @@ def restore_rng(state: dict, rng: np.random.Generator) -> None:
     rng.bit_generator.state = state["numpy"]
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def call_size(updates: int, due: int, per_call: int, *every: int) -> int:
+    """How many updates one call of the update loop makes: at most ``per_call`` and the updates due, and none past
+    the next multiple of any of ``every`` (the updates that log, publish and checkpoint end a call)."""
+    return max(0, min(per_call, due - updates, *(e - updates % e for e in every)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -230,6 +237,8 @@ class Learner:
             self.agent.frames = self.intake.frames = DeviceFrames(self.replay, self.device, self.agent.copies)
         self.sampler = Sampler(self.replay, self.lock, self.lcfg, self.cfg.env.frame_stack, self.rng,
                                self.agent.augment_on_host, self.log, draws=on_device)
+        # on a GPU whose update is graphed, updates are replayed; the eager update is the reference
+        self.updater = GraphedUpdates(self.agent) if on_device and self.agent.graphed else self.agent
         self.metrics = Metrics(self.run_dir)
         self.pipe = MetricsPipe(self.agent.host_reads, self.lcfg.metrics_read_every, self.take_metrics,
                                 self.metrics.spent)
@@ -287,20 +296,29 @@ class Learner:
 
     # -- updates ----------------------------------------------------------------
 
-    def train_step(self) -> bool:
-        batch = self.sampler.next()
-        if batch is None:
-            return False
+    def train_step(self) -> int:
+        """Up to ``learner.updates_per_call`` updates (as many as are due and ready), ending at the next update that
+        logs, publishes or checkpoints, so the loop checks those, and the rate limiter, once per call. Returns how
+        many updates it made."""
+        lcfg = self.lcfg
+        room = call_size(self.agent.updates, self.updates_due(), lcfg.updates_per_call, lcfg.log_every,
+                         lcfg.publish_every, lcfg.checkpoint_every)
+        batches = [self.sampler.next()]
+        if batches[0] is None:
+            return 0
+        while len(batches) < room and (batch := self.sampler.next(timeout_s=0)) is not None:
+            batches.append(batch)
         t0 = time.perf_counter()
-        detailed = (self.agent.updates + 1) % self.lcfg.log_every == 0
-        keys, values = self.agent.update_deferred(batch, detailed=detailed)  # nothing here waits for the device
-        self.metrics.spent(time.perf_counter() - t0, 1)
+        for batch in batches:
+            detailed = (self.agent.updates + 1) % lcfg.log_every == 0
+            keys, values = self.updater.update_deferred(batch, detailed=detailed)  # nothing waits for the device
+            self.pipe.add(self.agent.updates, keys, values, float(batch.age.mean()))
+        self.metrics.spent(time.perf_counter() - t0, len(batches))
         self.progress.updates = self.agent.updates
-        self.pipe.add(self.agent.updates, keys, values, float(batch.age.mean()))
-        if self.agent.updates % self.lcfg.log_every == 0:
+        if self.agent.updates % lcfg.log_every == 0:
             self.pipe.flush()
             self.write_metrics()
-        return True
+        return len(batches)
 
     def take_metrics(self, updates: int, metrics: dict[str, float], sample_age: float) -> None:
         """One update's metrics, read from the device with its neighbours': TensorBoard's window and the alerts."""

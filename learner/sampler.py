@@ -33,7 +33,8 @@ class Sampler:
         self.frame_stack = frame_stack
         self.rng = rng
         self.shift_on_host = shift_on_host  # on a CPU, DrQ's random shift happens here, off the update's path
-        self.batches: queue.Queue = queue.Queue(maxsize=2)
+        # frames gathered here are megabytes a batch: two ready; draws are kilobytes: a call's worth of updates
+        self.batches: queue.Queue = queue.Queue(maxsize=lcfg.updates_per_call + 1 if draws else 2)
         self.draws = draws
         self.outstanding: collections.deque = collections.deque()  # the totals of draws made and not yet taken
         self.log = log
@@ -86,9 +87,9 @@ class Sampler:
             self.log.error("sampling failed; retrying", error=repr(exc)[:500])
 
     def next(self, timeout_s: float = 0.1):
-        """A ready batch, or None when none came in time."""
+        """A ready batch, or None when none came in time (``timeout_s`` 0: none ready now)."""
         try:
-            batch = self.batches.get(timeout=timeout_s)
+            batch = self.batches.get(timeout=timeout_s) if timeout_s > 0 else self.batches.get_nowait()
         except queue.Empty:
             return None
         if self.draws:

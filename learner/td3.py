@@ -143,15 +143,18 @@ class TD3Agent:
             for m in (self.critic_encoder, self.critic, actor, self.critic_encoder_target, self.critic_target,
                       self.actor_target):
                 m.compile()
+        # updates captured as CUDA graphs (learner/graphs.py): their optimizers keep their step counts on the device
+        self.graphed = bool(cfg.cuda_graph) and device.type == "cuda"
         # optimizers
         # fused: one kernel for all of a step's parameters, instead of a handful per parameter (and no host read
         # of each parameter's step count, as the CPU's per-parameter Adam makes)
         self.critic_opt = torch.optim.Adam(
-            list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr, fused=True)
+            list(self.critic_encoder.parameters()) + list(self.critic.parameters()), lr=cfg.critic_lr, fused=True,
+            capturable=self.graphed)
         groups = [{"params": list(actor.parameters()), "lr": cfg.actor_lr}]
         if self.separate:
             groups.append({"params": list(actor_encoder.parameters()), "lr": cfg.actor_cnn_lr})
-        self.actor_opt = torch.optim.Adam(groups, fused=True)
+        self.actor_opt = torch.optim.Adam(groups, fused=True, capturable=self.graphed)
         self.updates = 0
         self.host_reads = HostReads()
         self.copies = HostToDevice(device)
@@ -183,7 +186,19 @@ class TD3Agent:
             self.actor_encoder_target.load_state_dict(state["actor_encoder_target"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.actor_opt.load_state_dict(state["actor_opt"])
+        self._optimizer_flags()
         self.updates = int(state["updates"])
+
+    def _optimizer_flags(self) -> None:
+        """Fused, and capturable where updates are graphed, whatever a checkpoint's optimizers were saved with
+        (loading restores the saved flags): a checkpoint from before fused Adam, or from a learner without graphs,
+        resumes on the fast path. The same Adam either way; fused keeps each step count on the device, in fp32."""
+        for opt in (self.critic_opt, self.actor_opt):
+            for group in opt.param_groups:
+                group.update(fused=True, foreach=None, capturable=self.graphed)
+            for p, state in opt.state.items():
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
     # -- data ----------------------------------------------------------------
 
@@ -212,7 +227,8 @@ class TD3Agent:
         """Encoder features in fp32; with ``amp`` the convolutions alone run in bf16."""
         if not self.amp:
             return encoder(x)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        # no cache of cast weights: a CUDA graph's capture forbids it, and each weight is cast once per call anyway
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
             return encoder(x).float()
 
     # -- update --------------------------------------------------------------
@@ -237,25 +253,33 @@ class TD3Agent:
         Returns the metrics' names and their values as one tensor on the device, not read: nothing in the step
         waits for the device. ``detailed`` adds parameter norms and update ratios (they cost a parameter copy).
         """
-        cfg = self.cfg
         b = self.to_device(batch)
-        metrics: dict[str, torch.Tensor] = {}
         before = {k: torch.cat([p.detach().flatten() for p in ps]).clone()
                   for k, ps in self.modules().items()} if detailed else None
-        aug = batch.augmented
-        obs, next_obs = self._prep(b["obs"], aug), self._prep(b["next_obs"], aug)
-        target_q = self.td_target(b["reward"], b["discount"], next_obs)
-        h = self.encode(self.critic_encoder, obs)  # trained through the critic loss
-        metrics.update(self.update_critic(h, b["action"], target_q))
-        metrics["train/batch_reward"] = b["reward"].mean()
+        metrics = self.step(b, batch.augmented, self.actor_due())
         self.updates += 1
-        if self.updates % cfg.policy_delay == 0:
-            metrics.update(self.update_actor(obs, h.detach()))
-            self.soft_update()
         if detailed:
             metrics.update(self.parameter_metrics(before))
         keys = tuple(metrics)
         return keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+
+    def actor_due(self) -> bool:
+        """Whether the next update steps the actor and the targets too (every ``policy_delay``-th)."""
+        return (self.updates + 1) % self.cfg.policy_delay == 0
+
+    def step(self, b: dict[str, torch.Tensor], augmented: bool, actor: bool) -> dict[str, torch.Tensor]:
+        """The update's work on the device, from its inputs there (what :mod:`learner.graphs` captures): no host
+        value read, no host value decides anything in it but ``augmented`` and ``actor``."""
+        metrics: dict[str, torch.Tensor] = {}
+        obs, next_obs = self._prep(b["obs"], augmented), self._prep(b["next_obs"], augmented)
+        target_q = self.td_target(b["reward"], b["discount"], next_obs)
+        h = self.encode(self.critic_encoder, obs)  # trained through the critic loss
+        metrics.update(self.update_critic(h, b["action"], target_q))
+        metrics["train/batch_reward"] = b["reward"].mean()
+        if actor:
+            metrics.update(self.update_actor(obs, h.detach()))
+            self.soft_update()
+        return metrics
 
     def parameter_metrics(self, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each group's parameter norm, and the norm of this update's change relative to the norm before it."""

@@ -246,6 +246,10 @@ class LearnerConfig(_Section):
     torch_threads: int = Field(0, ge=0)  # 0: torch's default
     amp: bool = False
     compile: bool = False
+    # on a GPU, each update captured once as a CUDA graph and replayed (one launch instead of hundreds; its
+    # frames must be on the device: learner.frames), several per call of the update loop
+    cuda_graph: bool = True
+    updates_per_call: int = Field(8, ge=1)  # the rate limiter, publishing and checkpoints are checked per call
     # also bind tcp://HOST:PORT (steps; weights on PORT+1) for workers on other hosts; off loopback it needs
     # CurveZMQ: the learner's key pair and a directory of the public keys of the hosts allowed in
     listen: str | None = None

@@ -547,3 +547,39 @@ def test_the_device_shift_grid_is_built_once_and_shifts_by_whole_pixels():
                         padding_mode="zeros", align_corners=False)
     for i, (ox, oy) in enumerate(offsets.int().tolist()):
         assert torch.allclose(out[i], padded[i, :, oy:oy + h, ox:ox + h], atol=1e-5), i
+
+
+def test_a_checkpoint_of_unfused_optimizers_resumes_fused_with_the_same_steps():
+    """Loading an optimizer restores the flags it was saved with: a checkpoint from before fused Adam would have
+    resumed on the per-parameter path (same math, slower, a host read per parameter on a CPU)."""
+    torch.manual_seed(0)
+    old = TD3Agent((5,), 2, cfg(batch_size=4), torch.device("cpu"))
+    for opt in (old.critic_opt, old.actor_opt):  # as an older learner made them
+        for group in opt.param_groups:
+            group.update(fused=None, foreach=None)
+    for i in range(4):
+        old.update(batch((5,), n=4, dtype=np.float32, seed=i))
+    state = old.state_dict()
+    assert state["critic_opt"]["param_groups"][0]["fused"] is None
+    new = TD3Agent((5,), 2, cfg(batch_size=4), torch.device("cpu"))
+    new.load_state_dict(state)
+    for opt in (new.critic_opt, new.actor_opt):
+        assert all(g["fused"] is True and not g["capturable"] for g in opt.param_groups)
+        steps = {float(s["step"]) for s in opt.state.values()}
+        assert steps == ({4.0} if opt is new.critic_opt else {2.0})
+        assert all(s["step"].dtype == torch.float32 for s in opt.state.values())
+    before = params(new.critic)
+    new.update(batch((5,), n=4, dtype=np.float32, seed=9))
+    assert changed(before, new.critic)
+    assert float(next(iter(new.critic_opt.state.values()))["step"]) == 5.0
+
+
+def test_a_call_of_the_update_loop_ends_at_the_updates_that_log_publish_or_checkpoint():
+    from learner.main import call_size
+    assert call_size(0, 1000, 8, 100, 100, 5000) == 8
+    assert call_size(96, 1000, 8, 100, 100, 5000) == 4  # update 100 logs and publishes: the call ends there
+    assert call_size(100, 1000, 8, 100, 30, 5000) == 8
+    assert call_size(118, 1000, 8, 100, 30, 5000) == 2  # 120 publishes
+    assert call_size(50, 53, 8, 100, 100, 5000) == 3  # only three are due
+    assert call_size(53, 53, 8, 100, 100, 5000) == 0
+    assert call_size(7, 1000, 1, 100, 100, 5000) == 1
