@@ -315,6 +315,9 @@ class SimulatorsConfig(_Section):
     port_stride: int = Field(10, ge=3)  # slot i: RPC base + i*stride, streaming +1, secondary +2
     tm_base_port: int = Field(8000, ge=1024, le=65000)  # Traffic Manager of slot i: tm_base_port + i
     gpus: list[str] = Field(default_factory=list)  # GPU ids given to slots round-robin; empty: no GPU request
+    # each container's memory, swap included ("24g", "512m"; Docker's units): a leaking server is OOM-killed on its
+    # own (and named so) instead of taking the host down; none: no limit
+    memory_limit: str | None = Field(None, pattern=r"^[1-9][0-9]*[bkmg]$")
     ready_timeout_s: float = Field(120.0, gt=0.0)  # from start to the first answered request (map loading)
     probe_interval_s: float = Field(1.0, gt=0.0)
     probe_timeout_s: float = Field(2.0, gt=0.0)

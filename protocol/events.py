@@ -83,8 +83,10 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
         "alert": "level:rule@update"}),
     EventKind(STALLED, "a child missed a deadline; evidence is captured before it is killed", {
         "pid": "its pid", "reason": "which deadline, by how much", "heartbeat": "its last heartbeat"}),
-    EventKind(EVIDENCE_CAPTURED, "evidence of a stall was written", {
-        "incident": "the incident directory, relative to the run directory"}),
+    EventKind(EVIDENCE_CAPTURED, "evidence of a stall was written and the stall's cause named from it", {
+        "incident": "the incident directory, relative to the run directory",
+        "cause": "the stall's cause (protocol/causes.py; unknown where no rule names it)",
+        "advice": "what to do about it, in one line", "because": "the signs that named it"}),
     EventKind(EVIDENCE_FAILED, "evidence could not be captured; the kill went on without it", {
         "error": "what went wrong"}),
     EventKind(TERMINATING, "SIGTERM (and SIGCONT) sent; SIGKILL follows after the grace period", {
@@ -93,7 +95,9 @@ EVENT_KINDS: dict[str, EventKind] = {k.kind: k for k in [
         "pid": "its pid", "after_s": "seconds since SIGTERM"}),
     EventKind(EXITED, "a child's process ended", {
         "pid": "its pid", "code": "exit status; -N for signal N",
-        "state": "its state when it ended (running, stalled, stopping, ...)"}),
+        "state": "its state when it ended (running, stalled, stopping, ...)",
+        "cause": "why it ended, where it ended on its own (protocol/causes.py of_exit: crashed, killed_by_SIGKILL, "
+                 "fatal, ...)"}),
     EventKind(BACKOFF, "a child will be restarted after a delay", {
         "delay_s": "the delay", "restarts": "restarts so far", "code": "the exit status that caused it"}),
     EventKind(FAILED, "a child is not restarted again", {

@@ -72,6 +72,12 @@ class HeartbeatSender(threading.Thread):
     def fatal(self, message: str) -> int:
         """Say why a restart would not help (one line, in the next beat's ``detail``), beat at once, and give the
         beat time to leave the process; returns the exit code that tells the supervisor so."""
+        self.last_word(message)
+        return EXIT_FATAL
+
+    def last_word(self, message: str) -> None:
+        """Say ``message`` in a last beat's ``detail`` (why this process ends), beat at once, give the beat time
+        to leave the process, and stop beating: the supervisor reads it before it sees the exit."""
         self.progress.detail = message[:MAX_DETAIL_CHARS]
         if self.is_alive():
             seen = self.beats
@@ -83,7 +89,6 @@ class HeartbeatSender(threading.Thread):
             self._linger_ms = 2000
             self.stop()
             self.join(timeout=3.0)
-        return EXIT_FATAL
 
     def steps_per_s(self, now: float, steps: int) -> float:
         self._rate_window.append((now, steps))

@@ -25,6 +25,7 @@ def fault_outcomes(events: list[dict]) -> list[dict]:
 
     For a fault the stack must repair (``expect: restart``): ``detected`` (the
     first ``stalled`` or ``exited`` of the target's pid after it), ``detect_s``,
+    ``cause`` (named from the stall's evidence, or the exit's status),
     ``recover_s`` (to the target's first ``running`` as a new incarnation), ``ok``
     when it was replaced. For one it must shrug off (``no_restart``): ``restarted``
     (a stall, or an exit the child did not ask for, of the target, or for
@@ -50,7 +51,7 @@ def fault_outcomes(events: list[dict]) -> list[dict]:
 def _row(f: dict) -> dict:
     return {"id": f.get("id"), "fault": f.get("fault"), "target": f.get("target"), "time": f["time"],
             "source": f.get("source"), "expect": f.get("expect"), "deadline_s": f.get("deadline_s"),
-            "detected": None, "detect_s": None, "recover_s": None, "restarted": False, "progress": None,
+            "detected": None, "detect_s": None, "cause": None, "recover_s": None, "restarted": False, "progress": None,
             "dropped": None, "ok": False, "note": ""}
 
 
@@ -67,6 +68,10 @@ def _repaired(events: list[dict], i: int, f: dict, row: dict) -> tuple[str, floa
             detected_at = j
             row["detected"], row["restarted"] = e["event"], True
             row["detect_s"] = round(e["time"] - f["time"], 3)
+            row["cause"] = e.get("cause")  # an exit's; a stall's comes with its evidence
+        elif detected_at is not None and e["event"] == ev.EVIDENCE_CAPTURED and row["cause"] is None \
+                and events[detected_at]["event"] == ev.STALLED:
+            row["cause"] = e.get("cause")
         elif e["event"] == ev.SPAWNED and incarnation is not None and e.get("incarnation") != incarnation:
             respawned = True  # a new incarnation, whether or not its driver knows a pid
         elif detected_at is not None and e["event"] == ev.RUNNING and (respawned or e.get("pid") != pid):
@@ -127,6 +132,7 @@ def summarize_outcomes(outcomes: list[dict]) -> dict[str, dict]:
                       "detect_s": _stats([o["detect_s"] for o in rows if o["detect_s"] is not None]),
                       "recover_s": _stats([o["recover_s"] for o in rows if o["recover_s"] is not None]),
                       "restarted": sum(o["restarted"] for o in rows) if rows[0]["expect"] == pc.NO_RESTART else None,
+                      "causes": sorted({o["cause"] for o in rows if o.get("cause")}),
                       "notes": sorted({o["note"] for o in rows if o["note"]})}
     return out
 
@@ -142,6 +148,8 @@ def format_summary(summary: dict[str, dict]) -> list[str]:
             if s["deadline_s"] is not None:
                 line += f" (deadline {s['deadline_s']:g}s)"
             line += f"   recover median {r['median']:.2f}s max {r['max']:.2f}s" if r else "   never recovered"
+            if s.get("causes"):
+                line += f"   cause {', '.join(s['causes'])}"
         else:
             line += f"   restarted {s['restarted']}"
         if s["notes"]:

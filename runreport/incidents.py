@@ -7,6 +7,7 @@ never got written (a supervisor killed meanwhile) gets a row of its own.
 
 from __future__ import annotations
 
+from protocol import causes
 from protocol import events as ev
 from protocol import states
 from runreport.runfiles import Run
@@ -46,7 +47,8 @@ def timeline(run: Run) -> list[dict]:
             trouble[name] = e["time"]
         elif kind == ev.EVIDENCE_CAPTURED:
             inc = by_dir.get(e.get("incident"))
-            row["detail"] = str(e.get("incident"))
+            cause = e.get("cause") or (inc or {}).get("cause") or causes.UNKNOWN
+            row["detail"] = f"cause {cause}: {causes.advice(cause)} ({e.get('incident')})"
             if inc is not None:
                 used_dirs.add(inc["dir"])
                 row["stack"] = inc["top_frames"]
@@ -76,7 +78,32 @@ def timeline(run: Run) -> list[dict]:
     for inc in run.incidents:  # evidence whose event never got written (a supervisor killed meanwhile)
         if inc["dir"] not in used_dirs:
             rows.append({"time": inc.get("time") or 0, "clock": clock(inc.get("time"), started), "name": inc["name"],
-                         "event": "incident", "detail": f"{inc['dir']}: {inc.get('reason')}; phase {inc.get('phase')}",
+                         "event": "incident", "detail": f"cause {inc['cause']}: {inc.get('reason')}; phase "
+                                                        f"{inc.get('phase')} ({inc['dir']})",
                          "stack": inc["top_frames"]})
     rows.sort(key=lambda r: r["time"])
     return rows
+
+
+def causes_by_child(run: Run) -> dict[str, dict[str, int]]:
+    """How many incidents of each cause each child had over the run (its slot's name: worker-3, carla-3)."""
+    table: dict[str, dict[str, int]] = {}
+    for inc in run.incidents:
+        row = table.setdefault(str(inc["name"]), {})
+        row[inc["cause"]] = row.get(inc["cause"], 0) + 1
+    return dict(sorted(table.items()))
+
+
+def outliers(table: dict[str, dict[str, int]], names, at_least: int = 3, times: float = 3.0) -> list[str]:
+    """Children with far more incidents than their peers of the same kind (the name before its number), among
+    ``names`` (every child of the run): a slot that fails far more often than the others points at its host or
+    GPU, not at the code."""
+    counts = {name: sum(table.get(name, {}).values()) for name in set(names) | set(table)}
+    out = []
+    for name, n in sorted(counts.items()):
+        kind = name.rstrip("0123456789")
+        peers = [m for other, m in counts.items() if other != name and other.rstrip("0123456789") == kind]
+        if peers and n >= at_least and n >= times * max(sum(peers) / len(peers), 1.0):
+            out.append(f"{name} stalled {n} times, its peers {sum(peers) / len(peers):.1f} on average: look at its "
+                       "host or GPU before the code")
+    return out

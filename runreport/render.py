@@ -19,6 +19,7 @@ from protocol.config import Q_DIVERGED_MULTIPLE
 from protocol.text import duration
 from runreport.expected import BAD, INFO, NO_DATA, OK, WARN, Row
 from runreport.faults import format_summary
+from runreport.incidents import causes_by_child, outliers
 from runreport.status import FAILED, FROZEN
 
 STATUS_MARK = {OK: "ok", WARN: "**WARNING**", BAD: "**BAD**", INFO: "info", NO_DATA: "no data"}
@@ -156,6 +157,15 @@ def render_markdown(runs: list, plots: list[tuple[str, str]]) -> str:
             md += _md_table(["time", "process", "event", "detail"],
                             [[t["clock"], str(t["name"]), t["event"], t["detail"]] for t in r.timeline])
             md.append("")
+            table = causes_by_child(r.run)
+            if table:
+                kinds = sorted({cause for row in table.values() for cause in row})
+                md += ["Causes per process over the run (named from each incident's evidence):", ""]
+                md += _md_table(["process"] + kinds + ["all"],
+                                [[name] + [str(row.get(k, "")) for k in kinds] + [str(sum(row.values()))]
+                                 for name, row in table.items()])
+                names = {e["name"] for e in r.run.events if isinstance(e.get("name"), str)}
+                md += [""] + [f"- {line}" for line in outliers(table, names)] + [""]
             for t in r.timeline:
                 if t.get("stack"):
                     md += [f"Stack of {t['name']} at {t['clock']} ({t['detail'].split(';')[0]}):", "", "```"]

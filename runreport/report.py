@@ -30,7 +30,7 @@ from protocol.config import q_max
 from runreport import divergence as dv
 from runreport.expected import BAD, WARN, Row, table
 from runreport.faults import fault_outcomes, format_summary, summarize_outcomes
-from runreport.incidents import timeline
+from runreport.incidents import causes_by_child, outliers, timeline
 from runreport.render import markdown_to_html, render_markdown, status_lines
 from runreport.runfiles import Run, alerts_of, load_run
 from runreport.status import run_status
@@ -100,7 +100,10 @@ def summary_of(a: Analysed) -> dict:
         "stalls": [{"name": e.get("name"), "reason": e.get("reason")} for e in events if e.get("event") == ev.STALLED],
         "restarts": dict(Counter(e.get("name") for e in events if e.get("event") == ev.BACKOFF)),
         "failed": [e.get("name") for e in events if e.get("event") == ev.FAILED],
-        "incidents": [i["dir"].split("/", 1)[1] for i in run.incidents],
+        "incidents": [{"dir": i["dir"].split("/", 1)[1], "name": i["name"], "cause": i["cause"]}
+                      for i in run.incidents],
+        "causes": causes_by_child(run),
+        "outliers": outliers(causes_by_child(run), {e["name"] for e in events if isinstance(e.get("name"), str)}),
         "eval_episodes": len(evals),
         "last_eval_mean": sum(e["reward"] for e in last_evals) / len(last_evals) if last_evals else None,
         "last_eval_env_steps": last_evals[-1].get("env_steps") if last_evals else None,
@@ -164,6 +167,10 @@ def report(run_dir: Path, as_json: bool = False, html: bool = False, compare: li
     for st in s["stalls"]:
         print(f"  stalled: {st['name']}: {st['reason']}")
     print(f"  incidents: {len(s['incidents'])} (in {run_dir / 'incidents'})")
+    for name, row in s["causes"].items():
+        print(f"    {name}: " + ", ".join(f"{cause} x{n}" for cause, n in sorted(row.items(), key=lambda kv: -kv[1])))
+    for line in s["outliers"]:
+        print(f"    {line}")
     if s["last_eval_mean"] is not None:
         print(f"  evaluation: mean return {s['last_eval_mean']:.1f} over the last episodes, "
               f"at {s['last_eval_env_steps']} env steps")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol import causes
 from protocol import events as ev
 from protocol.runstate import STATE_FILE
 from runreport.tfevents import Scalars, read_scalars
@@ -76,33 +77,37 @@ class Run:
 
 
 def load_incidents(run_dir: Path) -> list[dict]:
+    """Each incident's record, with its cause: the one named when it was captured, or (a run from before causes
+    were named) named now from the same evidence."""
     out = []
     root = run_dir / "incidents"
     if not root.is_dir():
         return out
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         info = read_json(d / "incident.json")
-        try:
-            stack = (d / "stack.txt").read_text(errors="replace")
-        except OSError:
-            stack = ""
+        texts = {}
+        for file in ("stack.txt", "log_tail.txt"):
+            try:
+                texts[file] = (d / file).read_text(errors="replace")
+            except OSError:
+                texts[file] = ""
+        stack = texts["stack.txt"]
+        cause = info.get("cause") if isinstance(info.get("cause"), dict) else None
+        if cause is None and info:
+            cause = causes.name(info, stack, texts["log_tail.txt"])
         out.append({"dir": f"incidents/{d.name}", "name": info.get("name"), "reason": info.get("reason"),
                     "time": info.get("time"), "phase": (info.get("last_heartbeat") or {}).get("phase"),
+                    "cause": (cause or {}).get("cause") or causes.UNKNOWN,
                     "stack": stack, "top_frames": top_frames(stack)})
     return out
 
 
 def top_frames(stack: str, n: int = STACK_FRAMES) -> list[str]:
     """The first frames of a py-spy dump: the main thread's, then each other thread's innermost one."""
-    threads: list[tuple[str, list[str]]] = []
-    for line in stack.splitlines():
-        if line.startswith("Thread "):
-            threads.append((line.strip(), []))
-        elif threads and line.startswith("    ") and line.strip():
-            threads[-1][1].append(line.strip())
+    threads = causes.threads(stack)
     if not threads:
         return [line.strip() for line in stack.splitlines() if line.strip()][:2]
-    main = next((t for t in threads if '"MainThread"' in t[0]), threads[0])
+    main = causes.main_thread(stack)
     out = [main[0]] + [f"  {f}" for f in main[1][:n]]
     for head, frames in threads:
         if head is not main[0] and frames:

@@ -6,6 +6,7 @@ Stdlib only, so ``status`` answers fast; the live view of ``supervisor up``
 
 from __future__ import annotations
 
+from protocol import causes
 from protocol.states import FAILED
 from protocol.text import duration
 
@@ -65,6 +66,9 @@ def status_notes(status: dict) -> list[str]:
             lines.append(f"{p['name']} reports: {p['detail']}")
         if p["state"] == FAILED and p.get("reason"):
             lines.append(f"{p['name']} failed: {p['reason']}")
+        if p.get("cause"):
+            where = f" ({p['last_incident']})" if p.get("last_incident") else ""
+            lines.append(f"{p['name']}'s last trouble: {p['cause']}: {causes.advice(p['cause'])}{where}")
         resumed = p.get("resumed")
         if resumed:
             reached = (f"its last run had reached {resumed['previous']}: {resumed['redone']} redone"

@@ -25,6 +25,7 @@ from typing import Callable
 
 import zmq
 
+from protocol import causes
 from protocol import events as ev
 from protocol.config import Config
 from protocol.exits import os_error_line, say
@@ -98,7 +99,7 @@ class Supervisor:
         self.watchdog: subprocess.Popen | None = None
         self.progress_sampled_at = -1e9
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self.evidence_done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+        self.evidence_done: queue.SimpleQueue[tuple[str, str | None, dict | None]] = queue.SimpleQueue()
         self.started = time.monotonic()
         self.exit_code: int | None = None
         self.incidents = 0
@@ -214,10 +215,16 @@ class Supervisor:
         try:
             spec = self.specs[action.name]
             path = self.driver_of(action.name).capture(self.run_dir, action, spec.deadlines.evidence_s)
-            self.evidence_done.put((action.name, str(path.relative_to(self.run_dir))))
         except Exception as exc:  # evidence is best effort; the kill must go on
-            self.evidence_done.put((action.name, None))
+            self.evidence_done.put((action.name, None, None))
             self.record(Event(ev.EVIDENCE_FAILED, action.name, {"error": repr(exc)}))
+            return
+        try:  # the evidence read back and its cause named (protocol/causes.py), into its incident.json
+            cause = causes.name_incident(path, spec.labels.get("role"))
+        except (OSError, ValueError) as exc:
+            cause = {"cause": causes.UNKNOWN, "advice": f"the incident could not be read back: {exc}"[:200],
+                     "because": "", "frames": []}
+        self.evidence_done.put((action.name, str(path.relative_to(self.run_dir)), cause))
 
     def observe(self) -> None:
         """What the drivers saw since the last call, fed to the machine."""
@@ -225,7 +232,7 @@ class Supervisor:
             for seen in driver.poll():
                 if isinstance(seen, Exited):
                     self.take_heartbeats()  # a child's last beats (why it gave up) come before its exit
-                    self.execute(self.machine.exited(seen.name, seen.incarnation, seen.code))
+                    self.execute(self.machine.exited(seen.name, seen.incarnation, seen.code, seen.cause))
                 elif isinstance(seen, Beat):
                     self.execute(self.machine.heartbeat(seen.fields))
                 elif isinstance(seen, StandbyLost):
@@ -317,8 +324,8 @@ class Supervisor:
             self.take_heartbeats()
         self.check_disk()
         while not self.evidence_done.empty():
-            name, path = self.evidence_done.get()
-            self.execute(self.machine.evidence_done(name, path))
+            name, path, cause = self.evidence_done.get()
+            self.execute(self.machine.evidence_done(name, path, cause))
         self.observe()
         self.show_drivers()
         while not self.signals.empty():

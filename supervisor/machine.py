@@ -45,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from protocol import causes
 from protocol import events as ev
 from protocol.states import (
     ALIVE,
@@ -168,6 +169,7 @@ class Child:
     spare: bool = False  # a standby was asked for and not used or lost since
     last_exit: int | None = None
     last_incident: str | None = None
+    last_cause: str | None = None  # the cause named from the last incident's evidence (protocol/causes.py)
     alerts_seen: set = field(default_factory=set)
     previous_count: int | None = None  # the progress count its last incarnation reached
     dropped_earlier: int = 0  # messages its earlier incarnations dropped
@@ -314,17 +316,21 @@ class Supervision:
             actions += self._release_dependents(c)  # ready: what waits for it starts now
         return actions
 
-    def evidence_done(self, name: str, incident: str | None) -> list[Action]:
+    def evidence_done(self, name: str, incident: str | None, cause: dict | None = None) -> list[Action]:
+        """The stall's evidence is written (``incident``, None where it failed) and its cause named from it."""
         c = self.children[name]
         actions: list[Action] = []
         if incident:
             c.last_incident = incident
-            actions.append(Event(ev.EVIDENCE_CAPTURED, name, {"incident": incident}))
+            c.last_cause = (cause or {}).get("cause")
+            actions.append(Event(ev.EVIDENCE_CAPTURED, name, {
+                "incident": incident, **({k: cause.get(k) for k in ("cause", "advice", "because")} if cause else {})}))
         if c.state != STALLED or not c.live or c.inc.kill_started_at is not None:
             return actions
         return actions + self._terminate(c)
 
-    def exited(self, name: str, incarnation: int, code: int | None) -> list[Action]:
+    def exited(self, name: str, incarnation: int, code: int | None, cause: str | None = None) -> list[Action]:
+        """``cause``: why, where its driver knows more than the exit status (else named from the status)."""
         c = self._current(name, incarnation)
         if c is None:
             return []
@@ -333,10 +339,17 @@ class Supervision:
         if c.heartbeat is not None:
             c.previous_count = max(c.count(), c.inc.resumed["resumed_from"] if c.inc.resumed else 0)
             c.dropped_earlier = min(COUNT_CAP, c.dropped_earlier + int(c.heartbeat.get("dropped") or 0))
-        actions: list[Action] = [Event(ev.EXITED, name, {"pid": pid, "code": code, "state": c.state})]
+        detail = {"pid": pid, "code": code, "state": c.state}
+        if c.state in UP and not self.stopping:  # ended on its own: why
+            detail["cause"] = cause or causes.of_exit(code)
+            if detail["cause"]:
+                c.last_cause = detail["cause"]
+        actions: list[Action] = [Event(ev.EXITED, name, detail)]
         if not self.stopping and c.state in UP and code is not None:
             if code in c.spec.stall_dependencies_on:
-                actions += self._replace_dependencies(c, f"{c.name} found it stalled (exit {code})", stalled=True)
+                said = (c.heartbeat or {}).get("detail")  # its last word: how it found the dependency stalled
+                actions += self._replace_dependencies(c, f"{c.name} found it stalled (exit {code})"
+                                                      + (f": {said}" if said else ""), stalled=True)
             elif code in c.spec.recycle_dependencies_on:
                 actions += self._replace_dependencies(c, f"{c.name} asked for a fresh one (exit {code})",
                                                       stalled=False)
@@ -702,7 +715,7 @@ class Supervision:
                 "last_exit": c.last_exit,
                 "dropped": min(COUNT_CAP, c.dropped_earlier + (int(hb.get("dropped") or 0) if alive else 0)),
                 "resumed": c.inc.resumed if c.inc is not None else None,
-                "last_incident": c.last_incident, "reason": c.reason or None,
+                "last_incident": c.last_incident, "cause": c.last_cause, "reason": c.reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
         return rows

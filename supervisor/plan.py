@@ -162,7 +162,8 @@ def simulator_spec(cfg: Config, run_id: str, slot: int, backoff: Backoff, intens
                 "labels": {RUN_LABEL: run_id, SLOT_LABEL: str(slot), CHILD_LABEL: name},
                 "ports": {f"{name} {what}": port for what, port in server.ports.items()},
                 "host": server.host, "rpc_port": server.rpc_port, "pull": sims.pull,
-                "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "needs": ("docker",)},
+                "gpu": sims.gpus[slot % len(sims.gpus)] if sims.gpus else None, "memory_limit": sims.memory_limit,
+                "needs": ("docker",)},
         labels={"role": SIMULATOR, "slot": str(slot)})
 
 

@@ -168,6 +168,7 @@ class EnvWorker:
             self.progress.set_phase("closing")
             self.link.flush()
             self.log.error("simulator stalled", error=str(exc), env_steps=self.progress.env_steps)
+            self.heartbeat.last_word(f"simulator stalled: {exc}")  # the simulator's incident names its cause by it
             return EXIT_SIMULATOR_STALLED
         except RecycleSimulator:
             self.progress.set_phase("closing")

@@ -1,4 +1,4 @@
-"""``python3 -m fakecarla [CARLA-style flags] [--fault F ...] [--map NAME]``."""
+"""``python3 -m fakecarla [CARLA-style flags] [--fault F ...] [--faults-from FILE] [--map NAME]``."""
 
 import logging
 import os
@@ -10,8 +10,10 @@ from .server import FakeCarla, Faults
 
 def parse_args(argv):
     """CARLA's own flags look like ``-carla-rpc-port=2000``; the fake's own options are
-    ``--fault SPEC`` (repeatable), ``--map NAME`` and ``--log-level LEVEL``. Anything else
-    (``-RenderOffScreen``, ``-nosound``, ``-quality-level=Low``, ...) is ignored."""
+    ``--fault SPEC`` (repeatable), ``--faults-from FILE`` (this start's faults: the file's first line,
+    space-separated, taken out of it, so that a restarter starts each server with the next line's), ``--map NAME``
+    and ``--log-level LEVEL``. Anything else (``-RenderOffScreen``, ``-nosound``, ``-quality-level=Low``, ...) is
+    ignored."""
     opts = {"rpc_port": 2000, "stream_port": None, "faults": [], "map": "Town01",
             "log_level": "WARNING"}
     it = iter(argv)
@@ -22,16 +24,28 @@ def parse_args(argv):
             opts["rpc_port"] = int(value)
         elif key in ("carla-streaming-port", "carla-stream-port"):
             opts["stream_port"] = int(value)
-        elif key in ("fault", "map", "log-level"):
+        elif key in ("fault", "faults-from", "map", "log-level"):
             value = value if eq else next(it, "")
             if key == "fault":
                 opts["faults"].append(value)
+            elif key == "faults-from":
+                opts["faults"] += take_line(value).split()
             else:
                 opts[key.replace("-", "_")] = value
         # -carla-primary-port and anything unknown: accepted and ignored
     if opts["stream_port"] == 0 or opts["stream_port"] is None:
         opts["stream_port"] = opts["rpc_port"] + 1
     return opts
+
+
+def take_line(path: str) -> str:
+    """The file's first line, taken out of it ("" once it is empty)."""
+    with open(path, "r+") as f:
+        lines = f.read().splitlines()
+        f.seek(0)
+        f.truncate()
+        f.write("".join(line + "\n" for line in lines[1:]))
+    return lines[0] if lines else ""
 
 
 def main(argv=None):

@@ -44,6 +44,7 @@ class Faults:
         self.stop_camera_after = None
         self.exit_after = None
         self.slow_tick = 0.0
+        self.grow_memory_after_s = None  # from then on, 8 MiB more every 20 ms, kept: a leak (an OOM kill's cause)
         for spec in specs:
             name, _, value = spec.partition("=")
             name = name.strip()
@@ -51,6 +52,8 @@ class Faults:
                 self.never_answer = True
             elif name == "slow_tick":
                 self.slow_tick = float(value)
+            elif name == "grow_memory_after_s":
+                self.grow_memory_after_s = float(value)
             elif name in ("stop_ticks_after", "stop_world_stream_after", "stop_camera_after",
                           "exit_after"):
                 setattr(self, name, int(value))
@@ -92,6 +95,16 @@ class FakeCarla:
         self.rpc.start()
         self.stream.start()
         threading.Thread(target=self._async_loop, name="ticker", daemon=True).start()
+        if self.faults.grow_memory_after_s is not None:
+            threading.Thread(target=self._leak, name="leak", daemon=True).start()
+
+    def _leak(self):
+        """The grow_memory_after_s fault: memory taken and kept, touched so that it counts, until the kernel says."""
+        if self.stopped.wait(self.faults.grow_memory_after_s):
+            return
+        kept = []
+        while not self.stopped.wait(0.02):
+            kept.append(bytearray(8 * 2**20))  # bytearray zero-fills it: resident at once
 
     def stop(self):
         self.stopped.set()

@@ -50,6 +50,7 @@ class Exited:
     name: str
     incarnation: int
     code: int | None  # exit status; -N for signal N
+    cause: str | None = None  # why, where the driver knows more than the status (a container's OOM kill)
 
 
 @dataclass(frozen=True)

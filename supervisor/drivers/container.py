@@ -31,6 +31,7 @@ from pathlib import Path
 
 import msgpack
 
+from protocol import causes
 from supervisor.drivers import (
     CRASH,
     FREEZE,
@@ -41,7 +42,7 @@ from supervisor.drivers import (
     Observation,
     SpawnError,
 )
-from supervisor.drivers.evidence import incident_dir
+from supervisor.drivers.evidence import gpu_memory, incident_dir
 from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec
 
@@ -248,11 +249,13 @@ class ContainerDriver:
             labels[OWNER_LABEL] = self.owner
         requests = ([docker.types.DeviceRequest(device_ids=[str(launch["gpu"])], capabilities=[["gpu"]])]
                     if launch.get("gpu") is not None else None)
+        memory = launch.get("memory_limit")
+        limits = {"mem_limit": memory, "memswap_limit": memory} if memory else {}  # swap included: no swapping
         try:
             # create, then start: `containers.run` would pull a missing image on its own
             container = engine.containers.create(launch["image"], launch["command"], name=launch["container_name"],
                                                  network_mode="host", labels=labels,
-                                                 device_requests=requests, auto_remove=False)
+                                                 device_requests=requests, auto_remove=False, **limits)
             container.start()
         except docker.errors.ImageNotFound:
             self.images_seen.discard(launch["image"])
@@ -336,7 +339,16 @@ class ContainerDriver:
         run.stop.set()
         if run.killed and code == 137:
             code = -int(signal.SIGKILL)
-        self.seen.put(Exited(run.name, run.incarnation, code))
+        self.seen.put(Exited(run.name, run.incarnation, code, None if run.killed else self._exit_cause(run, code)))
+
+    def _exit_cause(self, run: Running, code: int | None) -> str:
+        """Why a container ended on its own, from its state (OOM-killed, killed, exited, removed): one inspect."""
+        try:
+            s = self._fresh_engine().containers.get(run.container_id).attrs.get("State", {})
+            state = {k: s.get(k) for k in ("Status", "Paused", "ExitCode", "OOMKilled", "Error")}
+        except Exception as exc:  # removed under us (NotFound), or an engine that does not answer
+            state = {"error": _first_line(exc)}
+        return causes.name({"reason": f"exited on its own (code {code})", "container": state})["cause"]
 
     def poll(self) -> list[Observation]:
         seen = []
@@ -426,9 +438,10 @@ class ContainerDriver:
         """A container that died on its own (crash, OOM kill) leaves its state and log tail, then goes."""
         if not run.killed:
             try:
-                self.write_incident(self.run_dir, run, f"exited on its own (code {code})", run.pid, None,
-                                    suffix="exited")
-            except OSError:
+                path = self.write_incident(self.run_dir, run, f"exited on its own (code {code})", run.pid, None,
+                                           suffix="exited")
+                causes.name_incident(path)  # killed, OOM-killed, exited: from the container's state
+            except (OSError, ValueError):
                 pass  # evidence is best effort
         self._remove(run.container_id)
 
@@ -455,7 +468,7 @@ class ContainerDriver:
                 state = {"error": _first_line(exc)}
         (out / "incident.json").write_text(json.dumps({
             "name": name, "pid": pid, "reason": reason, "time": time.time(),
-            "last_heartbeat": heartbeat, "container": state,
+            "last_heartbeat": heartbeat, "container": state, "gpus": gpu_memory(),
             "last_probe_answer": run.last_answer if run else None, "last_probe_error": run.last_error if run else None,
         }, indent=2, default=str))
         (out / "log_tail.txt").write_text(f"== docker logs --tail {LOG_TAIL_LINES} {name} ==\n{logs}\n")

@@ -59,12 +59,44 @@ def stack_of(pid: int | None, timeout_s: float, native: bool = False) -> str:
         return f"py-spy could not run: {exc}\n"
 
 
+def process_state(pid: int | None) -> dict | None:
+    """The process's state as the kernel has it (psutil's names: running, sleeping, disk-sleep, stopped, zombie;
+    "gone" where it has ended), its CPU time, threads and memory, its command line."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            return {"pid": pid, "status": p.status(), "cpu_s": round(sum(p.cpu_times()[:2]), 2),
+                    "threads": p.num_threads(), "rss_bytes": p.memory_info().rss, "cmdline": p.cmdline()[:20]}
+    except psutil.Error as exc:
+        return {"pid": pid, "status": "gone" if isinstance(exc, psutil.NoSuchProcess) else "unreadable",
+                "error": type(exc).__name__}
+
+
+def gpu_memory(timeout_s: float = 2.0) -> list[dict] | None:
+    """Each GPU's memory in use and in total (MiB) where ``nvidia-smi`` answers; None where it does not."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        res = subprocess.run([smi, "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=timeout_s)
+        rows = [line.split(",") for line in res.stdout.splitlines() if line.strip()]
+        return [{"index": int(i), "used_mib": int(u), "total_mib": int(t)} for i, u, t in rows]
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
 def capture(run_dir: Path, name: str, pid: int | None, reason: str, heartbeat: dict | None, timeout_s: float,
             native: bool = False) -> Path:
     """Write one incident directory and return it."""
     out = incident_dir(run_dir, name)
     (out / "incident.json").write_text(json.dumps(
-        {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat}, indent=2))
+        {"name": name, "pid": pid, "reason": reason, "time": time.time(), "last_heartbeat": heartbeat,
+         "process": process_state(pid), "gpus": gpu_memory()}, indent=2))
     (out / "stack.txt").write_text(stack_of(pid, timeout_s, native))
     logs = Path(run_dir) / "logs"
     (out / "log_tail.txt").write_text("\n\n".join(

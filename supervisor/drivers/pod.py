@@ -26,7 +26,7 @@ import psutil
 
 from supervisor.drivers import CRASH, FREEZE, Beat, Exited, Gone, NotSupported, Watcher
 from supervisor.drivers.container import server_version
-from supervisor.drivers.evidence import incident_dir
+from supervisor.drivers.evidence import incident_dir, process_state
 from supervisor.machine import CaptureEvidence
 from supervisor.specs import ChildSpec
 
@@ -94,7 +94,8 @@ class PodSimulatorDriver(Watcher):
         if not run.ended:
             run.ended = True
             run.stop.set()
-            self.seen.put(Exited(run.name, run.incarnation, None))
+            # its status is its container's to know; that it ended is all the supervisor sees
+            self.seen.put(Exited(run.name, run.incarnation, None, "simulator_exited"))
 
     def _signal(self, name: str, incarnation: int, sig: int, grace_s: float | None) -> None:
         run = self.running.get(name)
@@ -137,14 +138,7 @@ class PodSimulatorDriver(Watcher):
     def capture(self, run_dir: Path, action: CaptureEvidence, timeout_s: float) -> Path:
         out = incident_dir(run_dir, action.name)
         run = self.running.get(action.name)
-        process = None
-        if run is not None and run.pid is not None:
-            try:
-                p = psutil.Process(run.pid)
-                process = {"pid": run.pid, "status": p.status(), "cmdline": p.cmdline()[:20],
-                           "rss_bytes": p.memory_info().rss, "threads": p.num_threads()}
-            except psutil.Error as exc:
-                process = {"pid": run.pid, "error": type(exc).__name__}
+        process = process_state(run.pid if run is not None else None)
         (out / "incident.json").write_text(json.dumps(
             {"name": action.name, "pid": run.pid if run else None, "reason": action.reason, "time": time.time(),
              "last_heartbeat": action.heartbeat, "process": process,

@@ -120,9 +120,17 @@ def test_worker_faults_and_garbage_are_repaired_or_shrugged_off(stack_factory):
     assert crashed[1]["code"] == 1 and crashed[2]["code"] == -signal.SIGKILL
     summary = summarize_outcomes(list(_outcomes(stack).values()))
     assert all(v["ok"] == v["injected"] for v in summary.values()), summary
+    # each named by its cause: in the events (and so the fault's outcome), in status and in the report
+    causes = {o["fault"]: o["cause"] for o in _outcomes(stack).values() if o["expect"] == "restart"}
+    assert causes == {"hang": "env_step", "crash": "crashed", "worker_sigstop": "process_stopped",
+                      "worker_sigkill": "killed_by_SIGKILL"}, causes
+    s = stack.status()
+    assert row(s, "worker-0")["cause"] == "process_stopped" and row(s, "worker-1")["cause"] == "killed_by_SIGKILL"
+    assert "worker-0's last trouble: process_stopped" in stack.cli("status").stdout
     rep = subprocess.run([sys.executable, "-m", "supervisor", "report", str(stack.run_dir)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert "chaos faults" in rep.stdout and "worker_sigstop" in rep.stdout
+    assert "cause env_step" in rep.stdout and "worker-1: env_step x1" in rep.stdout, rep.stdout
 
 
 @pytest.mark.timeout(240)
@@ -146,8 +154,10 @@ def test_learner_sigkill_and_sigstop_are_repaired_and_workers_go_on(stack_factor
     assert code == 0 and "within 2s (heartbeat deadline)" in out
     stopped = _wait_outcome(stack, 2, 120, "learner back after SIGSTOP")
     assert stopped["ok"] and stopped["detected"] == ev.STALLED and stopped["detect_s"] < 2.0 + 1.0, stopped
+    assert (killed["cause"], stopped["cause"]) == ("killed_by_SIGKILL", "process_stopped")
     s = stack.wait_for(lambda s: row(s, "learner")["state"] == RUNNING and row(s, "learner")["incarnation"] == 2,
                        60, "the third learner running")
+    assert row(s, "learner")["cause"] == "process_stopped"
     steps = {i: row(s, f"worker-{i}")["env_steps"] for i in range(2)}
     s = stack.wait_for(lambda s: all(row(s, f"worker-{i}")["env_steps"] > steps[i] for i in range(2)), 60,
                        "workers go on")
@@ -178,6 +188,7 @@ def test_docker_pause_and_kill_of_a_simulator_are_repaired(tmp_path, docker_engi
         assert out["docker_pause"]["ok"] and out["docker_pause"]["detected"] == ev.STALLED, out
         assert out["docker_kill"]["ok"] and out["docker_kill"]["detected"] == "exited", out
         assert out["docker_pause"]["detect_s"] < 2.0 + 1.5
+        assert (out["docker_pause"]["cause"], out["docker_kill"]["cause"]) == ("simulator_paused", "simulator_killed")
     finally:
         loop.close()
         for c in docker_engine.containers.list(all=True, filters={"label": [f"rlstack.run={run_id}"]}):

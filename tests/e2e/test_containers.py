@@ -130,6 +130,9 @@ def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a
     assert kinds.index((ev.TERMINATING, "carla-0")) > kinds.index((ev.EVIDENCE_CAPTURED, "carla-0"))
     stall = next(e for e in loop.events() if e["event"] == ev.STALLED)
     assert "no heartbeat" in stall["reason"] or "no progress" in stall["reason"]
+    evidence = next(e for e in loop.events() if e["event"] == ev.EVIDENCE_CAPTURED)
+    assert evidence["cause"] == "simulator_paused" and "docker pause" in evidence["advice"]
+    assert rows["carla-0"]["cause"] == "simulator_paused"
     incident = loop.run_dir / rows["carla-0"]["last_incident"]
     facts = json.loads((incident / "incident.json").read_text())
     assert facts["container"]["Paused"] is True and facts["container"]["Status"] == "paused"
@@ -139,23 +142,44 @@ def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a
     assert server_version("127.0.0.1", spec.launch["rpc_port"], 2.0) == "0.9.16", "the new one answers"
 
 
-def test_a_killed_container_and_one_that_exits_are_replaced(sims, docker_engine):
-    loop = sims(slots=2).start()
-    loop.until(lambda r: running(r, "carla-0") and running(r, "carla-1"), 60, "both answering")
+def test_a_killed_a_stopped_and_a_removed_container_are_replaced_each_with_its_cause(sims, docker_engine):
+    loop = sims(slots=3).start()
+    loop.until(lambda r: all(running(r, f"carla-{i}") for i in range(3)), 60, "all three answering")
     docker_engine.containers.get(loop.plan.specs[0].launch["container_name"]).kill()
     docker_engine.containers.get(loop.plan.specs[1].launch["container_name"]).stop(timeout=0)
-    rows = loop.until(lambda r: running(r, "carla-0", 1) and running(r, "carla-1", 1), 60, "both replaced")
-    exits = {e["name"]: e["code"] for e in loop.events() if e["event"] == ev.EXITED}
-    assert exits["carla-0"] == 137 and exits["carla-1"] in (0, 137, 143)
+    docker_engine.containers.get(loop.plan.specs[2].launch["container_name"]).remove(force=True)
+    rows = loop.until(lambda r: all(running(r, f"carla-{i}", 1) for i in range(3)), 60, "all three replaced")
+    exits = {e["name"]: e for e in loop.events() if e["event"] == ev.EXITED}
+    assert exits["carla-0"]["code"] == 137 and exits["carla-1"]["code"] in (0, 137, 143)
     assert not [e for e in loop.events() if e["event"] == ev.STALLED], "an exit is seen as an exit, not a stall"
     assert rows["carla-0"]["restarts"] == 1
+    # each named from the container's state, in the exit's event and in status
+    assert exits["carla-0"]["cause"] == "simulator_killed"
+    assert exits["carla-1"]["cause"] in ("simulator_killed", "simulator_exited")
+    assert exits["carla-2"]["cause"] == "simulator_removed" and exits["carla-2"]["code"] in (None, 137)
+    assert [rows[f"carla-{i}"]["cause"] for i in (0, 2)] == ["simulator_killed", "simulator_removed"]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(list((loop.run_dir / "incidents").glob("*-exited"))) < 2:
+    while time.monotonic() < deadline and len(list((loop.run_dir / "incidents").glob("*-exited"))) < 3:
         time.sleep(0.2)
     exited = {json.loads((d / "incident.json").read_text())["name"]: json.loads((d / "incident.json").read_text())
               for d in (loop.run_dir / "incidents").glob("*-exited")}
     assert exited["carla-0"]["container"]["ExitCode"] == 137 and exited["carla-0"]["container"]["OOMKilled"] is False
     assert "exited on its own" in exited["carla-1"]["reason"]
+    assert {n: exited[n]["cause"]["cause"] for n in ("carla-0", "carla-2")} == {
+        "carla-0": "simulator_killed", "carla-2": "simulator_removed"}
+
+
+def test_a_server_over_its_memory_limit_is_oom_killed_and_named_so(sims, docker_engine):
+    """simulators.memory_limit: a leaking server (the fake's grow_memory_after_s fault) is OOM-killed by the kernel
+    on its own, and its exit is named by the container's state."""
+    loop = sims(memory_limit="96m", command=FAKE_COMMAND + " --fault grow_memory_after_s=1").start()
+    container = docker_engine.containers.get(loop.plan.specs[0].launch["container_name"])
+    assert container.attrs["HostConfig"]["Memory"] == 96 * 2**20
+    rows = loop.until(lambda r: any(e["event"] == ev.EXITED and e["name"] == "carla-0" for e in loop.events()), 60,
+                      "the leaking server's end")
+    exited = next(e for e in loop.events() if e["event"] == ev.EXITED and e["name"] == "carla-0")
+    assert exited["code"] == 137 and exited["cause"] == "simulator_oom_killed", exited
+    assert rows["carla-0"]["cause"] == "simulator_oom_killed"
 
 
 def test_a_container_whose_server_dies_on_start_backs_off_and_fails(sims):

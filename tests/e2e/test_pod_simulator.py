@@ -1,7 +1,9 @@
 """A pod's CARLA server (simulators.mode: pod): a process in a sibling container that the supervisor watches and
 signals but does not own; here the kubelet that restarts the container is a stand-in (harness/restarter.py) running
 the fake CARLA server. A frozen server is caught by its version probe, with its process state as evidence, signalled,
-started again by the stand-in, and the slot's worker goes on with the new one."""
+started again by the stand-in, and the slot's worker goes on with the new one. Then each of the fake server's fault
+modes, one per server it starts (``--faults-from``), each stall named by its cause in the events, status and the
+report; the last, slow ticks under the timeout, is no stall."""
 
 from __future__ import annotations
 
@@ -37,15 +39,24 @@ def wait_listener(port: int, timeout: float = 30.0, other_than: int | None = Non
     raise AssertionError(f"nothing listens on {port} after {timeout}s")
 
 
+# the fault of each server the kubelet starts after the frozen one, and the cause its stall must be named by
+FAULTS = [("stop_ticks_after=60", "simulator_tick"), ("stop_camera_after=60", "sensor_camera"),
+          ("stop_world_stream_after=60", "simulator_tick"), ("exit_after=60", "simulator_exited"),
+          ("never_answer", "simulator_start"), ("slow_tick=0.02", None)]
+
+
 def test_a_frozen_pod_simulator_is_signalled_restarted_by_its_kubelet_and_its_worker_goes_on(stack_factory,
                                                                                               tmp_path):
     overrides = carla_overrides("unused")
     port = free_port_block(20)
     overrides["workers"]["count"] = 1
-    overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5)
+    overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5, ready_timeout_s=6.0)
+    overrides["supervisor"].update(max_restarts=20, backoff_initial_s=0.2)
+    faults = tmp_path / "faults"
+    faults.write_text("\n" + "".join(f"{fault}\n" for fault, _ in FAULTS))  # the first server: none
     kubelet = subprocess.Popen([sys.executable, "-m", "harness.restarter", "--delay-s", "0.5", "--", sys.executable,
-                                "-m", "harness.fakecarla", f"-carla-rpc-port={port}"], cwd=ROOT,
-                               stdout=open(tmp_path / "kubelet.out", "w"), stderr=subprocess.STDOUT)
+                                "-m", "harness.fakecarla", f"-carla-rpc-port={port}", f"--faults-from={faults}"],
+                               cwd=ROOT, stdout=open(tmp_path / "kubelet.out", "w"), stderr=subprocess.STDOUT)
     try:
         first = wait_listener(port)
         stack = stack_factory(overrides, base="configs/carla.yaml")
@@ -67,6 +78,30 @@ def test_a_frozen_pod_simulator_is_signalled_restarted_by_its_kubelet_and_its_wo
         facts = json.loads((stack.run_dir / row(s, "carla-0")["last_incident"] / "incident.json").read_text())
         assert facts["process"]["pid"] == first and facts["process"]["status"] == "stopped", facts
         assert facts["probe"]["port"] == port and facts["probe"]["answers"] > 0
+        assert facts["cause"]["cause"] == "process_stopped" and row(s, "carla-0")["cause"] == "process_stopped"
+
+        # the fake server's fault modes, one per server: each stall of the slot named by its cause
+        expected = ["process_stopped"] + [cause for _, cause in FAULTS if cause]
+
+        def named(s):  # each stall's cause (with its evidence) and each exit's of its own
+            return [e["cause"] for e in stack.events() if e["name"] == "carla-0" and e.get("cause")
+                    and e["event"] in (ev.EVIDENCE_CAPTURED, ev.EXITED)]
+
+        s = stack.wait_for(lambda s: len(named(s)) >= len(expected) and not faults.read_text().strip()
+                           and row(s, "worker-0")["state"] == RUNNING and row(s, "worker-0")["env_steps"] > 150, 150,
+                           "every fault named, and the slot stepping on slow ticks")
+        assert named(s) == expected, named(s)
+        assert row(s, "carla-0")["cause"] == expected[-1]
+        # the worker's own exits: it found its simulator stalled (the others: stopped for its simulator's restart)
+        worker_exits = [e["cause"] for e in stack.events() if e["event"] == ev.EXITED and e["name"] == "worker-0"
+                        and e.get("cause")]
+        assert len(worker_exits) >= 3 and set(worker_exits) == {"found_simulator_stalled"}, worker_exits
+        steps = row(s, "worker-0")["env_steps"]
+        s = stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 100, 60, "slow ticks, no stall")
+        assert len(named(s)) == len(expected), "slow ticks under the timeout are no stall"
+        rep = subprocess.run([sys.executable, "-m", "supervisor", "report", str(stack.run_dir)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert "carla-0: simulator_tick x2" in rep.stdout and "sensor_camera x1" in rep.stdout, rep.stdout
 
         assert stack.cli("stop").returncode == 0
         assert stack.proc.wait(timeout=60) == 0

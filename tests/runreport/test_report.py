@@ -350,3 +350,35 @@ def test_a_time_axis_starts_with_the_run_or_its_first_point_never_the_epoch():
     assert origin(None, [np.array([1700000009.0, 1700000010.0]), np.array([1700000004.0]), np.array([])]) \
         == 1700000004.0
     assert origin("12", []) == 0.0
+
+
+def test_each_incident_has_its_cause_and_a_slot_failing_far_more_than_its_peers_is_pointed_at(tmp_path):
+    """The report names each incident's cause (the one captured with it, or one named now from an older run's
+    evidence) and counts them per process; a slot with far more stalls than its peers is called out."""
+    recorded = Path(__file__).resolve().parents[1] / "supervisor" / "causes"
+    start = 1_700_000_000.0
+    names = [f"worker-{i}" for i in range(4)] + [f"carla-{i}" for i in range(4)]
+    events = [{"time": start + 1, "event": ev.SPAWNED, "name": n, "pid": 100 + i, "incarnation": 0, "standby": False}
+              for i, n in enumerate(names)]
+    run = fake_run(tmp_path / "causes", updates=2000, events=events)
+    incidents = [("worker_hang_in_step", "worker-2")] * 5 + [("worker_hang_in_step", "worker-0"),
+                                                             ("container_paused", "carla-2"),
+                                                             ("container_oom_killed", "carla-2")]
+    for i, (case, name) in enumerate(incidents):
+        d = run / "incidents" / f"20240101T0000{i:02d}.000-{name}"
+        d.mkdir(parents=True)
+        for f in (recorded / case).iterdir():
+            (d / f.name).write_text(f.read_text())
+        info = json.loads((d / "incident.json").read_text())
+        info.update(name=name, time=start + 10 + i)
+        if i == 0:  # one as the supervisor now leaves it: its cause named at capture (the report keeps it)
+            info["cause"] = {"cause": "simulator_tick", "advice": "x", "because": "y", "frames": []}
+        (d / "incident.json").write_text(json.dumps(info))
+    s = summarize(run)
+    assert s["causes"] == {"carla-2": {"simulator_oom_killed": 1, "simulator_paused": 1},
+                           "worker-0": {"env_step": 1}, "worker-2": {"env_step": 4, "simulator_tick": 1}}
+    assert [i["cause"] for i in s["incidents"]][:2] == ["simulator_tick", "env_step"]
+    assert len(s["outliers"]) == 1 and s["outliers"][0].startswith("worker-2 stalled 5 times, its peers 0.3")
+    _, md_path, _ = write_report(run)
+    md = md_path.read_text()
+    assert "Causes per process" in md and "| worker-2 | 4 |" in md and "look at its host or GPU" in md

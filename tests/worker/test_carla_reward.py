@@ -13,13 +13,13 @@ carla = pytest.importorskip("carla")
 pytestmark = pytest.mark.timeout(30)
 
 
-def env_config(port, slots=1, **carla_cfg):
+def env_config(port, slots=1, tm_port=None, overrides=(), **carla_cfg):
     values = {"npcs": 0, "connect_timeout_s": 1.0, "client_timeout_s": 4.0, "tick_timeout_s": 2.0,
               "sensor_timeout_s": 1.0, "route_length_m": 60.0, **carla_cfg}
     return load_config(None, [("env.backend", "carla"), ("workers.count", slots), ("simulators.mode", "external"),
                               ("simulators.external", [f"127.0.0.1:{port}"] * slots),
-                              ("simulators.tm_base_port", free_port_block(1)), ("env.max_episode_steps", 400)]
-                       + [(f"env.carla.{k}", v) for k, v in values.items()])
+                              ("simulators.tm_base_port", tm_port or free_port_block(1)), ("env.max_episode_steps", 400)]
+                       + [(f"env.carla.{k}", v) for k, v in values.items()] + list(overrides))
 
 
 @pytest.mark.timeout(10)
