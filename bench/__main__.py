@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "diverge", "carla",
+BENCHES = ("freeze", "pendulum", "pendulum_seeds", "updates", "memory", "stability", "diverge", "carla", "causes",
            "checkpoint", "report", "wire", "fleet")
 # Run only when named (`python -m bench soak`, `make soak`): at least 20 minutes.
 ON_REQUEST = ("soak",)
