@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.exits import EXIT_FATAL, EXIT_NO_SPACE, EXIT_OS_ERROR, EXIT_PERMISSION, EXIT_READ_ONLY
-from protocol.roles import LEARNER, SIMULATOR, WORKER
+from protocol.roles import HOST, LEARNER, SIMULATOR, WORKER
 
 GPU_FULL_SHARE = 0.95  # a GPU's memory used at the stall, as a share of its total, that names gpu_memory_full
 TOP_FRAMES = 6
@@ -114,6 +114,13 @@ RULES: tuple[Rule, ...] = (
                                   r"atomic_write|\bfsync\b)"),
     Rule("learner_socket", "the learner is blocked on its own socket (a send or a receive that never returns)",
          roles=(LEARNER,), frames=r"(zmq/|Learner\.publish_|Receiver\.recv|Intake\.receive_loop)"),
+    # a host of the fleet (its agent's evidence: the host supervisor's stack, its last status)
+    Rule("host_cut_off_from_learner", "the host's supervisor answers, but the learner has none of its steps while it "
+         "has other hosts': its path to the learner (a route, a firewall, its CurveZMQ key)", roles=(HOST,),
+         reason=r"the learner has had no steps from"),
+    Rule("host_supervisor_unanswering", "the host's supervisor did not answer its agent (frozen, or its host "
+         "overloaded) while Ray called its node alive: its stack is in the incident", roles=(HOST,),
+         reason=r"^no (heartbeat|progress)"),
     Rule("never_started", "the child never sent a heartbeat: it hung before its first beat (imports, a missing "
          "image, a port it waits for)", reason=r"no heartbeat within the startup deadline"),
     Rule("frozen_native", "the process is frozen in native code: its heartbeat stopped and no Python frame could "

@@ -283,16 +283,11 @@ class ContainerDriver:
         return pid, False
 
     def _remove_named(self, name: str) -> None:
-        import docker
-
-        try:
-            self.engine.containers.get(name).remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            if "already in progress" not in str(exc):
-                raise SpawnError(f"container {name} of an earlier start could not be removed: {_first_line(exc)}") \
-                    from None
+        """Remove an earlier start's container of this name, waiting for a removal already under way (its exit's
+        thread may be removing it): a container created under the name meanwhile would conflict."""
+        error = self._remove(name)
+        if error:
+            raise SpawnError(f"container {name} of an earlier start could not be removed: {error}")
 
     # -- watching ------------------------------------------------------------------------------
 
@@ -414,25 +409,27 @@ class ContainerDriver:
             if not force:
                 self._kill(container_id, True)
 
-    def _remove(self, container_id: str) -> None:
-        """Remove it, and wait for a removal already under way to finish (bounded by the Docker timeout)."""
+    def _remove(self, ref: str) -> str | None:
+        """Remove a container (by id or name) and wait for a removal already under way to finish (bounded by the
+        Docker timeout); None once it is gone, else what stood in the way (kill_all tries again)."""
         import docker
 
         deadline = time.monotonic() + self.docker_timeout_s
         try:
             engine = self._fresh_engine()
-            while time.monotonic() < deadline:
+            while True:
                 try:
-                    engine.containers.get(container_id).remove(force=True)
+                    engine.containers.get(ref).remove(force=True)
                 except docker.errors.NotFound:
                     break
                 except docker.errors.APIError as exc:
-                    if "in progress" not in str(exc):
-                        return  # kill_all tries again
+                    if "in progress" not in str(exc) or time.monotonic() >= deadline:
+                        return _first_line(exc)
                     time.sleep(0.2)
-        except Exception:
-            return
-        self.removing.discard(container_id)
+        except Exception as exc:
+            return _first_line(exc)
+        self.removing.discard(ref)
+        return None
 
     def _record_exit_and_remove(self, run: Running, code: int | None) -> None:
         """A container that died on its own (crash, OOM kill) leaves its state and log tail, then goes."""

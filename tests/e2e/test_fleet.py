@@ -131,6 +131,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         incident = stack.run_dir / row(s, near)["last_incident"]
         facts = json.loads((incident / "incident.json").read_text())
         assert facts["node_alive"] is True and facts["pid"] == hung, facts  # Ray called it alive all along
+        assert facts["cause"]["cause"] == "host_supervisor_unanswering", facts["cause"]
         assert "Thread" in (incident / "stack.txt").read_text(), "the hung supervisor's stack, through its agent"
         assert json.loads((incident / "status.json").read_text())["processes"], "its last answered status"
 
@@ -143,6 +144,7 @@ def test_a_fleet_on_ray_catches_a_hung_host_waits_for_a_cut_off_node_and_is_take
         incident = stack.run_dir / row(s, far)["last_incident"]
         facts = json.loads((incident / "incident.json").read_text())
         assert facts["pid"] == cut_off and "no steps from" in facts["learner_silence"], facts
+        assert facts["cause"]["cause"] == "host_cut_off_from_learner" and row(s, far)["cause"] == facts["cause"]["cause"]
         assert not alive(cut_off), "the cut-off host's supervisor was ended"
 
         # the far host's link cut: Ray declares its node dead (its health checks fail), and the host is waited for,

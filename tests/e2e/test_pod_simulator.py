@@ -40,8 +40,8 @@ def wait_listener(port: int, timeout: float = 30.0, other_than: int | None = Non
 
 
 # the fault of each server the kubelet starts after the frozen one, and the cause its stall must be named by
-FAULTS = [("stop_ticks_after=60", "simulator_tick"), ("stop_camera_after=60", "sensor_camera"),
-          ("stop_world_stream_after=60", "simulator_tick"), ("exit_after=60", "simulator_exited"),
+FAULTS = [("stop_ticks_after=30", "simulator_tick"), ("stop_camera_after=30", "sensor_camera"),
+          ("stop_world_stream_after=30", "simulator_tick"), ("exit_after=30", "simulator_exited"),
           ("never_answer", "simulator_start"), ("slow_tick=0.02", None)]
 
 
@@ -50,7 +50,7 @@ def test_a_frozen_pod_simulator_is_signalled_restarted_by_its_kubelet_and_its_wo
     overrides = carla_overrides("unused")
     port = free_port_block(20)
     overrides["workers"]["count"] = 1
-    overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5, ready_timeout_s=6.0)
+    overrides["simulators"].update(mode="pod", base_port=port, tm_base_port=port + 5, ready_timeout_s=4.0)
     overrides["supervisor"].update(max_restarts=20, backoff_initial_s=0.2)
     faults = tmp_path / "faults"
     faults.write_text("\n" + "".join(f"{fault}\n" for fault, _ in FAULTS))  # the first server: none
@@ -88,7 +88,7 @@ def test_a_frozen_pod_simulator_is_signalled_restarted_by_its_kubelet_and_its_wo
                     and e["event"] in (ev.EVIDENCE_CAPTURED, ev.EXITED)]
 
         s = stack.wait_for(lambda s: len(named(s)) >= len(expected) and not faults.read_text().strip()
-                           and row(s, "worker-0")["state"] == RUNNING and row(s, "worker-0")["env_steps"] > 150, 150,
+                           and row(s, "worker-0")["state"] == RUNNING and row(s, "worker-0")["env_steps"] > 60, 150,
                            "every fault named, and the slot stepping on slow ticks")
         assert named(s) == expected, named(s)
         assert row(s, "carla-0")["cause"] == expected[-1]
@@ -97,7 +97,7 @@ def test_a_frozen_pod_simulator_is_signalled_restarted_by_its_kubelet_and_its_wo
                         and e.get("cause")]
         assert len(worker_exits) >= 3 and set(worker_exits) == {"found_simulator_stalled"}, worker_exits
         steps = row(s, "worker-0")["env_steps"]
-        s = stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 100, 60, "slow ticks, no stall")
+        s = stack.wait_for(lambda s: row(s, "worker-0")["env_steps"] > steps + 60, 60, "slow ticks, no stall")
         assert len(named(s)) == len(expected), "slow ticks under the timeout are no stall"
         rep = subprocess.run([sys.executable, "-m", "supervisor", "report", str(stack.run_dir)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)

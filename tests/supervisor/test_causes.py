@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from protocol import causes
-from protocol.roles import LEARNER, SIMULATOR, WORKER
+from protocol.roles import HOST, LEARNER, SIMULATOR, WORKER
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -168,3 +168,12 @@ def test_an_exit_is_named_by_its_status(code, cause):
     assert causes.of_exit(code) == cause
     if cause:
         assert causes.advice(cause) != causes.advice(causes.UNKNOWN)
+
+
+def test_a_fleet_host_is_named_by_its_agent_s_evidence():
+    cut_off = {"name": "host-1", "reason": "no progress for 4.1s in phase running at count 812 (deadline 3s); it "
+               "reports: the learner has had no steps from far.host-1 for 12s (limit 2s) while it has them from "
+               "near.host-0", "node_alive": True, "learner_silence": "the learner has had no steps from far.host-1"}
+    assert causes.name(cut_off, role=HOST)["cause"] == "host_cut_off_from_learner"
+    unanswering = {"name": "host-0", "reason": "no heartbeat for 3.2s (deadline 3s)", "node_alive": True}
+    assert causes.name(unanswering, role=HOST)["cause"] == "host_supervisor_unanswering"
