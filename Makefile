@@ -35,11 +35,12 @@ status: $(STAMP)
 test test-fast: export PYTHONDONTWRITEBYTECODE :=
 
 # the container tests need a Docker engine: one is installed and started where none answers;
-# two pytest workers, one per core; then the tests that load the host by design, by themselves
+# three pytest workers on two cores (the end-to-end tests wait on deadlines more than they compute: two cores ran
+# about two thirds busy with two workers); then the tests that load the host by design, by themselves
 test: $(STAMP)
 	bash deploy/docker-engine.sh start
 	bash deploy/test-tools.sh
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not alone and not images" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 3 --dist loadgroup -m "not alone and not images" $(PYTEST_ARGS)
 	$(PY) -m pytest -m alone tests/e2e $(PYTEST_ARGS)
 
 # The unit tests (tests/<package>/): they start no process (a test that does fails); two workers, fewer fuzz
