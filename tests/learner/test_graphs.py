@@ -35,15 +35,15 @@ def test_graphed_updates_need_the_frames_on_a_cuda_device(tmp_path):
         GraphedUpdates(agent)
 
 
-def filled(tmp_path, device, agent):
-    """A replay of random 84x84 frames, episodes of 20 steps, with the agent's copy of its frames on the device."""
-    rb = ReplayBuffer(tmp_path / "replay", 400, FRAME, np.uint8, 2)
+def filled(tmp_path, device, agent, frame=FRAME):
+    """A replay of random frames, episodes of 20 steps, with the agent's copy of its frames on the device."""
+    rb = ReplayBuffer(tmp_path / "replay", 400, frame, np.uint8, 2)
     agent.frames = DeviceFrames(rb, device, agent.copies)
     rng = np.random.default_rng(5)
     for seq in range(6):
         n = 50
         first = np.arange(n) % 20 == 0
-        frames = rng.integers(0, 255, (n,) + FRAME, dtype=np.uint8)
+        frames = rng.integers(0, 255, (n,) + frame, dtype=np.uint8)
         before = rb.total
         rb.add_batch("w/0", seq, first, frames, rng.uniform(-1, 1, (n, 2)).astype(np.float32),
                      rng.normal(size=n).astype(np.float32), np.arange(n) % 40 == 39, np.zeros(n, bool))
@@ -103,12 +103,12 @@ def no_capture(body):
 
 @pytest.mark.parametrize("mode", ["shared", "separate"])
 def test_the_graphed_updater_s_inputs_and_kinds_equal_the_eager_update_on_a_cpu(tmp_path, mode):
-    device = torch.device("cpu")
+    device, small = torch.device("cpu"), (1, 36, 36)  # the smallest frames the encoder takes: the plumbing is tested
     torch.manual_seed(0)
-    eager = TD3Agent((K,) + FRAME[1:], 2, cfg(encoder_mode=mode, batch_size=8, hidden_dim=16), device)
-    graphed = TD3Agent((K,) + FRAME[1:], 2, cfg(encoder_mode=mode, batch_size=8, hidden_dim=16), device)
+    eager = TD3Agent((K,) + small[1:], 2, cfg(encoder_mode=mode, batch_size=8, hidden_dim=16), device)
+    graphed = TD3Agent((K,) + small[1:], 2, cfg(encoder_mode=mode, batch_size=8, hidden_dim=16), device)
     graphed.load_state_dict(copy.deepcopy(eager.state_dict()))
-    rb_e, rb_g = filled(tmp_path / "e", device, eager), filled(tmp_path / "g", device, graphed)
+    rb_e, rb_g = filled(tmp_path / "e", device, eager, small), filled(tmp_path / "g", device, graphed, small)
     updater = GraphedUpdates(graphed, record=no_capture)
     steps = 2 * WARMUP + 5
     rng_e, rng_g = np.random.default_rng(3), np.random.default_rng(3)
