@@ -255,18 +255,22 @@ def name(incident: dict, stack: str = "", log_tail: str = "", role: str | None =
             "frames": frames[:TOP_FRAMES]}
 
 
-def name_incident(directory: Path, role: str | None = None) -> dict:
-    """Name the cause of the incident in ``directory`` and write it into its ``incident.json``; returns it."""
-    directory = Path(directory)
-    path = directory / "incident.json"
-    incident = json.loads(path.read_text())
-    texts = {}
+def read_texts(directory: Path) -> tuple[str, str]:
+    """An incident directory's ``stack.txt`` and ``log_tail.txt`` ("" where missing)."""
+    texts = []
     for file in ("stack.txt", "log_tail.txt"):
         try:
-            texts[file] = (directory / file).read_text(errors="replace")
+            texts.append((Path(directory) / file).read_text(errors="replace"))
         except OSError:
-            texts[file] = ""
-    cause = name(incident, texts["stack.txt"], texts["log_tail.txt"], role)
-    incident["cause"] = cause
+            texts.append("")
+    return texts[0], texts[1]
+
+
+def name_incident(directory: Path, role: str | None = None) -> dict:
+    """Name the cause of the incident in ``directory`` and write it into its ``incident.json``; returns it (raises
+    OSError or ValueError where ``incident.json`` cannot be read back)."""
+    path = Path(directory) / "incident.json"
+    incident = json.loads(path.read_text())
+    incident["cause"] = name(incident, *read_texts(directory), role)
     path.write_text(json.dumps(incident, indent=2, default=str))
-    return cause
+    return incident["cause"]

@@ -85,16 +85,10 @@ def load_incidents(run_dir: Path) -> list[dict]:
         return out
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         info = read_json(d / "incident.json")
-        texts = {}
-        for file in ("stack.txt", "log_tail.txt"):
-            try:
-                texts[file] = (d / file).read_text(errors="replace")
-            except OSError:
-                texts[file] = ""
-        stack = texts["stack.txt"]
+        stack, log_tail = causes.read_texts(d)
         cause = info.get("cause") if isinstance(info.get("cause"), dict) else None
         if cause is None and info:
-            cause = causes.name(info, stack, texts["log_tail.txt"])
+            cause = causes.name(info, stack, log_tail)
         out.append({"dir": f"incidents/{d.name}", "name": info.get("name"), "reason": info.get("reason"),
                     "time": info.get("time"), "phase": (info.get("last_heartbeat") or {}).get("phase"),
                     "cause": (cause or {}).get("cause") or causes.UNKNOWN,
