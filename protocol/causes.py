@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.exits import EXIT_FATAL, EXIT_NO_SPACE, EXIT_OS_ERROR, EXIT_PERMISSION, EXIT_READ_ONLY
+from protocol.files import atomic_write
 from protocol.roles import HOST, LEARNER, SIMULATOR, WORKER
 
 GPU_FULL_SHARE = 0.95  # a GPU's memory used at the stall, as a share of its total, that names gpu_memory_full
@@ -272,5 +273,5 @@ def name_incident(directory: Path, role: str | None = None) -> dict:
     path = Path(directory) / "incident.json"
     incident = json.loads(path.read_text())
     incident["cause"] = name(incident, *read_texts(directory), role)
-    path.write_text(json.dumps(incident, indent=2, default=str))
+    atomic_write(path, json.dumps(incident, indent=2, default=str), fsync=False)  # never a torn incident
     return incident["cause"]

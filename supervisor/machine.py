@@ -340,10 +340,9 @@ class Supervision:
             c.previous_count = max(c.count(), c.inc.resumed["resumed_from"] if c.inc.resumed else 0)
             c.dropped_earlier = min(COUNT_CAP, c.dropped_earlier + int(c.heartbeat.get("dropped") or 0))
         detail = {"pid": pid, "code": code, "state": c.state}
-        if c.state in UP and not self.stopping:  # ended on its own: why
-            detail["cause"] = cause or causes.of_exit(code)
-            if detail["cause"]:
-                c.last_cause = detail["cause"]
+        cause = (cause or causes.of_exit(code)) if c.state in UP and not self.stopping else None
+        if cause:  # it ended on its own: why
+            detail["cause"] = c.last_cause = cause
         actions: list[Action] = [Event(ev.EXITED, name, detail)]
         if not self.stopping and c.state in UP and code is not None:
             if code in c.spec.stall_dependencies_on:
