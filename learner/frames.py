@@ -79,8 +79,9 @@ class DeviceFrames:
 
     def stage(self, first_serial: int, frames: np.ndarray) -> None:
         """The frames just stored at ``first_serial`` onwards (the receive thread, under the replay's lock)."""
-        t = torch.from_numpy(np.array(frames, copy=True))
-        self.staged.append((first_serial, t.pin_memory() if self.device.type == "cuda" else t))
+        t = torch.empty(frames.shape, dtype=self.frames.dtype, pin_memory=self.device.type == "cuda")
+        t.numpy()[:] = frames  # one copy, out of the message's buffer
+        self.staged.append((first_serial, t))
 
     def apply(self, upto: int) -> None:
         """Write the staged frames of serials before ``upto`` into the copy, in order (the update thread)."""

@@ -31,15 +31,18 @@ WARMUP = 3  # eager updates of each kind before it is captured
 class GraphedUpdates:
     """The agent's updates, replayed from CUDA graphs where they can be (same interface as the agent's)."""
 
-    def __init__(self, agent, record=None):
+    def __init__(self, agent, record=None, lock=None):
         """``record``: how an update's body is captured, ``record(body) -> run``, where ``run()`` does the update
         and returns the body's ``(keys, values)``; a CUDA graph's replay unless given (a test on a CPU gives the
-        body itself, to hold the inputs' plumbing to the eager update where no graph can be captured)."""
+        body itself, to hold the inputs' plumbing to the eager update where no graph can be captured). ``lock``:
+        the replay's lock, held through a capture, so that the receive thread stages (pins host memory) no frames
+        meanwhile."""
         if record is None and (agent.frames is None or not agent.graphed):
             raise ValueError("graphed updates need the frames on a CUDA device (learner.frames) and "
                              "learner.cuda_graph")
         self.agent = agent
         self.record = record or cuda_graph
+        self.lock = lock
         self.graphs: dict[bool, tuple] = {}  # actor step or not -> (run, inputs)
         self.eager = {False: 0, True: 0}
         self.side = torch.cuda.Stream(agent.device) if agent.device.type == "cuda" else None
@@ -61,7 +64,11 @@ class GraphedUpdates:
             current.wait_stream(self.side)
             return out
         if actor not in self.graphs:
-            self.graphs[actor] = self.capture(batch, actor)
+            if self.lock is None:
+                self.graphs[actor] = self.capture(batch, actor)
+            else:
+                with self.lock:
+                    self.graphs[actor] = self.capture(batch, actor)
         run, inputs = self.graphs[actor]
         if inputs["reward"].shape[0] != len(batch.reward):  # another batch size than captured
             return agent.update_deferred(batch)
@@ -106,7 +113,9 @@ def cuda_graph(body):
     """``body`` captured as a CUDA graph (captured, not run); returns a call that replays the graph and returns
     the body's outputs, which each replay rewrites in place."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: what other threads do with CUDA meanwhile (the heartbeat's memory reads) neither joins the
+    # graph nor voids the capture
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         result = body()
 
     def run():

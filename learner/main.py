@@ -234,11 +234,18 @@ class Learner:
         self.progress.env_steps = self.replay.transitions_total
         on_device = self.lcfg.frames == "device" or (self.lcfg.frames == "auto" and self.device.type != "cpu")
         if on_device:  # the frames copied to the device once; each update's draw gathered there
-            self.agent.frames = self.intake.frames = DeviceFrames(self.replay, self.device, self.agent.copies)
+            try:
+                self.agent.frames = self.intake.frames = DeviceFrames(self.replay, self.device, self.agent.copies)
+            except FatalError as exc:
+                if self.lcfg.frames == "device":
+                    raise
+                on_device = False  # auto: a replay too large for the device is gathered on the host, as before
+                self.log.warning("the replay's frames stay on the host", reason=str(exc))
         self.sampler = Sampler(self.replay, self.lock, self.lcfg, self.cfg.env.frame_stack, self.rng,
                                self.agent.augment_on_host, self.log, draws=on_device)
         # on a GPU whose update is graphed, updates are replayed; the eager update is the reference
-        self.updater = GraphedUpdates(self.agent) if on_device and self.agent.graphed else self.agent
+        self.updater = GraphedUpdates(self.agent, lock=self.lock) if on_device and self.agent.graphed \
+            else self.agent
         self.metrics = Metrics(self.run_dir)
         self.pipe = MetricsPipe(self.agent.host_reads, self.lcfg.metrics_read_every, self.take_metrics,
                                 self.metrics.spent)

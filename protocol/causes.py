@@ -66,10 +66,11 @@ RULES: tuple[Rule, ...] = (
          roles=(SIMULATOR,), process=r"^(gone|zombie)$"),
     Rule("traffic_manager_port_in_use", "the Traffic Manager's port was held by another process when the worker "
          "started it: free the port, or move simulators.tm_base_port", reason=r"(?i)traffic.?manager.*bind error"),
-    Rule("gpu_memory_full", "the GPU's memory was nearly full at the stall: fewer simulators per GPU, a smaller "
-         "camera, or a GPU to itself", gpu_full=True),
+    # the simulator's own GPU (its slot's, where it has one) nearly full at the stall, or its log saying so
+    Rule("gpu_memory_full", "the simulator's GPU memory was nearly full at the stall: fewer simulators per GPU, a "
+         "smaller camera, or a GPU to itself", roles=(SIMULATOR,), gpu_full=True),
     Rule("gpu_memory_full", "the simulator ran out of video memory (its own log says so): fewer simulators per GPU, "
-         "a smaller camera, or a GPU to itself", log=r"Out of video memory"),  # Unreal's words
+         "a smaller camera, or a GPU to itself", roles=(SIMULATOR,), log=r"Out of video memory"),  # Unreal's words
     # a simulator whose container runs: how its worker found it stalled (the worker's last word, in the reason)
     Rule("simulator_tick", "the simulator runs but did not answer a tick (world.tick() timed out in its worker): "
          "its log tail and the GPU's state are in the incident", roles=(SIMULATOR,),
@@ -80,11 +81,11 @@ RULES: tuple[Rule, ...] = (
     Rule("simulator_connect", "the simulator did not answer its worker's connection (a time-out at connect): it is "
          "not up yet, hung at start, or the port is wrong", roles=(SIMULATOR,),
          reason=r"found it stalled.*CARLA at \S+: time-out"),
-    Rule("simulator_silent", "the simulator's container runs but stopped answering (its probe timed out): its log "
-         "tail and the GPU's state are in the incident", container=r"^running$"),
     Rule("simulator_start", "the simulator never became ready (no answer to its probe within the startup "
          "deadline): a map that does not load, a GPU it cannot get, a port", roles=(SIMULATOR,),
          reason=r"startup deadline"),
+    Rule("simulator_silent", "the simulator's container runs but stopped answering (its probe timed out): its log "
+         "tail and the GPU's state are in the incident", container=r"^running$"),
     # the worker's own calls into the simulator, by where its main thread waits
     Rule("traffic_manager", "the Traffic Manager did not answer (blocked in its calls): a deadlocked TM, or two "
          "clients on one TM port", roles=(WORKER,),
@@ -186,8 +187,8 @@ def threads(stack: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def main_thread(stack: str) -> tuple[str, list[str]] | None:
-    found = threads(stack)
+def main_thread(found: list[tuple[str, list[str]]]) -> tuple[str, list[str]] | None:
+    """The main thread among a dump's :func:`threads` (the first where none is called so)."""
     return next((t for t in found if '"MainThread"' in t[0]), found[0] if found else None)
 
 
@@ -196,7 +197,7 @@ def container_state(state: dict | None) -> str | None:
     if not state:
         return None
     if state.get("error"):
-        return "removed" if re.search(r"(?i)(no such container|not found|404)", str(state["error"])) else None
+        return "removed" if re.search(r"(?i)no such container", str(state["error"])) else None
     if state.get("OOMKilled"):
         return "oom_killed"
     if state.get("Status") == "removing":  # its removal under way
@@ -208,16 +209,17 @@ def container_state(state: dict | None) -> str | None:
     return state.get("Status")
 
 
-def gpu_full(gpus) -> bool:
+def gpu_full(gpus, own=None) -> bool:
+    """A GPU's memory at least GPU_FULL_SHARE used: the slot's own GPU (``own``, an id) where it has one, else any."""
     return any(isinstance(g, dict) and g.get("total_mib") and g.get("used_mib", 0) >= GPU_FULL_SHARE * g["total_mib"]
-               for g in gpus or [])
+               and (own is None or str(g.get("index")) == str(own)) for g in gpus or [])
 
 
 def name(incident: dict, stack: str = "", log_tail: str = "", role: str | None = None) -> dict:
     """The cause of one incident: {cause, advice, because, frames}. ``incident``: its ``incident.json``."""
     hb = incident.get("last_heartbeat") or {}
     role = role or hb.get("role")
-    main = main_thread(stack)
+    main = main_thread(threads(stack))
     frames = main[1] if main else []
     signs = {"reason": str(incident.get("reason") or ""), "phase": str(hb.get("phase") or ""),
              "detail": str(hb.get("detail") or ""), "process": str((incident.get("process") or {}).get("status") or ""),
@@ -242,7 +244,7 @@ def name(incident: dict, stack: str = "", log_tail: str = "", role: str | None =
             ok = ok and hit is not None
             because.append(f"log {hit!r:.120}")
         if rule.gpu_full:
-            ok = ok and gpu_full(incident.get("gpus"))
+            ok = ok and gpu_full(incident.get("gpus"), incident.get("gpu"))
             because.append("GPU memory " + ", ".join(f"{g.get('used_mib')}/{g.get('total_mib')} MiB"
                                                      for g in incident.get("gpus") or []))
         if rule.no_stack:  # py-spy ran (or timed out) and found no frame: not a host without py-spy

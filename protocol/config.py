@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.chaos import FAULT_NAMES, FAULTS, SIMULATOR
 from protocol.messages import HOST_NAME
@@ -318,6 +318,15 @@ class SimulatorsConfig(_Section):
     # each container's memory, swap included ("24g", "512m"; Docker's units): a leaking server is OOM-killed on its
     # own (and named so) instead of taking the host down; none: no limit
     memory_limit: str | None = Field(None, pattern=r"^[1-9][0-9]*[bkmg]$")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value):
+        if value is not None:
+            scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[value[-1]]
+            if int(value[:-1]) * scale < 6 * 2**20:
+                raise ValueError(f"{value} is below Docker's smallest memory limit (6m)")
+        return value
     ready_timeout_s: float = Field(120.0, gt=0.0)  # from start to the first answered request (map loading)
     probe_interval_s: float = Field(1.0, gt=0.0)
     probe_timeout_s: float = Field(2.0, gt=0.0)

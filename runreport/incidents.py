@@ -86,7 +86,8 @@ def timeline(run: Run) -> list[dict]:
 
 
 def causes_by_child(run: Run) -> dict[str, dict[str, int]]:
-    """How many incidents of each cause each child had over the run (its slot's name: worker-3, carla-3)."""
+    """How many incidents (stalls, and a container's exits of its own) of each cause each child had over the run
+    (its slot's name: worker-3, carla-3)."""
     table: dict[str, dict[str, int]] = {}
     for inc in run.incidents:
         row = table.setdefault(str(inc["name"]), {})
@@ -104,6 +105,6 @@ def outliers(table: dict[str, dict[str, int]], names, at_least: int = 3, times: 
         kind = name.rstrip("0123456789")
         peers = [m for other, m in counts.items() if other != name and other.rstrip("0123456789") == kind]
         if peers and n >= at_least and n >= times * max(sum(peers) / len(peers), 1.0):
-            out.append(f"{name} stalled {n} times, its peers {sum(peers) / len(peers):.1f} on average: look at its "
+            out.append(f"{name} had {n} incidents, its peers {sum(peers) / len(peers):.1f} on average: look at its "
                        "host or GPU before the code")
     return out

@@ -101,7 +101,7 @@ def top_frames(stack: str, n: int = STACK_FRAMES) -> list[str]:
     threads = causes.threads(stack)
     if not threads:
         return [line.strip() for line in stack.splitlines() if line.strip()][:2]
-    main = causes.main_thread(stack)
+    main = causes.main_thread(threads)
     out = [main[0]] + [f"  {f}" for f in main[1][:n]]
     for head, frames in threads:
         if head is not main[0] and frames:

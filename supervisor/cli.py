@@ -208,7 +208,7 @@ def cmd_status(args) -> int:
 
 
 STATUS_KEYS = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
-               "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "cause", "reason",
+               "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "cause", "cause_incident", "reason",
                "gpu_memory_bytes", "detail", "dropped", "resumed", "refused", "hosts")
 
 

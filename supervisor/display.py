@@ -67,7 +67,7 @@ def status_notes(status: dict) -> list[str]:
         if p["state"] == FAILED and p.get("reason"):
             lines.append(f"{p['name']} failed: {p['reason']}")
         if p.get("cause"):
-            where = f" ({p['last_incident']})" if p.get("last_incident") else ""
+            where = f" ({p['cause_incident']})" if p.get("cause_incident") else ""
             lines.append(f"{p['name']}'s last trouble: {p['cause']}: {causes.advice(p['cause'])}{where}")
         resumed = p.get("resumed")
         if resumed:

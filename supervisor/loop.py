@@ -221,8 +221,8 @@ class Supervisor:
             return
         try:  # the evidence read back and its cause named (protocol/causes.py), into its incident.json
             cause = causes.name_incident(path, spec.labels.get("role"))
-        except (OSError, ValueError) as exc:
-            cause = {"cause": causes.UNKNOWN, "advice": f"the incident could not be read back: {exc}"[:200],
+        except Exception as exc:  # whatever the evidence holds, its event is written and the kill goes on
+            cause = {"cause": causes.UNKNOWN, "advice": f"the incident could not be read back: {exc!r}"[:200],
                      "because": "", "frames": []}
         self.evidence_done.put((action.name, str(path.relative_to(self.run_dir)), cause))
 

@@ -169,7 +169,8 @@ class Child:
     spare: bool = False  # a standby was asked for and not used or lost since
     last_exit: int | None = None
     last_incident: str | None = None
-    last_cause: str | None = None  # the cause named from the last incident's evidence (protocol/causes.py)
+    last_cause: str | None = None  # the cause of its last stall or exit of its own (protocol/causes.py)
+    cause_incident: str | None = None  # the incident that cause was named from (None: an exit's status)
     alerts_seen: set = field(default_factory=set)
     previous_count: int | None = None  # the progress count its last incarnation reached
     dropped_earlier: int = 0  # messages its earlier incarnations dropped
@@ -321,7 +322,7 @@ class Supervision:
         c = self.children[name]
         actions: list[Action] = []
         if incident:
-            c.last_incident = incident
+            c.last_incident = c.cause_incident = incident
             c.last_cause = (cause or {}).get("cause")
             actions.append(Event(ev.EVIDENCE_CAPTURED, name, {
                 "incident": incident, **({k: cause.get(k) for k in ("cause", "advice", "because")} if cause else {})}))
@@ -343,6 +344,7 @@ class Supervision:
         cause = (cause or causes.of_exit(code)) if c.state in UP and not self.stopping else None
         if cause:  # it ended on its own: why
             detail["cause"] = c.last_cause = cause
+            c.cause_incident = None
         actions: list[Action] = [Event(ev.EXITED, name, detail)]
         if not self.stopping and c.state in UP and code is not None:
             if code in c.spec.stall_dependencies_on:
@@ -714,7 +716,8 @@ class Supervision:
                 "last_exit": c.last_exit,
                 "dropped": min(COUNT_CAP, c.dropped_earlier + (int(hb.get("dropped") or 0) if alive else 0)),
                 "resumed": c.inc.resumed if c.inc is not None else None,
-                "last_incident": c.last_incident, "cause": c.last_cause, "reason": c.reason or None,
+                "last_incident": c.last_incident, "cause": c.last_cause, "cause_incident": c.cause_incident,
+                "reason": c.reason or None,
                 "depends_on": list(c.spec.depends_on),
             })
         return rows

@@ -54,6 +54,8 @@ OWNER_LABEL = "rlstack.supervisor"
 LOG_TAIL_LINES = 200
 # While a server starts, its readiness is asked for this often (then every probe_interval_s).
 STARTUP_PROBE_S = 0.1
+# How long a spawn waits for its slot's last container to finish a removal under way (the loop waits with it).
+REMOVAL_WAIT_S = 3.0
 # GPU memory of each simulator is read (nvidia-smi, where there is one) every this many answered probes.
 GPU_EVERY_PROBES = 10
 
@@ -168,6 +170,7 @@ class Running:
     last_answer: float | None = None
     last_error: str = ""
     gpu_memory_bytes: int | None = None
+    gpu: str | None = None  # the GPU id it was given (its incidents judge that GPU's memory)
 
 
 class ContainerDriver:
@@ -276,16 +279,18 @@ class ContainerDriver:
             raise SpawnError(f"container {launch['container_name']} started but could not be inspected: "
                              f"{_first_line(exc)}") from None
         pid = int(container.attrs.get("State", {}).get("Pid") or 0) or None  # None: it exited at once
-        run = Running(spec.name, incarnation, container.id, pid, launch["host"], launch["rpc_port"])
+        run = Running(spec.name, incarnation, container.id, pid, launch["host"], launch["rpc_port"],
+                      gpu=None if launch.get("gpu") is None else str(launch["gpu"]))
         self.running[spec.name] = run
         threading.Thread(target=self._probe_loop, args=(run,), name=f"probe-{spec.name}", daemon=True).start()
         threading.Thread(target=self._wait_loop, args=(run,), name=f"wait-{spec.name}", daemon=True).start()
         return pid, False
 
     def _remove_named(self, name: str) -> None:
-        """Remove an earlier start's container of this name, waiting for a removal already under way (its exit's
-        thread may be removing it): a container created under the name meanwhile would conflict."""
-        error = self._remove(name)
+        """Remove an earlier start's container of this name, waiting a moment for a removal already under way (its
+        exit's thread may be removing it): a container created under the name meanwhile would conflict. A removal
+        longer than that is a failed spawn (backed off): the supervisor's loop is not held for it."""
+        error = self._remove(name, REMOVAL_WAIT_S)
         if error:
             raise SpawnError(f"container {name} of an earlier start could not be removed: {error}")
 
@@ -336,14 +341,20 @@ class ContainerDriver:
             code = -int(signal.SIGKILL)
         self.seen.put(Exited(run.name, run.incarnation, code, None if run.killed else self._exit_cause(run, code)))
 
-    def _exit_cause(self, run: Running, code: int | None) -> str:
-        """Why a container ended on its own, from its state (OOM-killed, killed, exited, removed): one inspect."""
+    def _exit_cause(self, run: Running, code: int | None) -> str | None:
+        """Why a container ended on its own, from its state (OOM-killed, killed, exited, removed): one inspect. None
+        where the engine cannot say (its exit status names it then)."""
+        import docker
+
         try:
             s = self._fresh_engine().containers.get(run.container_id).attrs.get("State", {})
             state = {k: s.get(k) for k in ("Status", "Paused", "ExitCode", "OOMKilled", "Error")}
-        except Exception as exc:  # removed under us (NotFound), or an engine that does not answer
-            state = {"error": _first_line(exc)}
-        return causes.name({"reason": f"exited on its own (code {code})", "container": state})["cause"]
+        except docker.errors.NotFound as exc:  # removed under us
+            state = {"error": f"No such container: {_first_line(exc)}"}
+        except Exception:  # an engine that does not answer
+            return None
+        cause = causes.name({"reason": f"exited on its own (code {code})", "container": state})["cause"]
+        return None if cause == causes.UNKNOWN else cause
 
     def poll(self) -> list[Observation]:
         seen = []
@@ -409,12 +420,12 @@ class ContainerDriver:
             if not force:
                 self._kill(container_id, True)
 
-    def _remove(self, ref: str) -> str | None:
-        """Remove a container (by id or name) and wait for a removal already under way to finish (bounded by the
-        Docker timeout); None once it is gone, else what stood in the way (kill_all tries again)."""
+    def _remove(self, ref: str, wait_s: float | None = None) -> str | None:
+        """Remove a container (by id or name) and wait for a removal already under way to finish (for ``wait_s``,
+        else the Docker timeout); None once it is gone, else what stood in the way (kill_all tries again)."""
         import docker
 
-        deadline = time.monotonic() + self.docker_timeout_s
+        deadline = time.monotonic() + (self.docker_timeout_s if wait_s is None else wait_s)
         try:
             engine = self._fresh_engine()
             while True:
@@ -465,7 +476,7 @@ class ContainerDriver:
                 state = {"error": _first_line(exc)}
         (out / "incident.json").write_text(json.dumps({
             "name": name, "pid": pid, "reason": reason, "time": time.time(),
-            "last_heartbeat": heartbeat, "container": state, "gpus": gpu_memory(),
+            "last_heartbeat": heartbeat, "container": state, "gpus": gpu_memory(), "gpu": run.gpu if run else None,
             "last_probe_answer": run.last_answer if run else None, "last_probe_error": run.last_error if run else None,
         }, indent=2, default=str))
         (out / "log_tail.txt").write_text(f"== docker logs --tail {LOG_TAIL_LINES} {name} ==\n{logs}\n")

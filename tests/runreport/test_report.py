@@ -378,7 +378,7 @@ def test_each_incident_has_its_cause_and_a_slot_failing_far_more_than_its_peers_
     assert s["causes"] == {"carla-2": {"simulator_oom_killed": 1, "simulator_paused": 1},
                            "worker-0": {"env_step": 1}, "worker-2": {"env_step": 4, "simulator_tick": 1}}
     assert [i["cause"] for i in s["incidents"]][:2] == ["simulator_tick", "env_step"]
-    assert len(s["outliers"]) == 1 and s["outliers"][0].startswith("worker-2 stalled 5 times, its peers 0.3")
+    assert len(s["outliers"]) == 1 and s["outliers"][0].startswith("worker-2 had 5 incidents, its peers 0.3")
     _, md_path, _ = write_report(run)
     md = md_path.read_text()
     assert "Causes per process" in md and "| worker-2 | 4 |" in md and "look at its host or GPU" in md

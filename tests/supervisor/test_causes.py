@@ -127,12 +127,22 @@ def test_signs_without_a_stack_gpu_memory_start_and_a_frozen_process():
     gpus = [{"index": 0, "used_mib": 80500, "total_mib": 81559}]
     silent = {"name": "carla-0", "reason": "no heartbeat for 10.0s (deadline 10s)", "container": RUNNING}
     assert causes.name(dict(silent, gpus=gpus), role=SIMULATOR)["cause"] == "gpu_memory_full"
+    # its own GPU only, where it has one; and a simulator's sign only (a learner's GPU is full of its cache)
+    two = gpus + [{"index": 1, "used_mib": 20000, "total_mib": 81559}]
+    assert causes.name(dict(silent, gpus=two, gpu="1"), role=SIMULATOR)["cause"] == "simulator_silent"
+    assert causes.name(dict(silent, gpus=two, gpu="0"), role=SIMULATOR)["cause"] == "gpu_memory_full"
+    learner = {"name": "learner", "reason": "no heartbeat for 3.0s (deadline 2s)", "gpus": gpus}
+    assert causes.name(learner, role=LEARNER)["cause"] == causes.UNKNOWN
+    host = {"name": "host-1", "reason": "no progress for 4.1s ...; it reports: the learner has had no steps from x"}
+    assert causes.name(host, log_tail="Out of video memory\n", role=HOST)["cause"] == "host_cut_off_from_learner"
     assert causes.name(dict(silent, gpus=[dict(gpus[0], used_mib=30000)]), role=SIMULATOR)["cause"] \
         == "simulator_silent"
     log = "LogRHI: Error: Out of video memory trying to allocate a rendering resource\n"
     assert causes.name(silent, log_tail=log, role=SIMULATOR)["cause"] == "gpu_memory_full"
     start = {"name": "carla-0", "reason": "no heartbeat within the startup deadline (120s)"}
     assert causes.name(start, role=SIMULATOR)["cause"] == "simulator_start"
+    # a container that runs while its server never answers is still one that never started
+    assert causes.name(dict(start, container=RUNNING), role=SIMULATOR)["cause"] == "simulator_start"
     assert causes.name(dict(start, name="worker-0"), role=WORKER)["cause"] == "never_started"
     frozen = {"name": "worker-0", "reason": "no heartbeat for 5.0s (deadline 5s)", "process": {"status": "running"}}
     assert causes.name(frozen, "py-spy dump timed out after 2.0s\n", role=WORKER)["cause"] == "frozen_native"
