@@ -28,7 +28,7 @@ def timeline(run: Run) -> list[dict]:
     rows: list[dict] = []
     trouble: dict[str, float] = {}  # child -> when it was last found stalled or crashed
     used_dirs = set()
-    for e in events:
+    for i, e in enumerate(events):
         kind, name = e.get("event"), e.get("name")
         if kind not in TIMELINE_KINDS:
             continue
@@ -41,9 +41,12 @@ def timeline(run: Run) -> list[dict]:
         if kind == ev.STALLED:
             hb = e.get("heartbeat") or {}
             sent = hb.get("sent_at")
+            # its cause, named once its evidence was written (the stall's evidence_captured, which follows)
+            named = next((f.get("cause") for f in events[i + 1:] if f.get("name") == name
+                          and f.get("event") in (ev.EVIDENCE_CAPTURED, ev.EVIDENCE_FAILED, ev.STALLED)), None)
             row["detail"] = f"{e.get('reason')}; phase {hb.get('phase')}" + (
                 f"; detected {e['time'] - sent:.1f}s after its last heartbeat" if isinstance(sent, (int, float))
-                else "")
+                else "") + (f"; cause {named}" if named else "")
             trouble[name] = e["time"]
         elif kind == ev.EVIDENCE_CAPTURED:
             inc = by_dir.get(e.get("incident"))

@@ -138,7 +138,7 @@ def test_an_update_on_a_draw_copies_kilobytes_to_the_device_not_the_frames(tmp_p
     assert per_update <= 64 * 1024, per_update
     assert agent.frames.staged_bytes == rb.total * 84 * 84  # each stored frame crossed once, at its first draw
     agent.copies.bytes = 0
-    agent.update_deferred(rb.sample(256, 4, 3, 0.99, rng))
+    agent.to_device(rb.sample(256, 4, 3, 0.99, rng))  # what an update on a batch of frames moves, through the gate
     assert agent.copies.bytes > 100 * per_update  # 2 x 256 x 4 x 84 x 84 bytes of frames: 14.5 MB
 
 

@@ -17,6 +17,7 @@ from protocol.states import RUNNING, STALLED
 from runreport import status
 from runreport.divergence import DIVERGING, HEALTHY, WARNING
 from runreport.expected import BAD, WARN
+from runreport.render import render_markdown
 from runreport.report import analyse, summarize, write_report
 from runreport.runfiles import load_run
 from runreport.tfevents import EventWriter, read_scalars
@@ -223,7 +224,8 @@ def test_metrics_that_stop_with_a_stall_show_the_stall_and_its_stack(tmp_path):
     events = [{"time": t_stall, "event": ev.STALLED, "name": "learner", "pid": 4242,
                "reason": "no progress for 30.2s in phase training at count 1800 (deadline 30s)",
                "heartbeat": {"phase": "training", "sent_at": t_stall - 0.3, "updates": 1800}},
-              {"time": t_stall + 1, "event": "evidence_captured", "name": "learner", "incident": inc},
+              {"time": t_stall + 1, "event": "evidence_captured", "name": "learner", "incident": inc,
+               "cause": "learner_checkpoint_write"},
               {"time": t_stall + 1.5, "event": "terminating", "name": "learner", "pid": 4242, "reason": "a deadline missed"},
               {"time": t_stall + 3.6, "event": "killed", "name": "learner", "pid": 4242, "after_s": 2.0},
               {"time": t_stall + 3.7, "event": "exited", "name": "learner", "pid": 4242, "code": -9,
@@ -243,6 +245,7 @@ def test_metrics_that_stop_with_a_stall_show_the_stall_and_its_stack(tmp_path):
     assert any(ev.STALLED in line for line in s["since_last_progress"])
     stall = next(t for t in a.timeline if t["event"] == ev.STALLED)
     assert "no progress for 30.2s" in stall["detail"] and "phase training" in stall["detail"]
+    assert stall["detail"].endswith("; cause learner_checkpoint_write"), "the stall's row names its cause"
     ev_row = next(t for t in a.timeline if t["event"] == "evidence_captured")
     assert any("_fire (worker/faults.py:70)" in f for f in ev_row["stack"])
     _, md_path, _ = write_report(run, now=t_stall + 600)
@@ -379,6 +382,5 @@ def test_each_incident_has_its_cause_and_a_slot_failing_far_more_than_its_peers_
                            "worker-0": {"env_step": 1}, "worker-2": {"env_step": 4, "simulator_tick": 1}}
     assert [i["cause"] for i in s["incidents"]][:2] == ["simulator_tick", "env_step"]
     assert len(s["outliers"]) == 1 and s["outliers"][0].startswith("worker-2 had 5 incidents, its peers 0.3")
-    _, md_path, _ = write_report(run)
-    md = md_path.read_text()
+    md = render_markdown([analyse(load_run(run))], [])  # the report's text (its plots are another test's)
     assert "Causes per process" in md and "| worker-2 | 4 |" in md and "look at its host or GPU" in md
