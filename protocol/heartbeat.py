@@ -8,6 +8,7 @@ has been in it, and its counters. The supervisor judges stalls from those.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -16,7 +17,7 @@ import psutil
 import zmq
 
 from protocol.exits import EXIT_FATAL
-from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS, PHASE_STARTING
+from protocol.messages import HEARTBEAT, MAX_DETAIL_CHARS, PHASE_STARTING, ProtocolError
 from protocol.roles import LEARNER
 from protocol.sockets import make_socket, send
 
@@ -99,9 +100,11 @@ class HeartbeatSender(threading.Thread):
         p = self.progress
         now = time.monotonic()
         count = p.updates if self.fields["role"] == LEARNER else p.env_steps
-        fields = dict(self.fields, phase=p.phase, phase_age_s=round(now - p.phase_since, 3),
+        # the main thread may enter a phase after ``now`` was read: its age is then 0, not a negative time (which
+        # no beat may carry)
+        fields = dict(self.fields, phase=p.phase, phase_age_s=max(0.0, round(now - p.phase_since, 3)),
                       env_steps=p.env_steps, episodes=p.episodes, updates=p.updates, eval_steps=p.eval_steps,
-                      steps_per_s=round(self.steps_per_s(now, count), 2),
+                      steps_per_s=max(0.0, round(self.steps_per_s(now, count), 2)),
                       rss_bytes=self._proc.memory_info().rss, sent_at=time.time(), alerts=list(p.alerts))
         if p.frame is not None:
             fields["frame"] = p.frame
@@ -130,7 +133,10 @@ class HeartbeatSender(threading.Thread):
             while not self._stop_event.is_set():
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     os._exit(70)  # orphaned: the supervisor died, so must we
-                self.beat(sock)
+                try:
+                    self.beat(sock)
+                except ProtocolError as exc:  # a beat that cannot be encoded must not end the beating: say it
+                    print(f"heartbeat not sent: {exc}", file=sys.stderr, flush=True)
                 self._wake.wait(self.interval_s)
                 self._wake.clear()
         finally:
