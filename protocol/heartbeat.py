@@ -43,8 +43,10 @@ class Progress:
 
     def set_phase(self, phase: str) -> None:
         if phase != self.phase:
-            self.phase = phase
+            # the clock first: a beat between the two reads the old phase as just entered (harmless), never the
+            # new one with the old phase's age (a startup deadline missed by a beat's mistake)
             self.phase_since = time.monotonic()
+            self.phase = phase
 
 
 class HeartbeatSender(threading.Thread):
