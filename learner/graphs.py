@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from learner.replay import Draw
+from learner.td3 import metric_row
 
 WARMUP = 3  # eager updates of each kind before it is captured
 
@@ -101,10 +102,8 @@ class GraphedUpdates:
 
         def body():
             obs, next_obs = agent.frames.gather(inputs["idx"], n, k)
-            metrics = agent.step({"obs": obs, "next_obs": next_obs, "action": inputs["action"],
-                                  "reward": inputs["reward"], "discount": inputs["discount"]}, False, actor)
-            keys = tuple(metrics)
-            return keys, torch.stack([metrics[key].detach().float().reshape(()) for key in keys])
+            return metric_row(agent.step({"obs": obs, "next_obs": next_obs, "action": inputs["action"],
+                                          "reward": inputs["reward"], "discount": inputs["discount"]}, False, actor))
 
         return self.record(body), inputs
 

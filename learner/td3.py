@@ -103,6 +103,12 @@ class HostReads:
         return values.tolist()
 
 
+def metric_row(metrics: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """An update's metrics as their names and one fp32 tensor of their values, on the device (read later)."""
+    keys = tuple(metrics)
+    return keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+
+
 def grad_norm(params) -> torch.Tensor:
     """The L2 norm of the parameters' gradients together (one foreach norm, then the norm of those)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -260,8 +266,7 @@ class TD3Agent:
         self.updates += 1
         if detailed:
             metrics.update(self.parameter_metrics(before))
-        keys = tuple(metrics)
-        return keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+        return metric_row(metrics)
 
     def actor_due(self) -> bool:
         """Whether the next update steps the actor and the targets too (every ``policy_delay``-th)."""
