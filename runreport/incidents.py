@@ -98,11 +98,13 @@ def causes_by_child(run: Run) -> dict[str, dict[str, int]]:
     return dict(sorted(table.items()))
 
 
-def outliers(table: dict[str, dict[str, int]], names, at_least: int = 3, times: float = 3.0) -> list[str]:
-    """Children with far more incidents than their peers of the same kind (the name before its number), among
-    ``names`` (every child of the run): a slot that fails far more often than the others points at its host or
-    GPU, not at the code."""
-    counts = {name: sum(table.get(name, {}).values()) for name in set(names) | set(table)}
+def outliers(run: Run, at_least: int = 3, times: float = 3.0) -> list[str]:
+    """Children with far more incidents than their peers of the same kind (the name before its number), among every
+    child the run's events name: a slot that fails far more often than the others points at its host or GPU, not
+    at the code."""
+    table = causes_by_child(run)
+    names = {e["name"] for e in run.events if isinstance(e.get("name"), str)}
+    counts = {name: sum(table.get(name, {}).values()) for name in names | set(table)}
     out = []
     for name, n in sorted(counts.items()):
         kind = name.rstrip("0123456789")

@@ -164,8 +164,7 @@ def render_markdown(runs: list, plots: list[tuple[str, str]]) -> str:
                 md += _md_table(["process"] + kinds + ["all"],
                                 [[name] + [str(row.get(k, "")) for k in kinds] + [str(sum(row.values()))]
                                  for name, row in table.items()])
-                names = {e["name"] for e in r.run.events if isinstance(e.get("name"), str)}
-                md += [""] + [f"- {line}" for line in outliers(table, names)] + [""]
+                md += [""] + [f"- {line}" for line in outliers(r.run)] + [""]
             for t in r.timeline:
                 if t.get("stack"):
                     md += [f"Stack of {t['name']} at {t['clock']} ({t['detail'].split(';')[0]}):", "", "```"]

@@ -103,7 +103,7 @@ def summary_of(a: Analysed) -> dict:
         "incidents": [{"dir": i["dir"].split("/", 1)[1], "name": i["name"], "cause": i["cause"]}
                       for i in run.incidents],
         "causes": causes_by_child(run),
-        "outliers": outliers(causes_by_child(run), {e["name"] for e in events if isinstance(e.get("name"), str)}),
+        "outliers": outliers(run),
         "eval_episodes": len(evals),
         "last_eval_mean": sum(e["reward"] for e in last_evals) / len(last_evals) if last_evals else None,
         "last_eval_env_steps": last_evals[-1].get("env_steps") if last_evals else None,

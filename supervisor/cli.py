@@ -208,8 +208,8 @@ def cmd_status(args) -> int:
 
 
 STATUS_KEYS = ("name", "role", "state", "pid", "restarts", "uptime_s", "heartbeat_age_s", "phase", "env_steps",
-               "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "cause", "cause_incident", "reason",
-               "gpu_memory_bytes", "detail", "dropped", "resumed", "refused", "hosts")
+               "updates", "incarnation", "steps_per_s", "rss_bytes", "alerts", "last_incident", "cause",
+               "cause_incident", "reason", "gpu_memory_bytes", "detail", "dropped", "resumed", "refused", "hosts")
 
 
 def status_json(status: dict) -> dict:
