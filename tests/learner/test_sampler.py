@@ -52,9 +52,9 @@ def test_a_failing_sampler_says_why_retries_with_backoff_and_recovers():
     s = sampler(replay, log)
     stop = threading.Event()
     thread = threading.Thread(target=s.run, args=(stop.is_set,), daemon=True)
+    started = time.monotonic()  # before the thread's first call: on a loaded machine it comes before the next line
     thread.start()
     try:
-        started = time.monotonic()
         deadline = started + 10
         while replay.calls < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
