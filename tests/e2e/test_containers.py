@@ -20,6 +20,7 @@ from harness.carla import free_port_block
 from protocol import events as ev
 from protocol.config import load_config
 from protocol.states import FAILED, RUNNING
+from runreport.report import summarize
 from supervisor.drivers import SpawnError
 from supervisor.drivers.container import (
     RUN_LABEL,
@@ -133,6 +134,7 @@ def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a
     evidence = next(e for e in loop.events() if e["event"] == ev.EVIDENCE_CAPTURED)
     assert evidence["cause"] == "simulator_paused" and "docker pause" in evidence["advice"]
     assert rows["carla-0"]["cause"] == "simulator_paused"
+    assert summarize(loop.run_dir)["causes"]["carla-0"] == {"simulator_paused": 1}
     incident = loop.run_dir / rows["carla-0"]["last_incident"]
     facts = json.loads((incident / "incident.json").read_text())
     assert facts["container"]["Paused"] is True and facts["container"]["Status"] == "paused"
@@ -167,6 +169,9 @@ def test_a_killed_a_stopped_and_a_removed_container_are_replaced_each_with_its_c
     assert "exited on its own" in exited["carla-1"]["reason"]
     assert {n: exited[n]["cause"]["cause"] for n in ("carla-0", "carla-2")} == {
         "carla-0": "simulator_killed", "carla-2": "simulator_removed"}
+    causes = summarize(loop.run_dir)["causes"]  # the report's table of causes per process
+    assert causes["carla-0"] == {"simulator_killed": 1} and causes["carla-2"] == {"simulator_removed": 1}
+    assert causes["carla-1"] in ({"simulator_exited": 1}, {"simulator_killed": 1})
 
 
 def test_a_server_over_its_memory_limit_is_oom_killed_and_named_so(sims, docker_engine):
@@ -180,6 +185,10 @@ def test_a_server_over_its_memory_limit_is_oom_killed_and_named_so(sims, docker_
     exited = next(e for e in loop.events() if e["event"] == ev.EXITED and e["name"] == "carla-0")
     assert exited["code"] == 137 and exited["cause"] == "simulator_oom_killed", exited
     assert rows["carla-0"]["cause"] == "simulator_oom_killed"
+    deadline = time.monotonic() + 20  # its incident, written as its container is removed
+    while time.monotonic() < deadline and not list((loop.run_dir / "incidents").glob("*-exited")):
+        time.sleep(0.2)
+    assert summarize(loop.run_dir)["causes"]["carla-0"] == {"simulator_oom_killed": 1}
 
 
 def test_a_container_whose_server_dies_on_start_backs_off_and_fails(sims):
