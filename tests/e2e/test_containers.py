@@ -144,6 +144,24 @@ def test_a_container_is_ready_when_it_answers_and_a_pause_ends_in_evidence_and_a
     assert server_version("127.0.0.1", spec.launch["rpc_port"], 2.0) == "0.9.16", "the new one answers"
 
 
+def named_exits(run_dir, count: int, timeout: float = 20.0) -> dict[str, dict]:
+    """The incidents of containers that exited on their own, by child, once ``count`` of them are written and named
+    (each is written, then named, by a thread of its own as its container is removed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for d in (run_dir / "incidents").glob("*-exited"):
+            try:
+                info = json.loads((d / "incident.json").read_text())
+            except (OSError, ValueError):
+                continue  # its directory comes first
+            if "cause" in info:
+                found[info["name"]] = info
+        if len(found) >= count or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
 def test_a_killed_a_stopped_and_a_removed_container_are_replaced_each_with_its_cause(sims, docker_engine):
     loop = sims(slots=3).start()
     loop.until(lambda r: all(running(r, f"carla-{i}") for i in range(3)), 60, "all three answering")
@@ -160,11 +178,7 @@ def test_a_killed_a_stopped_and_a_removed_container_are_replaced_each_with_its_c
     assert exits["carla-1"]["cause"] in ("simulator_killed", "simulator_exited")
     assert exits["carla-2"]["cause"] == "simulator_removed" and exits["carla-2"]["code"] in (None, 137)
     assert [rows[f"carla-{i}"]["cause"] for i in (0, 2)] == ["simulator_killed", "simulator_removed"]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len(list((loop.run_dir / "incidents").glob("*-exited"))) < 3:
-        time.sleep(0.2)
-    exited = {json.loads((d / "incident.json").read_text())["name"]: json.loads((d / "incident.json").read_text())
-              for d in (loop.run_dir / "incidents").glob("*-exited")}
+    exited = named_exits(loop.run_dir, 3)
     assert exited["carla-0"]["container"]["ExitCode"] == 137 and exited["carla-0"]["container"]["OOMKilled"] is False
     assert "exited on its own" in exited["carla-1"]["reason"]
     assert {n: exited[n]["cause"]["cause"] for n in ("carla-0", "carla-2")} == {
@@ -185,9 +199,7 @@ def test_a_server_over_its_memory_limit_is_oom_killed_and_named_so(sims, docker_
     exited = next(e for e in loop.events() if e["event"] == ev.EXITED and e["name"] == "carla-0")
     assert exited["code"] == 137 and exited["cause"] == "simulator_oom_killed", exited
     assert rows["carla-0"]["cause"] == "simulator_oom_killed"
-    deadline = time.monotonic() + 20  # its incident, written as its container is removed
-    while time.monotonic() < deadline and not list((loop.run_dir / "incidents").glob("*-exited")):
-        time.sleep(0.2)
+    named_exits(loop.run_dir, 1)
     assert summarize(loop.run_dir)["causes"]["carla-0"] == {"simulator_oom_killed": 1}
 
 
